@@ -1,0 +1,149 @@
+"""The cost model: memory and step time of a plan, estimated without running it.
+
+Note: [how the estimate is built]
+Static memory (parameters, buffers, gradients, optimizer state) is counted exactly
+from the model. Activation memory comes from the captured graph's FakeTensor metadata:
+the bytes each block produces in forward for the example batch, scaled by the
+micro-batch's share of the batch; a checkpointed block keeps only its input plus, while
+one block is recomputed in backward, that block's activations. The graph counts every
+tensor forward produces, an over-estimate of what autograd saves, so the tuner
+calibrates the activation term by one real measurement (``calibrate``) and compares
+estimates with a margin: the estimate only prunes, the measurement decides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from torch import nn
+
+from autoscale._plan import Plan
+
+__all__ = [
+    "Calibration", "MemoryEstimate", "calibrate", "estimate", "estimate_graph", "static_bytes",
+]
+
+# Bytes of optimizer state per fp32 byte of trainable parameter.
+_STATE_FACTOR = {"adamw": 2.0, "adam": 2.0, "lamb": 2.0, "lars": 1.0, "adamw8bit": 0.25}
+# Low-precision autocast stores most forward outputs at 2 bytes instead of 4.
+_ACTIVATION_FACTOR = {"fp32": 1.0, "bf16": 0.6, "fp16": 0.6}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak memory of one training step, by category, and its time."""
+
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    temporaries: int
+    step_time_s: float | None = None
+
+    @property
+    def total(self) -> int:
+        return (self.parameters + self.gradients + self.optimizer_state + self.activations
+                + self.temporaries)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Ratios that map graph-derived estimates onto measurements on this machine."""
+
+    activation_scale: float = 1.0
+    """measured (peak - static) / estimated (activations + temporaries)."""
+    flops_per_s: float | None = None
+    """Achieved training FLOP rate of the baseline (3x forward FLOPs per sample / time)."""
+
+
+def _unique_params(model: nn.Module) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for p in model.parameters():
+        seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def static_bytes(model: nn.Module, plan: Plan) -> tuple[int, int, int]:
+    """(parameters + buffers, gradients, optimizer state) in bytes; exact for fp32 state."""
+    params = _unique_params(model)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    param_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+    trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    kind = plan.optimizer.kind
+    if kind == "sgd":
+        momentum = plan.optimizer.kwargs.get("momentum", 0) or 0
+        factor = 1.0 if momentum else 0.0
+    else:
+        factor = _STATE_FACTOR[kind]
+    return param_bytes, trainable, int(trainable * factor)
+
+
+def estimate(model: nn.Module, example_inputs: Any, plan: Plan, *, graph: Any = None,
+             calibration: Calibration | None = None) -> MemoryEstimate:
+    """Estimate ``plan``'s peak step memory (by category) for ``model`` on ``example_inputs``.
+
+    Computed on fake tensors (capture), no real compute. Without a ``calibration`` the
+    activation term is the graph's raw count (an over-estimate) and there is no time.
+    """
+    if graph is None:
+        from autoscale._capture import capture
+
+        graph = capture(model, example_inputs)
+    return estimate_graph(model, graph, plan, calibration=calibration)
+
+
+def estimate_graph(model: nn.Module, graph: Any, plan: Plan, *,
+                   calibration: Calibration | None = None) -> MemoryEstimate:
+    """Estimate ``plan``'s peak step memory and time for ``model`` captured as ``graph``.
+
+    Invariant: monotone in the knobs that save memory: more checkpointed blocks, a smaller
+    micro-batch or a lower precision never raise the activation estimate.
+    """
+    calibration = calibration or Calibration()
+    params, grads, state = static_bytes(model, plan)
+    batch = max(graph.batch_size, 1)
+    micro = plan.batch.micro_batch_size or batch
+    share = min(micro, batch) / batch
+    checkpointed = set(plan.checkpoint.blocks)
+    block_bytes = sum(b.activation_bytes for b in graph.blocks)
+    outside = max(graph.activation_bytes - block_bytes, 0)
+    kept, recompute = outside, 0
+    for block in graph.blocks:
+        if block.fqn in checkpointed:
+            kept += block.input_bytes
+            recompute = max(recompute, block.activation_bytes)
+        else:
+            kept += block.activation_bytes
+    factor = _ACTIVATION_FACTOR[plan.precision.mode] * share * calibration.activation_scale
+    activations = int((kept + recompute) * factor)
+    temporaries = int(_largest_node_bytes(graph) * factor)
+    if plan.precision.mode != "fp32":
+        temporaries += params // 2  # autocast caches a low-precision copy of the weights
+    return MemoryEstimate(params, grads, state, activations, temporaries,
+                          step_time_s=_step_time(graph, plan, calibration))
+
+
+def _largest_node_bytes(graph: object) -> int:
+    nodes = getattr(graph, "nodes", {}) or {}
+    return max((getattr(m, "bytes", 0) or 0 for m in nodes.values()), default=0)
+
+
+def _step_time(graph: object, plan: Plan, calibration: Calibration) -> float | None:
+    if not calibration.flops_per_s:
+        return None
+    checkpointed = set(plan.checkpoint.blocks)
+    recompute = sum(b.flops for b in graph.blocks if b.fqn in checkpointed)
+    flops = 3 * graph.flops + recompute  # forward + backward (2x) + recomputed forwards
+    return flops / calibration.flops_per_s
+
+
+def calibrate(model: nn.Module, graph: object, plan: Plan, *, peak_bytes: int,
+              step_time_s: float) -> Calibration:
+    """Fit the activation scale and FLOP rate to one measured plan."""
+    raw = estimate_graph(model, graph, plan)
+    static = raw.parameters + raw.gradients + raw.optimizer_state
+    dynamic = raw.activations + raw.temporaries
+    scale = max(peak_bytes - static, 0) / dynamic if dynamic else 1.0
+    rate = 3 * graph.flops / step_time_s if step_time_s > 0 and graph.flops else None
+    return replace(Calibration(), activation_scale=max(scale, 0.05), flops_per_s=rate)

@@ -1,0 +1,102 @@
+"""The runtime: a planned model + optimizer and its training step."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoscale._batch import (
+    Batch,
+    LossFn,
+    batch_size,
+    call_model,
+    check_batch,
+    compute_loss,
+    default_loss,
+    split_batch,
+    to_device,
+)
+from autoscale._optimizers import build_optimizer
+from autoscale._plan import Plan
+from autoscale.passes import autocast_forward, checkpoint_blocks
+
+__all__ = ["Result", "build_result"]
+
+
+@dataclass
+class Result:
+    """A model and optimizer rewritten as ``plan`` says, ready to train.
+
+    ``step(batch)`` runs forward, backward and the optimizer step with the plan's
+    micro-batching, accumulation and precision. ``model`` is a private copy of the user's
+    model unless the call that built it said ``inplace=True``.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    plan: Plan
+    loss_fn: LossFn = default_loss
+    report: Any = None
+    scaler: torch.amp.GradScaler | None = None
+    graph: Any = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def step(self, batch: Batch) -> float:
+        """One optimizer step on ``batch``; returns the batch's mean loss.
+
+        The batch is split along dim 0 into micro-batches of ``plan.batch.micro_batch_size``;
+        each micro-batch's loss is weighted by its share of the samples, so the gradient
+        equals that of the whole batch's mean loss (for per-sample-mean losses), whatever
+        the split. Gradients are freed after the step (``zero_grad(set_to_none=True)``).
+        """
+        batch = to_device(check_batch(batch, name="batch"), self.device)
+        total = batch_size(batch)
+        loss_sum = torch.zeros((), device=self.device)
+        self.model.train()
+        for micro, size in split_batch(batch, self.plan.batch.micro_batch_size):
+            loss = compute_loss(self.loss_fn, call_model(self.model, micro), micro)
+            weighted = loss.float() * (size / total)
+            (self.scaler.scale(weighted) if self.scaler else weighted).backward()
+            loss_sum += weighted.detach()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss_sum)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer and loss-scaler state, for checkpoint and resume."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def build_result(plan: Plan, model: nn.Module, *, loss_fn: LossFn | None = None,
+                 inplace: bool = False, graph: Any = None) -> Result:
+    """Apply ``plan``'s passes to a copy of ``model`` (or to ``model`` if ``inplace``)."""
+    model = model if inplace else copy.deepcopy(model)
+    device = next(model.parameters()).device
+    checkpoint_blocks(model, plan=plan.checkpoint)
+    autocast_forward(model, plan=plan.precision, device_type=device.type)
+    optimizer = build_optimizer(plan.optimizer, model.parameters())
+    scaler = None
+    if plan.precision.mode == "fp16":
+        scaler = torch.amp.GradScaler(device.type, init_scale=plan.precision.init_scale)
+    return Result(model=model, optimizer=optimizer, plan=plan,
+                  loss_fn=loss_fn or default_loss, scaler=scaler, graph=graph)

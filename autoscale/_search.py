@@ -1,0 +1,222 @@
+"""The plan search: an Optuna study over the knobs, with memory as a constraint.
+
+Note: [why Optuna]
+Optuna gives us, maintained elsewhere: samplers that handle categorical and integer
+knobs with constraints (TPE's ``constraints_func`` steers away from infeasible regions
+instead of treating them as bad scores), storages (in memory, SQLite, PostgreSQL)
+that let a sweep resume or spread over workers, and per-trial records. We add what
+is specific to training plans: a cost model that rejects plans before they run, and
+isolation of each measured trial.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from torch import nn
+
+from autoscale._cost import Calibration, estimate_graph
+from autoscale._plan import BatchPlan, CheckpointPlan, OptimizerPlan, Plan, PrecisionPlan
+from autoscale.errors import TunerError
+
+__all__ = ["SearchSpace", "TrialRecord", "open_study", "run_search"]
+
+_CONSTRAINT = "constraint"
+# The cost model over-counts saved activations; prune only what it is sure will not fit.
+_PRUNE_MARGIN = 1.15
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The knobs the tuner may turn, derived from the model and the user's allowances."""
+
+    batch_size: int
+    block_names: tuple[str, ...]
+    precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")
+    optimizers: tuple[OptimizerPlan, ...] = ()
+
+    @property
+    def micro_batch_sizes(self) -> list[int]:
+        return [d for d in range(1, self.batch_size + 1) if self.batch_size % d == 0]
+
+    def plan_from(self, params: dict[str, Any], base: Plan) -> Plan:
+        """The plan that a trial's parameters stand for."""
+        micro = params.get("micro_batch_size", self.batch_size)
+        n_ckpt = params.get("checkpointed_blocks", 0)
+        changes: dict[str, Any] = {
+            "batch": BatchPlan(micro_batch_size=None if micro == self.batch_size else micro,
+                               grad_accum_steps=self.batch_size // micro),
+            "precision": PrecisionPlan(mode=params.get("precision", "fp32")),
+            "checkpoint": CheckpointPlan(blocks=self.block_names[:n_ckpt]),
+        }
+        if len(self.optimizers) > 1:
+            changes["optimizer"] = self.optimizers[params["optimizer"]]
+        return base.replace(**changes)
+
+    def suggest(self, trial: optuna.Trial, base: Plan) -> Plan:
+        params = {
+            "micro_batch_size": trial.suggest_categorical("micro_batch_size",
+                                                          self.micro_batch_sizes),
+            "precision": trial.suggest_categorical("precision", list(self.precisions)),
+            "checkpointed_blocks": trial.suggest_int("checkpointed_blocks", 0,
+                                                     len(self.block_names)),
+        }
+        if len(self.optimizers) > 1:
+            params["optimizer"] = trial.suggest_categorical(
+                "optimizer", list(range(len(self.optimizers))))
+        return self.plan_from(params, base)
+
+    def frugal_params(self) -> dict[str, Any]:
+        """The plan most likely to fit: every block checkpointed, low precision, 1/8 batch."""
+        sizes = self.micro_batch_sizes
+        micro = min((d for d in sizes if d >= self.batch_size / 8), default=sizes[-1])
+        low = "bf16" if "bf16" in self.precisions else self.precisions[-1]
+        params = {"micro_batch_size": micro, "precision": low,
+                  "checkpointed_blocks": len(self.block_names)}
+        if len(self.optimizers) > 1:
+            params["optimizer"] = 0
+        return params
+
+    def default_params(self) -> dict[str, Any]:
+        params = {"micro_batch_size": self.batch_size, "precision": self.precisions[0],
+                  "checkpointed_blocks": 0}
+        if len(self.optimizers) > 1:
+            params["optimizer"] = 0
+        return params
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as the report shows it."""
+
+    number: int
+    plan: Plan
+    state: str  # "measured", "pruned by cost model", "failed"
+    samples_per_s: float | None
+    peak_memory_bytes: int | None
+    estimated_bytes: int
+    feasible: bool
+    note: str = ""
+
+
+def storage_url(storage: str | None) -> str | None:
+    """None (in memory), a SQLite file path, or any SQLAlchemy URL Optuna accepts."""
+    if storage is None:
+        return None
+    if not isinstance(storage, str) or not storage:
+        raise TunerError(f"storage={storage!r} must be a path to a SQLite file (study.db) or a "
+                         "database URL (sqlite:///study.db, postgresql://user@host/db).")
+    if "://" in storage:
+        return storage
+    path = Path(storage).expanduser().resolve()
+    if not path.parent.is_dir():
+        raise TunerError(f"storage={storage!r}: folder {str(path.parent)!r} does not exist; "
+                         "create it or pick another path.")
+    return f"sqlite:///{path}"
+
+
+def open_study(*, storage: str | None, study_name: str, seed: int) -> optuna.Study:
+    """Create the study, or resume the one stored under ``study_name``."""
+    sampler = optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=4, constraints_func=_constraints)
+    try:
+        return optuna.create_study(storage=storage_url(storage), study_name=study_name,
+                                   direction="maximize", sampler=sampler, load_if_exists=True)
+    except (ImportError, ValueError, RuntimeError) as err:
+        raise TunerError(f"could not open the Optuna storage {storage!r}: {err}. Check the "
+                         "URL and that its database driver is installed.") from err
+
+
+def _constraints(trial: optuna.trial.FrozenTrial) -> tuple[float]:
+    # Optuna: <= 0 is feasible. Trials that never reported count as infeasible.
+    return (trial.user_attrs.get(_CONSTRAINT, 1.0),)
+
+
+Measure = Callable[[Plan], Any]
+
+
+def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *, model: nn.Module,
+               graph: Any, budget: int | None, calibration: Calibration, trials: int,
+               measure: Measure, on_trial: Callable[[TrialRecord], None] | None = None,
+               ) -> list[TrialRecord]:
+    """Run ``trials`` more trials; returns the records of this run's trials.
+
+    Each trial's plan is first estimated; one the cost model is sure exceeds the budget is
+    recorded as infeasible without running. Others are measured by ``measure(plan)``; an
+    exception there (out of memory, a crash in a pass) fails that trial only.
+    """
+    records: list[TrialRecord] = []
+    if len(study.trials) == 0:
+        study.enqueue_trial(space.default_params())
+        study.enqueue_trial(space.frugal_params())
+
+    def objective(trial: optuna.Trial) -> float:
+        plan = space.suggest(trial, base)
+        est = estimate_graph(model, graph, plan, calibration=calibration).total
+        trial.set_user_attr("plan", plan.to_dict())
+        trial.set_user_attr("estimated_bytes", est)
+        if budget is not None and est > budget * _PRUNE_MARGIN:
+            trial.set_user_attr(_CONSTRAINT, float(est - budget))
+            _record(records, on_trial, TrialRecord(trial.number, plan, "pruned by cost model",
+                                                   None, None, est, False))
+            return 0.0
+        try:
+            m = measure(plan)
+        except Exception as err:  # isolation: this trial fails, the search goes on
+            _free_memory()
+            note = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+            trial.set_user_attr("error", note)
+            trial.set_user_attr(_CONSTRAINT, 1.0)
+            _record(records, on_trial, TrialRecord(trial.number, plan, "failed", None, None,
+                                                   est, False, note))
+            return 0.0
+        over = 0.0 if budget is None else float(m.peak_memory_bytes - budget)
+        trial.set_user_attr(_CONSTRAINT, over)
+        trial.set_user_attr("peak_memory_bytes", int(m.peak_memory_bytes))
+        trial.set_user_attr("step_time_s", float(m.step_time_s))
+        _record(records, on_trial, TrialRecord(trial.number, plan, "measured", m.samples_per_s,
+                                               m.peak_memory_bytes, est, over <= 0))
+        return float(m.samples_per_s)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=trials, gc_after_trial=False)
+    return records
+
+
+def _record(records: list[TrialRecord], on_trial: Callable[[TrialRecord], None] | None,
+            record: TrialRecord) -> None:
+    records.append(record)
+    if on_trial is not None:
+        on_trial(record)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def best_feasible(study: optuna.Study, budget: int | None) -> optuna.trial.FrozenTrial | None:
+    """The measured trial with the highest throughput whose peak fits ``budget``.
+
+    Judged on the stored peak, not the stored constraint, so a study resumed with another
+    budget is judged by the budget of this run.
+    """
+    done = [t for t in study.trials
+            if t.state == optuna.trial.TrialState.COMPLETE and t.value and t.value > 0
+            and "peak_memory_bytes" in t.user_attrs
+            and (budget is None or t.user_attrs["peak_memory_bytes"] <= budget)]
+    return max(done, key=lambda t: t.value, default=None)
+
+
+def closest_miss(study: optuna.Study) -> int | None:
+    peaks = [t.user_attrs["peak_memory_bytes"] for t in study.trials
+             if "peak_memory_bytes" in t.user_attrs]
+    return min(peaks) if peaks else None
+

@@ -1,0 +1,229 @@
+"""The ``autoscale`` command: tune, show, estimate, bench.
+
+Typer gives typed options and help text from the signatures; rich draws the progress bar
+and the tables. Both are small, widely used and keep this file about commands, not
+argument parsing or terminal rendering.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from autoscale._units import format_bytes
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Fit a PyTorch training job to a memory budget and make it fast.")
+console = Console()
+
+Script = Annotated[Path, typer.Argument(help="Python file defining build() -> (model, "
+                                        "example_inputs[, loss_fn]).")]
+
+
+def main() -> None:
+    """Entry point: run the app, turning autoscale's errors into one red line and exit 1."""
+    from autoscale.errors import AutoscaleError
+
+    try:
+        app()
+    except AutoscaleError as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(1)
+
+
+def _plan_summary(plan) -> str:  # noqa: ANN001
+    micro = plan.batch.micro_batch_size
+    ckpt = len(plan.checkpoint.blocks)
+    parts = [f"micro={micro or 'all'}x{plan.batch.grad_accum_steps}",
+             plan.precision.mode, f"ckpt={ckpt}"]
+    if plan.optimizer.kind != "adamw" or plan.optimizer.kernel not in ("auto", "torch"):
+        parts.append(f"{plan.optimizer.kind}/{plan.optimizer.kernel}")
+    return " ".join(parts)
+
+
+@app.command()
+def tune(
+    script: Script,
+    budget: Annotated[str | None, typer.Option(help="Memory budget, e.g. 8GiB.")] = None,
+    trials: Annotated[int, typer.Option(help="Trials to run (0: defaults, no search).")] = 20,
+    out: Annotated[Path, typer.Option(help="Where to write the plan (atomically).")] = Path(
+        "plan.json"),
+    storage: Annotated[str | None, typer.Option(help="Optuna storage: a SQLite path or a "
+                                                "database URL; resumes a stored study.")] = None,
+    study_name: Annotated[str | None, typer.Option(help="Study name in the storage.")] = None,
+    optimizer: Annotated[str, typer.Option(help="adamw, adam, sgd, lamb, lars, adamw8bit.")
+                         ] = "adamw",
+    allow_optimizer: Annotated[list[str] | None, typer.Option(
+        help="Also let the search try this optimizer (repeatable).")] = None,
+    precision: Annotated[list[str] | None, typer.Option(
+        help="Precisions the search may use (repeatable); default fp32, bf16, fp16.")] = None,
+    seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+) -> None:
+    """Search for the fastest plan that fits the budget and write it to OUT."""
+    import autoscale
+    from autoscale._workload import load_workload
+
+    work = load_workload(script)
+    progress = Progress(TextColumn("[bold]tuning"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
+    with progress:
+        task = progress.add_task("capturing, measuring the baseline", total=max(trials, 1))
+
+        def on_trial(record) -> None:  # noqa: ANN001
+            shown = (f"{record.samples_per_s:.1f}/s" if record.samples_per_s else record.state)
+            progress.update(task, advance=1, description=f"#{record.number} "
+                            f"{_plan_summary(record.plan)}: {shown}")
+
+        result = autoscale.optimize(
+            work.model, work.example_inputs, loss_fn=work.loss_fn, memory_budget=budget,
+            trials=trials, storage=storage, study_name=study_name, seed=seed,
+            optimizer=optimizer, allowed_optimizers=allow_optimizer,
+            precisions=tuple(precision or ("fp32", "bf16", "fp16")), on_trial=on_trial)
+    report = result.report
+    if report.trials:
+        console.print(_trials_table(report))
+        console.print(_comparison_table(report))
+    result.plan.save(out)
+    console.print(f"plan written to [bold]{out}[/] (capture: {report.capture_strategy})")
+
+
+def _trials_table(report) -> Table:  # noqa: ANN001
+    table = Table(title="trials")
+    for col in ("#", "plan", "samples/s", "peak", "estimate", "fits", "state"):
+        table.add_column(col, justify="right" if col not in ("plan", "state") else "left")
+    for r in report.trials:
+        table.add_row(str(r.number), _plan_summary(r.plan),
+                      f"{r.samples_per_s:.1f}" if r.samples_per_s else "-",
+                      format_bytes(r.peak_memory_bytes) if r.peak_memory_bytes else "-",
+                      format_bytes(r.estimated_bytes), "yes" if r.feasible else "no",
+                      r.state + (f" ({r.note})" if r.note else ""))
+    return table
+
+
+def _comparison_table(report) -> Table:  # noqa: ANN001
+    base, best = report.baseline, report.best
+    budget = format_bytes(report.memory_budget) if report.memory_budget else "none"
+    table = Table(title=f"best plan vs untouched baseline (budget {budget})")
+    for col in ("", "samples/s", "step ms", "peak memory", "fits budget"):
+        table.add_column(col, justify="left" if not col else "right")
+
+    def fits(peak: int) -> str:
+        return "yes" if report.memory_budget is None or peak <= report.memory_budget else "no"
+
+    table.add_row("baseline (untouched)", f"{base.samples_per_s:.1f}",
+                  f"{base.step_time_s * 1e3:.1f}", format_bytes(base.peak_memory_bytes),
+                  fits(base.peak_memory_bytes))
+    table.add_row("autoscale plan", f"{best.samples_per_s:.1f}", f"{best.step_time_s * 1e3:.1f}",
+                  format_bytes(best.peak_memory_bytes), fits(best.peak_memory_bytes))
+    table.add_row("ratio (plan / baseline)", f"{report.speedup:.2f}x",
+                  f"{best.step_time_s / base.step_time_s:.2f}x", f"{report.memory_ratio:.2f}x", "")
+    return table
+
+
+@app.command()
+def show(plan_path: Annotated[Path, typer.Argument(help="A plan file.")]) -> None:
+    """Print a plan readably."""
+    from autoscale import Plan
+
+    plan = Plan.load(plan_path)
+    table = Table(title=f"{plan_path} (schema {plan.schema_version})", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for name, section in plan.sections.items():
+        for key, value in vars(section).items() if hasattr(section, "__dict__") else []:
+            table.add_row(f"{name}.{key}", _show_value(value))
+    if plan.measured is not None:
+        m = plan.measured
+        table.add_row("measured.samples_per_s", f"{m.samples_per_s:.2f}")
+        table.add_row("measured.peak_memory", format_bytes(m.peak_memory_bytes))
+        if m.memory_budget_bytes:
+            table.add_row("measured.budget", format_bytes(m.memory_budget_bytes))
+        if m.baseline_samples_per_s:
+            table.add_row("baseline.samples_per_s", f"{m.baseline_samples_per_s:.2f} "
+                          f"(plan {m.samples_per_s / m.baseline_samples_per_s:.2f}x)")
+        if m.baseline_peak_memory_bytes:
+            table.add_row("baseline.peak_memory", format_bytes(m.baseline_peak_memory_bytes))
+    if plan.environment is not None:
+        env = plan.environment
+        table.add_row("environment", f"{env.device}; torch {env.torch}; world {env.world_size}")
+    if plan.fingerprint is not None:
+        table.add_row("model", f"{len(plan.fingerprint.parameters)} parameter tensors; "
+                      f"graph {plan.fingerprint.graph[:12]}")
+    console.print(table)
+
+
+def _show_value(value: object) -> str:
+    if isinstance(value, tuple) and len(value) > 6:
+        return f"{list(value[:3])} ... {len(value)} in all"
+    return str(list(value) if isinstance(value, tuple) else value)
+
+
+@app.command()
+def estimate(
+    script: Script,
+    plan_path: Annotated[Path | None, typer.Option("--plan", help="Plan to estimate; "
+                                                   "default: the default plan.")] = None,
+) -> None:
+    """Print the cost model's memory breakdown for a plan, without running it."""
+    import autoscale
+    from autoscale._workload import load_workload
+
+    work = load_workload(script)
+    plan = autoscale.Plan.load(plan_path) if plan_path else autoscale.Plan()
+    est = autoscale.estimate(work.model, work.example_inputs, plan)
+    table = Table(title="estimated peak memory (uncalibrated: activations over-counted)")
+    table.add_column("category")
+    table.add_column("bytes", justify="right")
+    for name in ("parameters", "gradients", "optimizer_state", "activations", "temporaries"):
+        table.add_row(name, format_bytes(getattr(est, name)))
+    table.add_row("total", format_bytes(est.total), style="bold")
+    console.print(table)
+
+
+@app.command()
+def bench(
+    script: Script,
+    plan_path: Annotated[Path, typer.Option("--plan", help="The plan to measure.")],
+    repeats: Annotated[int, typer.Option(help="Interleaved measurements of each.")] = 3,
+    iters: Annotated[int, typer.Option(help="Timed steps per measurement.")] = 5,
+) -> None:
+    """Re-measure a plan against the untouched baseline in the same run (medians)."""
+    import statistics
+
+    import autoscale
+    from autoscale._api import measure_baseline
+    from autoscale._workload import load_workload
+
+    work = load_workload(script)
+    plan = autoscale.Plan.load(plan_path)
+    result = autoscale.apply(plan, work.model, work.example_inputs, loss_fn=work.loss_fn)
+    base_runs, plan_runs = [], []
+    for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
+        base_runs.append(measure_baseline(work.model, work.example_inputs,
+                                          loss_fn=work.loss_fn, optimizer=plan.optimizer,
+                                          iters=iters))
+        plan_runs.append(autoscale.measure(result, work.example_inputs, iters=iters))
+    table = Table(title=f"{script}: plan vs untouched baseline, median of {repeats}")
+    for col in ("", "samples/s", "step ms", "peak memory"):
+        table.add_column(col, justify="left" if not col else "right")
+    rows = {}
+    for name, runs in (("baseline (untouched)", base_runs), ("autoscale plan", plan_runs)):
+        rows[name] = (statistics.median(r.samples_per_s for r in runs),
+                      statistics.median(r.step_time_s for r in runs),
+                      max(r.peak_memory_bytes for r in runs))
+        sps, st, peak = rows[name]
+        table.add_row(name, f"{sps:.1f}", f"{st * 1e3:.1f}", format_bytes(peak))
+    (b_sps, b_st, b_peak), (p_sps, p_st, p_peak) = rows.values()
+    table.add_row("ratio (plan / baseline)", f"{p_sps / b_sps:.2f}x", f"{p_st / b_st:.2f}x",
+                  f"{p_peak / b_peak:.2f}x")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Optimizers backed by autoscale's fused kernels (drop-in for torch.optim)."""

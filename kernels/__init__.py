@@ -1,0 +1,1 @@
+"""Fused optimizer and quantization kernels: Triton on CUDA, the fastest correct torch path on CPU."""

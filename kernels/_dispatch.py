@@ -1,0 +1,182 @@
+"""Pick an optimizer kernel by measurement, once per (op, device type, dtype) per process.
+
+Note: [choosing the CPU path by measurement]
+Which torch path is fastest on CPU (``torch._fused_adamw_``, the ``torch._foreach_*`` ops,
+a per-tensor loop) depends on the torch build, the core count and the tensor-size mix, and
+has changed between torch releases, so we do not hard-code it. At the first step of an
+(op, device, dtype) the caller hands us one runner per candidate, each doing one step on
+*scratch copies* of (a bounded prefix of) the real parameter list; we run each once to warm
+up, then time it a few times and keep the median. Candidates are first checked against the
+reference on a small sample, so a path that computes different maths is never chosen.
+The winner is cached for the life of the process.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from autoscale.errors import KernelUnavailable
+
+from ._triton_util import require_triton, triton_usable
+
+__all__ = ["KERNELS", "TIMINGS", "cached_choice", "choose", "clear_cache", "run", "scratch_prefix"]
+
+#: Every kernel name a caller may force; "auto" chooses.
+KERNELS = ("auto", "triton", "torch_fused", "foreach", "reference")
+
+_CHOICES: dict[tuple[str, str, torch.dtype], str] = {}
+#: Timings behind each cached choice (seconds per step, median), for benchmarks and logs.
+TIMINGS: dict[tuple[str, str, torch.dtype], dict[str, float]] = {}
+
+# Timing copies are capped so that choosing never more than ~doubles peak memory on a big
+# model and takes well under a second; 4M elements is enough to reach streaming speed.
+_SCRATCH_ELEMENTS = 4_000_000
+
+
+def clear_cache() -> None:
+    """Forget every cached choice (tests use this to force a new measurement)."""
+    _CHOICES.clear()
+    TIMINGS.clear()
+
+
+def cached_choice(op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The kernel already chosen for this key, or None if none was measured yet."""
+    return _CHOICES.get((op, device.type, dtype))
+
+
+def scratch_prefix(n_tensors: Sequence[int], *, max_elements: int = _SCRATCH_ELEMENTS) -> int:
+    """How many leading tensors (by numel) fit in ``max_elements`` (at least one)."""
+    total, k = 0, 0
+    for numel in n_tensors:
+        if k > 0 and total + numel > max_elements:
+            break
+        total += numel
+        k += 1
+    return k
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def choose(
+    op: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    runners: Mapping[str, Callable[[], None]],
+    *,
+    repeats: int = 3,
+) -> str:
+    """Return the fastest of ``runners`` (name -> one scratch step), measured and cached.
+
+    Invariant: every runner computes the same maths as the reference (the caller filters
+    them); runners only touch scratch tensors, never the user's parameters.
+    """
+    key = (op, device.type, dtype)
+    if key in _CHOICES:
+        return _CHOICES[key]
+    if not runners:
+        raise ValueError(f"choose({op!r}): no candidate kernels for {device.type}/{dtype}.")
+    timings: dict[str, float] = {}
+    for name, run in runners.items():
+        run()  # warm-up: first-touch page faults, lazy init, caches
+        samples = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            run()
+            _sync(device)
+            samples.append(time.perf_counter() - t0)
+        timings[name] = statistics.median(samples)
+    best = min(timings, key=timings.__getitem__)
+    _CHOICES[key] = best
+    TIMINGS[key] = timings
+    return best
+
+
+Lists = Sequence[Sequence[torch.Tensor]]
+Impl = Callable[[Lists], None]
+
+# Sample size for the agreement check: small enough to cost nothing, big enough to catch a
+# path that computes different maths. Tolerance: the torch fused/foreach kernels reorder
+# fp32 operations (e.g. lerp vs mul-add), which moves results by a few ulps, never 1e-4.
+_CHECK_ELEMENTS = 4096
+_CHECK_RTOL, _CHECK_ATOL = 1e-4, 1e-6
+
+
+def _clone_lists(lists: Lists, n: int, max_elements: int | None = None) -> list[list[torch.Tensor]]:
+    out = []
+    for ts in lists:
+        row = []
+        for t in ts[:n]:
+            if max_elements is not None and t.dim() > 0:
+                t = t.reshape(-1)[:max_elements]
+            row.append(t.detach().clone())
+        out.append(row)
+    return out
+
+
+def _agrees(impl: Impl, reference: Impl, lists: Lists) -> bool:
+    n = min(len(lists[0]), 4)
+    ref_lists = _clone_lists(lists, n, _CHECK_ELEMENTS)
+    got_lists = _clone_lists(ref_lists, n)
+    reference(ref_lists)
+    impl(got_lists)
+    return all(
+        torch.allclose(g.float(), r.float(), rtol=_CHECK_RTOL, atol=_CHECK_ATOL)
+        for gs, rs in zip(got_lists, ref_lists, strict=True)
+        for g, r in zip(gs, rs, strict=True)
+    )
+
+
+def run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists) -> str:
+    """Run one step of ``op`` on ``lists`` with ``kernel`` (or the chosen one); return its name.
+
+    ``impls`` maps kernel names to functions of the tensor lists (hyper-parameters bound);
+    it must hold "reference", and holds "triton" when the op has a Triton kernel. With
+    ``kernel="auto"``: Triton on CUDA, else the fastest torch path that agrees with the
+    reference (Note: [choosing the CPU path by measurement]).
+
+    Raises KernelUnavailable when a forced kernel cannot run on these tensors.
+    """
+    first = lists[0][0]
+    device, dtype = first.device, first.dtype
+    if kernel not in KERNELS:
+        raise ValueError(f"{op}: kernel={kernel!r} is not one of {KERNELS}.")
+    if kernel == "triton":
+        if "triton" not in impls:
+            raise KernelUnavailable(f"{op}: no Triton kernel for {dtype} tensors; use kernel='auto'.")
+        require_triton(device, op)
+    if kernel != "auto":
+        if kernel not in impls:
+            raise KernelUnavailable(
+                f"{op}: kernel={kernel!r} is not available for {device.type}/{dtype} tensors "
+                f"(available: {sorted(impls)}); use kernel='auto' or one of those."
+            )
+        impls[kernel](lists)
+        return kernel
+    if device.type == "cuda" and "triton" in impls and triton_usable(device):
+        impls["triton"](lists)
+        return "triton"
+    name = cached_choice(op, device, dtype)
+    if name is None or name not in impls:
+        # The interpreter is a correctness tool, orders of magnitude slower: never a candidate.
+        candidates = {k: f for k, f in impls.items() if k != "triton"}
+        reference = impls["reference"]
+        candidates = {
+            k: f for k, f in candidates.items() if k == "reference" or _agrees(f, reference, lists)
+        }
+        k = scratch_prefix([t.numel() for t in lists[0]])
+        # One scratch copy shared by all candidates: its values drift step by step, which does
+        # not change the cost of elementwise maths.
+        scratch = _clone_lists(lists, k)
+        runners = {name_: (lambda f=f: f(scratch)) for name_, f in candidates.items()}
+        name = choose(op, device, dtype, runners)
+        del scratch, runners
+    impls[name](lists)
+    return name

@@ -1,0 +1,239 @@
+"""Shared helpers for autoscale's multi-tensor Triton kernels.
+
+Stable, small API (other kernel files import it; change it only with the lead):
+
+- ``HAS_TRITON``: triton imports.
+- ``INTERPRET``: ``TRITON_INTERPRET=1`` was set before this module was imported, so Triton
+  kernels run on CPU tensors through the interpreter (slow; for tests).
+- ``triton_usable(device)`` / ``require_triton(device, op)``: whether a Triton kernel can run
+  on ``device``; the second raises :class:`~autoscale.errors.KernelUnavailable` if not.
+- ``tuning_configs(configs)``: the autotune list to use (only the first under the
+  interpreter, which cannot benchmark).
+- ``TensorTable`` / ``tensor_table(lists, chunk=...)``: the device tables one launch reads.
+- ``launch(kernel, table, *args, **meta)``: launches ``kernel`` over every chunk of the table.
+- ``RESTORE_HOOKS``: pass as ``@triton.autotune(..., **RESTORE_HOOKS)`` on an in-place kernel.
+
+Note: [multi-tensor launch]
+One launch covers every tensor of a parameter list. The host builds, per list (params,
+grads, state...), an int64 table of base addresses, plus each tensor's numel, and a chunk
+table (tensor index, first element) with one row per ``chunk`` elements of each tensor. The
+grid is 1-D over chunks: program ``c`` reads its tensor index and start, casts the
+addresses to typed pointers (``tl.load(addrs + t).to(tl.pointer_type(DTYPE))``) and loops
+over its chunk in ``BLOCK``-element steps. Chunks of one tensor never straddle another, so a
+program touches one tensor; small tensors cost one short program, large ones many. This is
+apex's ``multi_tensor_apply`` without the per-launch tensor-count limit, and it runs
+unchanged under ``TRITON_INTERPRET=1`` (the interpreter honours int-to-pointer casts).
+
+Note: [autotuning in-place kernels]
+The autotuner benchmarks each config by running the kernel several times on the real
+arguments; an optimizer step run ten times is a wrong step. ``restore_value`` cannot help
+because the tensors hide behind the address table, so ``RESTORE_HOOKS`` saves the written
+tensors of the table being launched before each benchmark run and copies them back after.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from autoscale.errors import KernelUnavailable
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is a Linux-only dependency
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    HAS_TRITON = False
+
+__all__ = [
+    "DEFAULT_CHUNK",
+    "HAS_TRITON",
+    "INTERPRET",
+    "RESTORE_HOOKS",
+    "TensorTable",
+    "launch",
+    "require_triton",
+    "tl_dtype",
+    "triton_usable",
+    "tensor_table",
+    "tuning_configs",
+]
+
+# Read once: triton itself reads the variable at import, so a later change has no effect.
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Elements per program. 64K fp32 elements is 256 KiB per tensor stream: large enough that
+#: launch and table reads are noise, small enough that ~50M params give ~800 programs, several
+#: per SM on an H100.
+DEFAULT_CHUNK = 65536
+
+
+def triton_usable(device: torch.device) -> bool:
+    """True when a Triton kernel can run on ``device`` in this process."""
+    if not HAS_TRITON:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and INTERPRET)
+
+
+def require_triton(device: torch.device, op: str) -> None:
+    """Raise KernelUnavailable, naming the fix, unless Triton can run ``op`` on ``device``."""
+    if not HAS_TRITON:
+        raise KernelUnavailable(
+            f"{op}: kernel='triton' needs the triton package, which is not installed; "
+            "install triton (Linux) or use kernel='auto'."
+        )
+    if device.type == "cpu" and not INTERPRET:
+        raise KernelUnavailable(
+            f"{op}: kernel='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton "
+            "is imported (slow; meant for tests); use kernel='auto' for the fast CPU path."
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise KernelUnavailable(
+            f"{op}: kernel='triton' does not support device {device.type!r}; use kernel='auto'."
+        )
+
+
+def tuning_configs(configs: list[Any]) -> list[Any]:
+    """The autotune configs to register: all on a GPU, the first only under the interpreter.
+
+    The interpreter has no GPU driver to benchmark with, and one config skips benchmarking.
+    """
+    return configs[:1] if INTERPRET else configs
+
+
+def tl_dtype(dtype: torch.dtype) -> Any:
+    """The ``tl`` dtype for a torch float dtype the kernels support (fp32, bf16, fp16)."""
+    table = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    if dtype not in table:
+        raise KernelUnavailable(
+            f"Triton optimizer kernels support float32, bfloat16 and float16 tensors, got "
+            f"{dtype}; use kernel='reference'."
+        )
+    return table[dtype]
+
+
+@dataclass(frozen=True)
+class TensorTable:
+    """Device tables describing ``n_lists`` lists of ``n_tensors`` tensors for one launch.
+
+    Invariant: tensor ``i`` of every list has the same numel and is contiguous; ``addrs`` is
+    (n_lists, n_tensors) int64 on the tensors' device; ``chunk_tensor``/``chunk_start`` have
+    one row per ``chunk`` elements of each tensor, ordered by tensor. ``lists`` keeps the
+    tensors alive (and lets the autotune hooks find them) while the table is in use.
+    """
+
+    lists: tuple[tuple[torch.Tensor, ...], ...]
+    addrs: torch.Tensor  # (n_lists, n_tensors) int64
+    numels: torch.Tensor  # (n_tensors,) int64
+    chunk_tensor: torch.Tensor  # (n_chunks,) int32
+    chunk_start: torch.Tensor  # (n_chunks,) int64
+    n_tensors: int
+    n_chunks: int
+    chunk: int
+
+
+# Building tables costs host work and a host-to-device copy; a training loop passes the same
+# tensors each step, so keep the last few tables keyed by addresses and sizes.
+_TABLES: OrderedDict[tuple, TensorTable] = OrderedDict()
+_TABLE_CACHE_SIZE = 16
+
+
+def tensor_table(lists: Sequence[Sequence[torch.Tensor]], *, chunk: int = DEFAULT_CHUNK) -> TensorTable:
+    """Build (or reuse) the tables for ``lists``; see Note: [multi-tensor launch].
+
+    Raises ValueError if the lists differ in length, a tensor is not contiguous, or tensor
+    ``i`` has different numels across lists.
+    """
+    lists_t = tuple(tuple(ts) for ts in lists)
+    n = len(lists_t[0])
+    if any(len(ts) != n for ts in lists_t):
+        raise ValueError(f"tensor_table: lists have lengths {[len(ts) for ts in lists_t]}; "
+                         "pass one entry per parameter in every list.")
+    for ts in lists_t:
+        for t in ts:
+            if not t.is_contiguous():
+                raise ValueError("tensor_table: a tensor is not contiguous; multi-tensor kernels "
+                                 "address memory linearly. Call .contiguous() on it first.")
+    numels = [t.numel() for t in lists_t[0]]
+    for ts in lists_t[1:]:
+        if [t.numel() for t in ts] != numels:
+            raise ValueError("tensor_table: tensor sizes differ between lists (param vs state).")
+    key = (chunk, tuple(tuple(t.data_ptr() for t in ts) for ts in lists_t), tuple(numels))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        _TABLES.move_to_end(key)
+        return hit
+    device = lists_t[0][0].device
+    chunk_tensor: list[int] = []
+    chunk_start: list[int] = []
+    for i, numel in enumerate(numels):
+        for start in range(0, numel, chunk):
+            chunk_tensor.append(i)
+            chunk_start.append(start)
+    table = TensorTable(
+        lists=lists_t,
+        addrs=torch.tensor([[t.data_ptr() for t in ts] for ts in lists_t], dtype=torch.int64,
+                           device=device),
+        numels=torch.tensor(numels, dtype=torch.int64, device=device),
+        chunk_tensor=torch.tensor(chunk_tensor, dtype=torch.int32, device=device),
+        chunk_start=torch.tensor(chunk_start, dtype=torch.int64, device=device),
+        n_tensors=n,
+        n_chunks=len(chunk_tensor),
+        chunk=chunk,
+    )
+    _TABLES[key] = table
+    if len(_TABLES) > _TABLE_CACHE_SIZE:
+        _TABLES.popitem(last=False)
+    return table
+
+
+# The table being launched and which of its lists the kernel writes; read by RESTORE_HOOKS.
+_ACTIVE: dict[str, Any] = {"table": None, "written": (), "saved": None}
+
+
+def _pre_hook(kwargs: dict[str, Any], reset_only: bool = False) -> None:
+    table = _ACTIVE["table"]
+    if table is None or reset_only:
+        return
+    _ACTIVE["saved"] = [[t.clone() for t in table.lists[k]] for k in _ACTIVE["written"]]
+
+
+def _post_hook(kwargs: dict[str, Any], exception: BaseException | None) -> None:
+    table, saved = _ACTIVE["table"], _ACTIVE["saved"]
+    if table is None or saved is None:
+        return
+    for k, copies in zip(_ACTIVE["written"], saved, strict=True):
+        for t, c in zip(table.lists[k], copies, strict=True):
+            t.copy_(c)
+    _ACTIVE["saved"] = None
+
+
+#: Autotune hooks that make benchmarking an in-place multi-tensor kernel side-effect free.
+RESTORE_HOOKS: dict[str, Callable[..., None]] = {"pre_hook": _pre_hook, "post_hook": _post_hook}
+
+
+def launch(kernel: Any, table: TensorTable, *args: Any, written: Sequence[int], **meta: Any) -> None:
+    """Launch ``kernel[(n_chunks,)](addrs, numels, chunk_tensor, chunk_start, n_tensors, *args)``.
+
+    ``CHUNK=table.chunk`` is passed as a meta-parameter; the kernel finds list ``k``'s address
+    of tensor ``t`` at ``addrs + k * n_tensors + t``.
+
+    ``written`` lists the indices of ``table.lists`` the kernel modifies, so autotuning can
+    restore them (Note: [autotuning in-place kernels]).
+    """
+    _ACTIVE.update(table=table, written=tuple(written), saved=None)
+    try:
+        kernel[(table.n_chunks,)](
+            table.addrs, table.numels, table.chunk_tensor, table.chunk_start, table.n_tensors, *args,
+            CHUNK=table.chunk, **meta,
+        )
+    finally:
+        _ACTIVE.update(table=None, written=(), saved=None)

@@ -1,0 +1,389 @@
+"""One AdamW step with both moments stored as block-wise quantized 8-bit tensors.
+
+After Dettmers et al., "8-bit Optimizers via Block-wise Quantization" (arXiv 2110.02861):
+the flat state of a parameter is cut into blocks of ``block_size`` elements; each block
+keeps one fp32 absmax scale and one byte per element for each moment. One step, per
+block: dequantize m and v -> AdamW update in fp32 -> requantize m and v with the new
+block absmax. Optimizer state is then 2 + 8 / block_size bytes per parameter.
+
+Layout of the state of a parameter with n elements, nb = ceil(n / block_size):
+  m_q (nb * block_size,) int8, m_scale (nb,) fp32, v_q (nb * block_size,) uint8,
+  v_scale (nb,) fp32. The padding past n stays zero (zero grad and param there), so it
+  never changes a block's absmax.
+
+Note: [quantization maps]
+Both maps are power companding, chosen over bitsandbytes' dynamic tree map because they
+are closed-form (a sqrt per element, no 256-entry search), which is what lets the CPU
+path stay one memory-bound pass:
+  m (signed):   q = round(127 * sign(m) * (|m| / absmax) ** (1/2)),  m = sign(q) (q/127)**2 absmax
+  v (unsigned): q = round(255 * (v / absmax) ** (1/4)),               v = (q/255)**4 absmax
+The second moment needs the wide range: the update divides by sqrt(v), and with a
+linear uint8 map every v below absmax/510 of its block becomes 0, so m / (0 + eps)
+explodes (measured: GPT loss diverges, see bench/bench_adamw8bit.py --maps). The 4th-root
+map resolves sqrt(v) down to ~4e-6 of the block's largest, and its relative error on
+sqrt(v) is about 1/q, i.e. < 1 % for the levels that carry most elements. As a guard we
+also zero m wherever v quantizes to 0 (then the update there is exactly 0 instead of
+m / eps). Rounding is half away from zero, floor(|y| + 0.5), so the torch reference, the
+compiled CPU path and the Triton kernel round identically up to fp32 noise in y.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+
+try:  # Triton installs on Linux only; CPU-only hosts still get the torch paths.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the host
+    HAS_TRITON = False
+
+__all__ = [
+    "HAS_TRITON",
+    "adamw8bit",
+    "adamw8bit_reference",
+    "dequantize_signed",
+    "dequantize_unsigned",
+    "pack_hyper",
+    "quantize_signed",
+    "quantize_unsigned",
+    "state_numel",
+]
+
+Impl = Literal["auto", "triton", "compiled", "reference"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if HAS_TRITON:
+
+    def _configs() -> list[triton.Config]:
+        # One program per quantization block, so BLOCK_SIZE is fixed by the state layout;
+        # only the warp count is free. The interpreter cannot time configs, so one there.
+        if _interpreting():
+            return [triton.Config({}, num_warps=4)]
+        return [triton.Config({}, num_warps=w) for w in (2, 4, 8)]
+
+    @triton.autotune(
+        configs=_configs(),
+        key=["BLOCK_SIZE"],
+        # The step is in place: timing a config must not advance the real state.
+        restore_value=["p_ptr", "mq_ptr", "ms_ptr", "vq_ptr", "vs_ptr"],
+    )
+    @triton.jit
+    def _adamw8bit_kernel(
+        p_ptr, g_ptr, mq_ptr, ms_ptr, vq_ptr, vs_ptr,
+        n_elements, beta1, beta2, eps, decay, step_size, bc2_sqrt,
+        BLOCK_SIZE: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0).to(tl.int64)  # int64: tensors past 2**31 elements
+        offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offs < n_elements
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        # State is padded to whole blocks: no mask needed.
+        qm = tl.load(mq_ptr + offs).to(tl.float32) / 127.0
+        qv = tl.load(vq_ptr + offs).to(tl.float32) / 255.0
+        m = qm * tl.abs(qm) * tl.load(ms_ptr + pid)
+        qv2 = qv * qv
+        v = qv2 * qv2 * tl.load(vs_ptr + pid)
+
+        m = beta1 * m + (1.0 - beta1) * g
+        v = beta2 * v + (1.0 - beta2) * g * g
+        p = p * decay - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
+        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+
+        m_max = tl.max(tl.abs(m), axis=0)
+        v_max = tl.max(v, axis=0)
+        m_inv = tl.where(m_max > 0, 1.0 / m_max, 0.0)
+        v_inv = tl.where(v_max > 0, 1.0 / v_max, 0.0)
+        yv = tl.minimum(tl.floor(tl.sqrt(tl.sqrt(v * v_inv)) * 255.0 + 0.5), 255.0)
+        ym = tl.minimum(tl.floor(tl.sqrt(tl.abs(m) * m_inv) * 127.0 + 0.5), 127.0)
+        ym = tl.where(m < 0, -ym, ym)
+        ym = tl.where(yv == 0.0, 0.0, ym)  # guard: no m where v is 0 (see module note)
+        tl.store(mq_ptr + offs, ym.to(tl.int8))
+        tl.store(vq_ptr + offs, yv.to(tl.uint8))
+        tl.store(ms_ptr + pid, m_max)
+        tl.store(vs_ptr + pid, v_max)
+
+
+def state_numel(numel: int, block_size: int) -> int:
+    """Length of the padded quantized state of a parameter: whole blocks."""
+    return -(-numel // block_size) * block_size
+
+
+def quantize_signed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize blocks ``x`` (nb, B) fp32 to (int8 (nb, B), absmax fp32 (nb,)).
+
+    Invariant: q in [-127, 127]; dequantize_signed(q, s) equals x at 0 and at each
+    block's absmax, and is monotone in x.
+    """
+    absmax = x.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(absmax > 0, 1.0 / absmax, 0.0)
+    y = torch.floor(torch.sqrt(x.abs() * inv) * 127.0 + 0.5).clamp_(max=127.0)
+    return torch.where(x < 0, -y, y).to(torch.int8), absmax.squeeze(1)
+
+
+def dequantize_signed(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse map of :func:`quantize_signed`: (nb, B) int8, (nb,) -> (nb, B) fp32."""
+    u = q.float() / 127.0
+    return u * u.abs() * scale.unsqueeze(1)
+
+
+def quantize_unsigned(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize non-negative blocks ``x`` (nb, B) fp32 to (uint8 (nb, B), absmax (nb,)).
+
+    Invariant: q in [0, 255]; 4th-root companding (see the module note).
+    """
+    absmax = x.amax(dim=1, keepdim=True)
+    inv = torch.where(absmax > 0, 1.0 / absmax, 0.0)
+    y = torch.floor(torch.sqrt(torch.sqrt(x * inv)) * 255.0 + 0.5).clamp_(max=255.0)
+    return y.to(torch.uint8), absmax.squeeze(1)
+
+
+def dequantize_unsigned(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse map of :func:`quantize_unsigned`: (nb, B) uint8, (nb,) -> (nb, B) fp32."""
+    u = q.float() / 255.0
+    u2 = u * u
+    return u2 * u2 * scale.unsqueeze(1)
+
+
+def _update_blocks(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    mq: torch.Tensor,
+    ms: torch.Tensor,
+    vq: torch.Tensor,
+    vs: torch.Tensor,
+    beta1: float | torch.Tensor,
+    beta2: float | torch.Tensor,
+    eps: float | torch.Tensor,
+    decay: float | torch.Tensor,
+    step_size: float | torch.Tensor,
+    bc2_sqrt: float | torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """The maths of one step on (nb, B) blocks, out of place; fp32 throughout.
+
+    Returns (p_new in p.dtype, mq, ms, vq, vs). Shared by the reference and the
+    compiled CPU path, so the two differ only by how inductor orders fp32 ops.
+    """
+    g32 = g.float()
+    m = beta1 * dequantize_signed(mq, ms) + (1.0 - beta1) * g32
+    v = beta2 * dequantize_unsigned(vq, vs) + (1.0 - beta2) * g32 * g32
+    p32 = p.float() * decay - step_size * m / (torch.sqrt(v) / bc2_sqrt + eps)
+    new_vq, new_vs = quantize_unsigned(v)
+    new_mq, new_ms = quantize_signed(m)
+    new_mq = torch.where(new_vq == 0, 0, new_mq).to(torch.int8)  # guard, see module note
+    return p32.to(p.dtype), new_mq, new_ms, new_vq, new_vs
+
+
+def _hyper(
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int
+) -> tuple[float, float, float, float, float, float]:
+    """(beta1, beta2, eps, decay, step_size, bc2_sqrt) as torch.optim.AdamW computes them."""
+    bc1 = 1.0 - beta1**step
+    bc2 = 1.0 - beta2**step
+    return beta1, beta2, eps, 1.0 - lr * weight_decay, lr / bc1, bc2**0.5
+
+
+def _check(p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ms: torch.Tensor,
+           vq: torch.Tensor, vs: torch.Tensor, block_size: int, step: int) -> int:  # fmt: skip
+    """Validate the state layout; return the number of blocks."""
+    nb = -(-p.numel() // block_size)
+    if g.shape != p.shape:
+        raise ValueError(f"grad shape {tuple(g.shape)} != param shape {tuple(p.shape)}.")
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (bias correction divides by 1 - beta**step), got {step}.")
+    want = {"m_q": (mq, torch.int8, nb * block_size), "v_q": (vq, torch.uint8, nb * block_size),
+            "m_scale": (ms, torch.float32, nb), "v_scale": (vs, torch.float32, nb)}  # fmt: skip
+    for name, (t, dtype, numel) in want.items():
+        if t.dtype != dtype or t.numel() != numel or not t.is_contiguous():
+            raise ValueError(
+                f"{name} must be a contiguous {dtype} tensor of {numel} elements for a "
+                f"{p.numel()}-element param with block_size={block_size}; got {t.dtype} "
+                f"with {t.numel()}. Allocate it with kernels.adamw8bit.state_numel()."
+            )
+    return nb
+
+
+def adamw8bit_reference(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m_q: torch.Tensor,
+    m_scale: torch.Tensor,
+    v_q: torch.Tensor,
+    v_scale: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    block_size: int,
+) -> None:
+    """The spec: one AdamW step in place on ``p`` and the quantized state.
+
+    ``step`` is the 1-based count after this step (for bias correction). Maths, per
+    element in fp32, as torch.optim.AdamW: p *= 1 - lr*wd; m = b1 m + (1-b1) g;
+    v = b2 v + (1-b2) g^2; p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps); then m, v
+    are requantized per block with their new absmax.
+    """
+    nb = _check(p, g, m_q, m_scale, v_q, v_scale, block_size, step)
+    n, padded = p.numel(), nb * block_size
+    pf = torch.zeros(padded, dtype=p.dtype, device=p.device)
+    gf = torch.zeros(padded, dtype=g.dtype, device=g.device)
+    pf[:n] = p.reshape(-1)
+    gf[:n] = g.reshape(-1)
+    out = _update_blocks(
+        pf.view(nb, block_size), gf.view(nb, block_size),
+        m_q.view(nb, block_size), m_scale, v_q.view(nb, block_size), v_scale,
+        *_hyper(lr, beta1, beta2, eps, weight_decay, step),
+    )  # fmt: skip
+    p.copy_(out[0].reshape(-1)[:n].view_as(p))
+    m_q.copy_(out[1].reshape(-1))
+    m_scale.copy_(out[2])
+    v_q.copy_(out[3].reshape(-1))
+    v_scale.copy_(out[4])
+
+
+# Note: [compiled CPU path]
+# Eager torch runs _update_blocks as ~30 separate passes over memory; fused AdamW does
+# one. torch.compile (inductor, C++ backend) turns the whole of _update_blocks plus the
+# in-place write-back into one OpenMP loop over blocks that reads p, g and the 2 bytes
+# of state once and writes them once (the second sweep of a block, after its absmax,
+# hits L1). Scalars are passed as one fp32 tensor so a new lr or step never recompiles;
+# the block count is marked dynamic so every parameter shape shares one graph per
+# (param dtype, block_size). A trailing partial block runs through the same graph on a
+# one-block padded copy (nb == 1 is specialised by dynamo: one more compile, once).
+def _step_inplace(
+    p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ms: torch.Tensor,
+    vq: torch.Tensor, vs: torch.Tensor, hp: torch.Tensor,
+) -> None:  # fmt: skip
+    out = _update_blocks(p, g, mq, ms, vq, vs, hp[0], hp[1], hp[2], hp[3], hp[4], hp[5])
+    p.copy_(out[0])
+    mq.copy_(out[1])
+    ms.copy_(out[2])
+    vq.copy_(out[3])
+    vs.copy_(out[4])
+
+
+_compiled_step = None
+_compile_failed: str | None = None
+
+
+def _get_compiled():  # -> Callable | None
+    global _compiled_step, _compile_failed
+    if _compiled_step is None and _compile_failed is None:
+        try:
+            _compiled_step = torch.compile(_step_inplace, fullgraph=True)
+        except Exception as err:  # no compiler on the host: fall back to the reference
+            _compile_failed = f"{type(err).__name__}: {err}"
+    return _compiled_step
+
+
+def _adamw8bit_compiled(p, g, mq, ms, vq, vs, *, hp: torch.Tensor, block_size: int, nb: int):
+    fn = _get_compiled()
+    n = p.numel()
+    full = n // block_size
+    pc = p if p.is_contiguous() else p.contiguous()
+    gc = g.contiguous()
+    if full:
+        args = (
+            pc.view(-1)[: full * block_size].view(full, block_size),
+            gc.view(-1)[: full * block_size].view(full, block_size),
+            mq[: full * block_size].view(full, block_size), ms[:full],
+            vq[: full * block_size].view(full, block_size), vs[:full],
+        )  # fmt: skip
+        for t in args:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        fn(*args, hp)
+    if nb > full:  # trailing partial block, on a zero-padded copy
+        tail = n - full * block_size
+        pt = torch.zeros(1, block_size, dtype=p.dtype)
+        gt = torch.zeros(1, block_size, dtype=g.dtype)
+        pt[0, :tail] = pc.view(-1)[full * block_size :]
+        gt[0, :tail] = gc.view(-1)[full * block_size :]
+        fn(
+            pt, gt, mq[full * block_size :].view(1, block_size), ms[full:],
+            vq[full * block_size :].view(1, block_size), vs[full:], hp,
+        )  # fmt: skip
+        pc.view(-1)[full * block_size :] = pt[0, :tail]
+    if pc is not p:
+        p.copy_(pc)
+
+
+def adamw8bit(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m_q: torch.Tensor,
+    m_scale: torch.Tensor,
+    v_q: torch.Tensor,
+    v_scale: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    block_size: int,
+    impl: Impl = "auto",
+    hp: torch.Tensor | None = None,
+) -> None:
+    """One 8-bit AdamW step in place; same contract as :func:`adamw8bit_reference`.
+
+    ``impl="auto"`` takes the Triton kernel for CUDA tensors and the compiled CPU path
+    (see Note: [compiled CPU path]) otherwise, falling back to the reference if
+    torch.compile is unavailable. ``hp`` optionally passes the scalars already packed
+    by :func:`pack_hyper` so a caller stepping many tensors builds them once.
+    """
+    nb = _check(p, g, m_q, m_scale, v_q, v_scale, block_size, step)
+    if impl == "auto":
+        if p.is_cuda and HAS_TRITON:
+            impl = "triton"
+        elif p.device.type == "cpu" and _get_compiled() is not None:
+            impl = "compiled"
+        else:
+            impl = "reference"
+    scalars = _hyper(lr, beta1, beta2, eps, weight_decay, step)
+    if impl == "reference":
+        adamw8bit_reference(
+            p, g, m_q, m_scale, v_q, v_scale, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, step=step, block_size=block_size,
+        )  # fmt: skip
+    elif impl == "compiled":
+        if p.device.type != "cpu":
+            raise ValueError(f"impl='compiled' is the CPU path; got a {p.device} tensor.")
+        if hp is None:
+            hp = pack_hyper(lr, beta1, beta2, eps, weight_decay, step)
+        _adamw8bit_compiled(p, g, m_q, m_scale, v_q, v_scale, hp=hp, block_size=block_size, nb=nb)
+    elif impl == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("impl='triton' needs the triton package; use impl='auto'.")
+        if not (p.is_cuda or _interpreting()):
+            raise ValueError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 on CPU.")
+        if block_size & (block_size - 1):
+            raise ValueError(f"the Triton kernel needs a power-of-two block_size, got {block_size}.")
+        pc = p if p.is_contiguous() else p.contiguous()
+        _adamw8bit_kernel[(nb,)](
+            pc, g.contiguous(), m_q, m_scale, v_q, v_scale, p.numel(), *scalars,
+            BLOCK_SIZE=block_size,
+        )  # fmt: skip
+        if pc is not p:
+            p.copy_(pc)
+    else:
+        raise ValueError(f"impl must be 'auto', 'triton', 'compiled' or 'reference', got {impl!r}.")
+
+
+def pack_hyper(
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int
+) -> torch.Tensor:
+    """The per-step scalars of the compiled path as one fp32 CPU tensor (see the Note)."""
+    return torch.tensor(_hyper(lr, beta1, beta2, eps, weight_decay, step), dtype=torch.float32)

@@ -1,0 +1,185 @@
+"""Multi-tensor SGD with momentum, dampening, Nesterov and (L2) weight decay.
+
+Maths (torch.optim.SGD), per element in fp32:
+
+    d <- g (+ wd * p)                      # -g first when maximize
+    if momentum:
+        buf <- d                            on the first step
+        buf <- momentum * buf + (1 - dampening) * d   afterwards
+        d   <- d + momentum * buf  (Nesterov)  or  buf
+    p <- p - lr * d
+
+Momentum buffers are fp32 whatever the param dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+
+from ._dispatch import run
+from ._triton_util import (
+    DEFAULT_CHUNK,
+    HAS_TRITON,
+    RESTORE_HOOKS,
+    launch,
+    tensor_table,
+    tl_dtype,
+    tuning_configs,
+)
+
+__all__ = ["sgd", "sgd_reference"]
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    def _configs() -> list[triton.Config]:
+        # Elementwise and memory-bound: BLOCK x warps only trade registers for occupancy.
+        return tuning_configs([
+            triton.Config({"BLOCK": 1024}, num_warps=4),
+            triton.Config({"BLOCK": 2048}, num_warps=8),
+            triton.Config({"BLOCK": 4096}, num_warps=8),
+        ])
+
+    # key: the param dtype and whether there is a buffer stream change bytes per element;
+    # tensor sizes do not matter (each program covers at most CHUNK elements).
+    @triton.autotune(configs=_configs(), key=["P_DTYPE", "HAS_MOMENTUM"], **RESTORE_HOOKS)
+    @triton.jit
+    def _sgd_kernel(
+        addrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tensors,
+        lr, momentum, dampening, weight_decay,
+        CHUNK: tl.constexpr, P_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+        NESTEROV: tl.constexpr, FIRST: tl.constexpr, MAXIMIZE: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        c = tl.program_id(0)
+        t = tl.load(chunk_tensor_ptr + c)
+        start = tl.load(chunk_start_ptr + c)
+        end = tl.minimum(start + CHUNK, tl.load(numels_ptr + t))
+        # Table rows: 0 params, 1 grads, 2 momentum buffers (when HAS_MOMENTUM).
+        p_ptr = tl.load(addrs_ptr + t).to(tl.pointer_type(P_DTYPE))
+        g_ptr = tl.load(addrs_ptr + n_tensors + t).to(tl.pointer_type(P_DTYPE))
+        for off in range(start, end, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            mask = idx < end
+            p = tl.load(p_ptr + idx, mask=mask).to(tl.float32)
+            d = tl.load(g_ptr + idx, mask=mask).to(tl.float32)
+            if MAXIMIZE:
+                d = -d
+            d = d + weight_decay * p
+            if HAS_MOMENTUM:
+                b_ptr = tl.load(addrs_ptr + 2 * n_tensors + t).to(tl.pointer_type(tl.float32))
+                if FIRST:
+                    buf = d
+                else:
+                    buf = momentum * tl.load(b_ptr + idx, mask=mask) + (1.0 - dampening) * d
+                tl.store(b_ptr + idx, buf, mask=mask)
+                if NESTEROV:
+                    d = d + momentum * buf
+                else:
+                    d = buf
+            tl.store(p_ptr + idx, (p - lr * d).to(P_DTYPE), mask=mask)
+
+
+def sgd_reference(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor], *, first_step: bool, lr: float, momentum: float,
+    dampening: float, weight_decay: float, nesterov: bool, maximize: bool = False,
+) -> None:
+    """One SGD step on each tensor, in place (the spec; see the module docstring).
+
+    ``momentum_buffers`` is empty when ``momentum == 0``; otherwise one fp32 buffer per
+    param, overwritten when ``first_step``. Same order of operations as
+    torch.optim.SGD(foreach=False), so fp32 results match it.
+    """
+    bufs: Sequence[torch.Tensor | None] = momentum_buffers or [None] * len(params)
+    for p, g, buf in zip(params, grads, bufs, strict=True):
+        p32 = p.float()
+        d = -g.float() if maximize else g.float()
+        if weight_decay != 0:
+            d = d.add(p32, alpha=weight_decay)
+        if momentum != 0:
+            assert buf is not None, "momentum > 0 needs one buffer per param"
+            if first_step:
+                buf.copy_(d)
+            else:
+                buf.mul_(momentum).add_(d, alpha=1.0 - dampening)
+            d = d.add(buf, alpha=momentum) if nesterov else buf
+        p32.add_(d, alpha=-lr)
+        if p32 is not p:
+            p.copy_(p32)
+
+
+def _sgd_triton(
+    lists: Sequence[Sequence[torch.Tensor]], *, first_step: bool, lr: float, momentum: float,
+    dampening: float, weight_decay: float, nesterov: bool, maximize: bool, chunk: int,
+) -> None:
+    params, grads, bufs = lists
+    has_momentum = momentum != 0
+    table = tensor_table([params, grads, bufs] if has_momentum else [params, grads], chunk=chunk)
+    launch(
+        _sgd_kernel, table, lr, momentum, dampening, weight_decay,
+        written=(0, 2) if has_momentum else (0,), P_DTYPE=tl_dtype(params[0].dtype),
+        HAS_MOMENTUM=has_momentum, NESTEROV=nesterov, FIRST=first_step, MAXIMIZE=maximize,
+    )
+
+
+def _sgd_foreach(
+    lists: Sequence[Sequence[torch.Tensor]], *, first_step: bool, lr: float, momentum: float,
+    dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+) -> None:
+    params, grads, bufs = (list(ts) for ts in lists)
+    # torch's foreach SGD allocates buffers itself on the first step; ours are preallocated
+    # (all state exists from the first step, so its size can be counted), hence our own.
+    d = torch._foreach_neg(grads) if maximize else grads
+    if weight_decay != 0:
+        d = torch._foreach_add(d, params, alpha=weight_decay)
+    if momentum != 0:
+        if first_step:
+            torch._foreach_copy_(bufs, d)
+        else:
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, d, alpha=1.0 - dampening)
+        d = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else bufs
+    torch._foreach_add_(params, d, alpha=-lr)
+
+
+def _sgd_fused(
+    lists: Sequence[Sequence[torch.Tensor]], *, first_step: bool, lr: float, momentum: float,
+    dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+) -> None:
+    params, grads, bufs = (list(ts) for ts in lists)
+    torch._fused_sgd_(
+        params, grads, bufs if momentum != 0 else [], weight_decay=weight_decay,
+        momentum=momentum, lr=lr, dampening=dampening, nesterov=nesterov, maximize=maximize,
+        is_first_step=first_step,
+    )
+
+
+def sgd(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor], *, first_step: bool, lr: float, momentum: float = 0.0,
+    dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+    maximize: bool = False, kernel: str = "auto", chunk: int = DEFAULT_CHUNK,
+) -> str:
+    """One SGD step over all tensors (same device and dtype), in place; returns the kernel.
+
+    ``kernel`` as in :func:`autoscale.kernels.adamw.adamw`. torch's fused and foreach paths
+    need buffers in the param dtype, so they are offered for fp32 params only.
+    """
+    if not params:
+        return kernel
+    hyper = dict(first_step=first_step, lr=lr, momentum=momentum, dampening=dampening,
+                 weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+    lists = (params, grads, momentum_buffers)
+    impls = {"reference": lambda ls: sgd_reference(*ls, **hyper)}
+    if HAS_TRITON:
+        impls["triton"] = partial(_sgd_triton, chunk=chunk, **hyper)
+    if params[0].dtype == torch.float32:
+        impls["foreach"] = partial(_sgd_foreach, **hyper)
+        if hasattr(torch, "_fused_sgd_"):
+            impls["torch_fused"] = partial(_sgd_fused, **hyper)
+    return run("sgd", kernel, impls, lists)

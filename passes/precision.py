@@ -1,0 +1,48 @@
+"""Mixed precision by autocast around the model's forward."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoscale._plan import PrecisionPlan
+from autoscale.errors import PassError
+
+__all__ = ["autocast_forward"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_forward(model: nn.Module, *, plan: PrecisionPlan, device_type: str) -> nn.Module:
+    """Run ``model``'s forward under autocast to ``plan.mode`` (bf16/fp16); fp32 is a no-op.
+
+    Rewrites ``model`` in place (the runtime passes its own copy) and returns it.
+
+    Invariant: parameters, gradients and optimizer state keep their dtype (fp32 master
+    weights); only matmul-like ops inside forward run in the low precision, so the loss
+    differs from fp32 by rounding only (tests bound it). Loss scaling for fp16 is the
+    runtime's job (it owns backward).
+    """
+    if plan.mode == "fp32":
+        return model
+    if device_type == "cpu" and plan.mode == "fp16" and not _cpu_supports_fp16():
+        raise PassError("precision.mode='fp16' is not supported by autocast on this CPU "
+                        "build of torch; use 'bf16' or 'fp32'.")
+    # A partial of the bound method (not a closure) so that deepcopy of the rewritten
+    # model rebinds to the copy instead of calling the original's forward.
+    model.forward = functools.partial(_autocast_call, model.forward, device_type,
+                                      _DTYPES[plan.mode])
+    return model
+
+
+def _autocast_call(forward: Any, device_type: str, dtype: torch.dtype, *args: Any,
+                   **kwargs: Any) -> Any:
+    with torch.autocast(device_type=device_type, dtype=dtype):
+        return forward(*args, **kwargs)
+
+
+def _cpu_supports_fp16() -> bool:
+    return torch.amp.autocast_mode.is_autocast_available("cpu")
