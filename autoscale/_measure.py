@@ -12,6 +12,7 @@ updated exactly ``warmup + 1 + iters`` times by one call.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -114,6 +115,9 @@ def measure(
     for _ in range(warmup):
         step_fn(batch)  # the loss is dropped at once so it is not live in the next step
     sync()
+    # Garbage in reference cycles from earlier steps would otherwise sit in the CUDA
+    # baseline, or be freed at a random point inside the tracked step.
+    gc.collect()
 
     with PeakMemoryTracker(roots=(model, optimizer, batch), device=dev) as tracker:
         step_fn(batch)

@@ -11,7 +11,7 @@ of live tensor storages (see Note: [how the CPU ledger works]).
 Note: [how the CPU ledger works]
 A ``TorchDispatchMode`` sees every aten op that runs while it is active: forward ops,
 backward ops run by the autograd engine (on CPU the engine runs the graph on the calling
-thread, and it carries the mode to its worker threads), the ``detach``/``add_`` of
+thread, where the mode is active), the ``detach``/``add_`` of
 ``AccumulateGrad``, factory ops (``empty``, ``zeros``, ``torch.tensor`` via
 ``lift_fresh``), ops under ``torch.no_grad``, the recompute of ``torch.utils.checkpoint``
 (both variants), and optimizer ``_foreach_*`` / ``_fused_*`` ops. After each op the
@@ -51,7 +51,7 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -89,7 +89,7 @@ def _iter_root_tensors(roots: Any) -> Iterator[torch.Tensor]:
         elif isinstance(obj, torch.optim.Optimizer):
             stack.extend(group["params"] for group in obj.param_groups)
             stack.extend(obj.state.values())
-        elif isinstance(obj, dict):
+        elif isinstance(obj, Mapping):  # dict, and UserDict-based batches (HF BatchEncoding)
             stack.extend(obj.values())
         elif isinstance(obj, (list, tuple, set, frozenset)):
             stack.extend(obj)

@@ -37,7 +37,7 @@ def main() -> None:
         sys.exit(1)
 
 
-def _plan_summary(plan) -> str:  # noqa: ANN001
+def _plan_summary(plan) -> str:
     micro = plan.batch.micro_batch_size
     ckpt = len(plan.checkpoint.blocks)
     parts = [f"micro={micro or 'all'}x{plan.batch.grad_accum_steps}",
@@ -75,7 +75,7 @@ def tune(
     with progress:
         task = progress.add_task("capturing, measuring the baseline", total=max(trials, 1))
 
-        def on_trial(record) -> None:  # noqa: ANN001
+        def on_trial(record) -> None:
             shown = (f"{record.samples_per_s:.1f}/s" if record.samples_per_s else record.state)
             progress.update(task, advance=1, description=f"#{record.number} "
                             f"{_plan_summary(record.plan)}: {shown}")
@@ -93,7 +93,7 @@ def tune(
     console.print(f"plan written to [bold]{out}[/] (capture: {report.capture_strategy})")
 
 
-def _trials_table(report) -> Table:  # noqa: ANN001
+def _trials_table(report) -> Table:
     table = Table(title="trials")
     for col in ("#", "plan", "samples/s", "peak", "estimate", "fits", "state"):
         table.add_column(col, justify="right" if col not in ("plan", "state") else "left")
@@ -106,7 +106,7 @@ def _trials_table(report) -> Table:  # noqa: ANN001
     return table
 
 
-def _comparison_table(report) -> Table:  # noqa: ANN001
+def _comparison_table(report) -> Table:
     base, best = report.baseline, report.best
     budget = format_bytes(report.memory_budget) if report.memory_budget else "none"
     table = Table(title=f"best plan vs untouched baseline (budget {budget})")

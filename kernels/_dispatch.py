@@ -114,6 +114,9 @@ def _clone_lists(lists: Lists, n: int, max_elements: int | None = None) -> list[
     for ts in lists:
         row = []
         for t in ts[:n]:
+            if not isinstance(t, torch.Tensor):  # per-tensor flags ride along unchanged
+                row.append(t)
+                continue
             if max_elements is not None and t.dim() > 0:
                 t = t.reshape(-1)[:max_elements]
             row.append(t.detach().clone())
@@ -131,6 +134,7 @@ def _agrees(impl: Impl, reference: Impl, lists: Lists) -> bool:
         torch.allclose(g.float(), r.float(), rtol=_CHECK_RTOL, atol=_CHECK_ATOL)
         for gs, rs in zip(got_lists, ref_lists, strict=True)
         for g, r in zip(gs, rs, strict=True)
+        if isinstance(g, torch.Tensor)
     )
 
 

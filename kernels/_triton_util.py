@@ -11,6 +11,8 @@ Stable, small API (other kernel files import it; change it only with the lead):
   interpreter, which cannot benchmark).
 - ``TensorTable`` / ``tensor_table(lists, chunk=...)``: the device tables one launch reads.
 - ``launch(kernel, table, *args, **meta)``: launches ``kernel`` over every chunk of the table.
+- ``per_tensor_sum(table, partial)``: reduce per-chunk partial results to per-tensor ones
+  (the second phase of a two-phase norm).
 - ``RESTORE_HOOKS``: pass as ``@triton.autotune(..., **RESTORE_HOOKS)`` on an in-place kernel.
 
 Note: [multi-tensor launch]
@@ -60,6 +62,7 @@ __all__ = [
     "RESTORE_HOOKS",
     "TensorTable",
     "launch",
+    "per_tensor_sum",
     "require_triton",
     "tl_dtype",
     "triton_usable",
@@ -237,3 +240,14 @@ def launch(kernel: Any, table: TensorTable, *args: Any, written: Sequence[int], 
         )
     finally:
         _ACTIVE.update(table=None, written=(), saved=None)
+
+
+def per_tensor_sum(table: TensorTable, partial: torch.Tensor) -> torch.Tensor:
+    """Sum per-chunk rows ``partial`` (n_chunks, k) into per-tensor rows (n_tensors, k), fp32.
+
+    Used between the two launches of a per-tensor norm: each program writes its own row (no
+    atomics), then this one small torch op adds the rows of each tensor's chunks.
+    """
+    out = torch.zeros(table.n_tensors, partial.shape[1], dtype=torch.float32,
+                      device=partial.device)
+    return out.index_add_(0, table.chunk_tensor.long(), partial)

@@ -274,6 +274,7 @@ def _step_inplace(
     vs.copy_(out[4])
 
 
+_COMPILE_OPTIONS: dict = {"cpp.dynamic_threads": True}
 _compiled_step = None
 _compile_failed: str | None = None
 
@@ -282,7 +283,7 @@ def _get_compiled():  # -> Callable | None
     global _compiled_step, _compile_failed
     if _compiled_step is None and _compile_failed is None:
         try:
-            _compiled_step = torch.compile(_step_inplace, fullgraph=True)
+            _compiled_step = torch.compile(_step_inplace, fullgraph=True, options=_COMPILE_OPTIONS)
         except Exception as err:  # no compiler on the host: fall back to the reference
             _compile_failed = f"{type(err).__name__}: {err}"
     return _compiled_step

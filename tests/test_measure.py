@@ -159,18 +159,26 @@ def test_list_outputs_no_grad_and_checkpoint_recompute_are_seen() -> None:
     del outs
 
     # Non-reentrant checkpoint runs forward under no_grad and recomputes it inside
-    # backward; the recomputed activation must appear in the peak.
-    w = torch.randn(n, n, requires_grad=True)
-    x = torch.randn(8, n)
+    # backward. Sizes make the recompute the peak: the add's two inputs and its output,
+    # (R, D) each, are live together only while it is recomputed (in backward the add
+    # passes its grad through, and the expand of the seed is a view).
+    r, d = 512, 16
+    w1 = torch.randn(d, d, requires_grad=True)
+    w2 = torch.randn(d, d, requires_grad=True)
+    x = torch.randn(r, d)
 
     def block(inp: torch.Tensor) -> torch.Tensor:
-        return torch.relu(inp @ w)
+        return inp @ w1 + inp @ w2
 
-    loss = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False).sum()
-    with PeakMemoryTracker(roots=(w, x, loss)) as t:
+    # Early stop would end the recompute once the saved x, w1, w2 are back, before the add.
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        loss = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False).sum()
+    with PeakMemoryTracker(roots=(w1, w2, x, loss)) as t:
         loss.backward()
-    recomputed = 8 * n * F32
-    assert t.peak_bytes >= t.baseline_bytes + recomputed + n * n * F32  # + w.grad
+    assert t.baseline_bytes == (2 * d * d + r * d) * F32 + F32
+    # baseline + seed (4 B) + three (R, D) activations; the grads (D, D) come later.
+    assert t.peak_bytes == t.baseline_bytes + F32 + 3 * r * d * F32
+    assert t.end_bytes == t.baseline_bytes + 2 * d * d * F32  # w1.grad, w2.grad
 
 
 def test_cpu_peak_agrees_with_torch_mem_tracker() -> None:
