@@ -138,7 +138,7 @@ def test_fingerprint_names_what_differs() -> None:
     plan.check_fingerprint(Fingerprint.of(torch.nn.Linear(4, 3), "g1"))  # same: no error
     with pytest.raises(PlanMismatchError, match=r"'weight' is float32\[5, 4\] in the model"):
         plan.check_fingerprint(Fingerprint.of(torch.nn.Linear(4, 5), "g1"))
-    with pytest.raises(PlanMismatchError, match="'bias'.*missing"):
+    with pytest.raises(PlanMismatchError, match=r"'bias'.*missing"):
         plan.check_fingerprint(Fingerprint.of(torch.nn.Linear(4, 3, bias=False), "g1"))
     with pytest.raises(PlanMismatchError, match="forward graph differs"):
         plan.check_fingerprint(Fingerprint.of(torch.nn.Linear(4, 3), "g2"))

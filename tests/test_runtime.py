@@ -93,5 +93,5 @@ def test_state_dict_round_trip_resumes_identically() -> None:
 def test_output_without_loss_gets_a_clear_error() -> None:
     model = torch.nn.Linear(4, 2)
     result = build_result(Plan(sections={"optimizer": SGD}), model)
-    with pytest.raises(AutoscaleError, match="not a scalar loss.*pass loss_fn="):
+    with pytest.raises(AutoscaleError, match=r"not a scalar loss.*pass loss_fn="):
         result.step((torch.randn(3, 4),))

@@ -56,6 +56,6 @@ def test_checkpointing_saves_fewer_tensors() -> None:
 
 
 def test_unknown_block_is_refused() -> None:
-    with pytest.raises(PassError, match="'h.9', which is not a submodule"):
+    with pytest.raises(PassError, match=r"'h\.9', which is not a submodule"):
         checkpoint_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)),
                           plan=CheckpointPlan(blocks=("h.9",)))
