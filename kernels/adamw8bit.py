@@ -7,16 +7,17 @@ block: dequantize m and v -> AdamW update in fp32 -> requantize m and v with the
 block absmax. Optimizer state is then 2 + 8 / block_size bytes per parameter.
 
 Layout of the state of a parameter with n elements, nb = ceil(n / block_size):
-  m_q (nb * block_size,) int8, m_scale (nb,) fp32, v_q (nb * block_size,) uint8,
-  v_scale (nb,) fp32. The padding past n stays zero (zero grad and param there), so it
+  m_q (nb * block_size,) int8, m_scale (nb,) fp32 (block absmax of m),
+  v_q (nb * block_size,) uint8, v_scale (nb,) fp32 (block max of sqrt(v)). The padding past n stays zero (zero grad and param there), so it
   never changes a block's absmax.
 
 Note: [quantization maps]
 Both maps are power companding, chosen over bitsandbytes' dynamic tree map because they
 are closed-form (a sqrt per element, no 256-entry search), which is what lets the CPU
 path stay one memory-bound pass:
-  m (signed):   q = round(127 * sign(m) * (|m| / absmax) ** (1/2)),  m = sign(q) (q/127)**2 absmax
-  v (unsigned): q = round(255 * (v / absmax) ** (1/4)),               v = (q/255)**4 absmax
+  m (signed):   q = round(127 sign(m) (|m| / absmax) ** (1/2)),  m = sign(q) (q/127)**2 absmax
+  v (unsigned): q = round(255 (v / absmax) ** (1/4)),            v = (q/255)**4 absmax
+(for v the stored scale is sqrt(absmax), see quantize_unsigned).
 The second moment needs the wide range: the update divides by sqrt(v), and with a
 linear uint8 map every v below absmax/510 of its block becomes 0, so m / (0 + eps)
 explodes (measured: GPT loss diverges, see bench/bench_adamw8bit.py --maps). The 4th-root
@@ -79,7 +80,7 @@ if HAS_TRITON:
     @triton.jit
     def _adamw8bit_kernel(
         p_ptr, g_ptr, mq_ptr, ms_ptr, vq_ptr, vs_ptr,
-        n_elements, beta1, beta2, eps, decay, step_size, bc2_sqrt,
+        n_elements, beta1, beta2, eps, decay, step_size, inv_bc2_sqrt,
         BLOCK_SIZE: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0).to(tl.int64)  # int64: tensors past 2**31 elements
@@ -88,29 +89,29 @@ if HAS_TRITON:
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         # State is padded to whole blocks: no mask needed.
-        qm = tl.load(mq_ptr + offs).to(tl.float32) / 127.0
-        qv = tl.load(vq_ptr + offs).to(tl.float32) / 255.0
-        m = qm * tl.abs(qm) * tl.load(ms_ptr + pid)
-        qv2 = qv * qv
-        v = qv2 * qv2 * tl.load(vs_ptr + pid)
+        um = tl.load(mq_ptr + offs).to(tl.float32) * (1.0 / 127.0)
+        uv = tl.load(vq_ptr + offs).to(tl.float32) * (1.0 / 255.0)
+        m = um * tl.abs(um) * tl.load(ms_ptr + pid)
+        sv_old = uv * uv * tl.load(vs_ptr + pid)
 
         m = beta1 * m + (1.0 - beta1) * g
-        v = beta2 * v + (1.0 - beta2) * g * g
-        p = p * decay - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
+        v = beta2 * (sv_old * sv_old) + (1.0 - beta2) * g * g
+        sv = tl.sqrt(v)
+        p = p * decay - step_size * m / (sv * inv_bc2_sqrt + eps)
         tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
 
         m_max = tl.max(tl.abs(m), axis=0)
-        v_max = tl.max(v, axis=0)
+        sv_max = tl.max(sv, axis=0)
         m_inv = tl.where(m_max > 0, 1.0 / m_max, 0.0)
-        v_inv = tl.where(v_max > 0, 1.0 / v_max, 0.0)
-        yv = tl.minimum(tl.floor(tl.sqrt(tl.sqrt(v * v_inv)) * 255.0 + 0.5), 255.0)
+        sv_inv = tl.where(sv_max > 0, 1.0 / sv_max, 0.0)
+        yv = tl.minimum(tl.floor(tl.sqrt(sv * sv_inv) * 255.0 + 0.5), 255.0)
         ym = tl.minimum(tl.floor(tl.sqrt(tl.abs(m) * m_inv) * 127.0 + 0.5), 127.0)
         ym = tl.where(m < 0, -ym, ym)
         ym = tl.where(yv == 0.0, 0.0, ym)  # guard: no m where v is 0 (see module note)
         tl.store(mq_ptr + offs, ym.to(tl.int8))
         tl.store(vq_ptr + offs, yv.to(tl.uint8))
         tl.store(ms_ptr + pid, m_max)
-        tl.store(vs_ptr + pid, v_max)
+        tl.store(vs_ptr + pid, sv_max)
 
 
 def state_numel(numel: int, block_size: int) -> int:
@@ -125,33 +126,44 @@ def quantize_signed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     block's absmax, and is monotone in x.
     """
     absmax = x.abs().amax(dim=1, keepdim=True)
+    return _quantize_signed_with(x, absmax), absmax.squeeze(1)
+
+
+def _quantize_signed_with(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     inv = torch.where(absmax > 0, 1.0 / absmax, 0.0)
     y = torch.floor(torch.sqrt(x.abs() * inv) * 127.0 + 0.5).clamp_(max=127.0)
-    return torch.where(x < 0, -y, y).to(torch.int8), absmax.squeeze(1)
+    return torch.where(x < 0, -y, y).to(torch.int8)
 
 
 def dequantize_signed(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Inverse map of :func:`quantize_signed`: (nb, B) int8, (nb,) -> (nb, B) fp32."""
-    u = q.float() / 127.0
+    u = q.float() * (1.0 / 127.0)  # a multiply, not a divide: the CPU path is ALU-bound
     return u * u.abs() * scale.unsqueeze(1)
 
 
 def quantize_unsigned(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize non-negative blocks ``x`` (nb, B) fp32 to (uint8 (nb, B), absmax (nb,)).
+    """Quantize non-negative blocks ``x`` (nb, B) fp32 to (uint8 (nb, B), scale (nb,)).
 
-    Invariant: q in [0, 255]; 4th-root companding (see the module note).
+    The scale is sqrt(block absmax), i.e. the largest sqrt(v): the step already needs
+    sqrt(v), and (v / vmax) ** (1/4) == sqrt(sqrt(v) / sqrt(vmax)) saves a sqrt per
+    element. Invariant: q in [0, 255]; 4th-root companding (see the module note).
     """
-    absmax = x.amax(dim=1, keepdim=True)
-    inv = torch.where(absmax > 0, 1.0 / absmax, 0.0)
-    y = torch.floor(torch.sqrt(torch.sqrt(x * inv)) * 255.0 + 0.5).clamp_(max=255.0)
-    return y.to(torch.uint8), absmax.squeeze(1)
+    sx = torch.sqrt(x)
+    smax = sx.amax(dim=1, keepdim=True)
+    return _quantize_unsigned_with(sx, smax), smax.squeeze(1)
+
+
+def _quantize_unsigned_with(sx: torch.Tensor, smax: torch.Tensor) -> torch.Tensor:
+    inv = torch.where(smax > 0, 1.0 / smax, 0.0)
+    y = torch.floor(torch.sqrt(sx * inv) * 255.0 + 0.5).clamp_(max=255.0)
+    return y.to(torch.uint8)
 
 
 def dequantize_unsigned(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Inverse map of :func:`quantize_unsigned`: (nb, B) uint8, (nb,) -> (nb, B) fp32."""
-    u = q.float() / 255.0
-    u2 = u * u
-    return u2 * u2 * scale.unsqueeze(1)
+    u = q.float() * (1.0 / 255.0)
+    s = u * u * scale.unsqueeze(1)  # sqrt(v)
+    return s * s
 
 
 def _update_blocks(
@@ -166,7 +178,7 @@ def _update_blocks(
     eps: float | torch.Tensor,
     decay: float | torch.Tensor,
     step_size: float | torch.Tensor,
-    bc2_sqrt: float | torch.Tensor,
+    inv_bc2_sqrt: float | torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
     """The maths of one step on (nb, B) blocks, out of place; fp32 throughout.
 
@@ -176,20 +188,23 @@ def _update_blocks(
     g32 = g.float()
     m = beta1 * dequantize_signed(mq, ms) + (1.0 - beta1) * g32
     v = beta2 * dequantize_unsigned(vq, vs) + (1.0 - beta2) * g32 * g32
-    p32 = p.float() * decay - step_size * m / (torch.sqrt(v) / bc2_sqrt + eps)
-    new_vq, new_vs = quantize_unsigned(v)
-    new_mq, new_ms = quantize_signed(m)
+    sv = torch.sqrt(v)
+    p32 = p.float() * decay - step_size * m / (sv * inv_bc2_sqrt + eps)
+    m_max = m.abs().amax(dim=1, keepdim=True)
+    sv_max = sv.amax(dim=1, keepdim=True)
+    new_vq = _quantize_unsigned_with(sv, sv_max)
+    new_mq = _quantize_signed_with(m, m_max)
     new_mq = torch.where(new_vq == 0, 0, new_mq).to(torch.int8)  # guard, see module note
-    return p32.to(p.dtype), new_mq, new_ms, new_vq, new_vs
+    return p32.to(p.dtype), new_mq, m_max.squeeze(1), new_vq, sv_max.squeeze(1)
 
 
 def _hyper(
     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int
 ) -> tuple[float, float, float, float, float, float]:
-    """(beta1, beta2, eps, decay, step_size, bc2_sqrt) as torch.optim.AdamW computes them."""
+    """(beta1, beta2, eps, decay, step_size, 1/sqrt(bc2)) as torch.optim.AdamW computes them."""
     bc1 = 1.0 - beta1**step
     bc2 = 1.0 - beta2**step
-    return beta1, beta2, eps, 1.0 - lr * weight_decay, lr / bc1, bc2**0.5
+    return beta1, beta2, eps, 1.0 - lr * weight_decay, lr / bc1, bc2**-0.5
 
 
 def _check(p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ms: torch.Tensor,

@@ -1,0 +1,153 @@
+"""Shared machinery of autoscale's fused optimizers.
+
+Contract of every subclass:
+
+- It is a ``torch.optim.Optimizer``; constructor arguments and defaults match torch.optim
+  where they overlap, plus keyword-only ``kernel``.
+- All state lives in ``optimizer.state`` (so its size can be counted) and is fp32 whatever
+  the param dtype; ``state_dict()``/``load_state_dict()`` round-trip exactly, so a resumed
+  run takes bit-identical next steps.
+- ``step()`` runs one multi-tensor kernel call per (param group, device, dtype) bucket;
+  ``kernel_choice`` says which kernel ran last (see autoscale.kernels._dispatch).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from autoscale.kernels._dispatch import KERNELS
+
+__all__ = ["FusedOptimizer", "ParamsT"]
+
+ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+
+def _check_flags(name: str, *, capturable: bool = False, differentiable: bool = False) -> None:
+    if capturable:
+        raise ValueError(f"{name}(capturable=True) is not supported: autoscale kernels keep the "
+                         "step count on the host. Pass capturable=False (the default).")
+    if differentiable:
+        raise ValueError(f"{name}(differentiable=True) is not supported: the fused kernels update "
+                         "in place outside autograd. Use torch.optim.{name} for that.")
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base class; subclasses implement :meth:`_step_bucket` and :meth:`_init_state`."""
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], *, kernel: str = "auto") -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"{type(self).__name__}: kernel={kernel!r} is not one of {KERNELS}.")
+        if defaults.get("foreach") and defaults.get("fused"):
+            raise ValueError(f"{type(self).__name__}: foreach=True and fused=True cannot both be "
+                             "set; pick one (or neither, to let autoscale measure).")
+        self.kernel = kernel
+        #: "device/dtype" -> kernel name that ran the last step for that bucket.
+        self.kernel_choices: dict[str, str] = {}
+        super().__init__(params, defaults)
+
+    @property
+    def kernel_choice(self) -> str | None:
+        """The kernel used by the last step (None before the first), e.g. "torch_fused".
+
+        With several (device, dtype) buckets choosing differently: "cpu/torch.float32=...,...".
+        """
+        names = set(self.kernel_choices.values())
+        if not names:
+            return None
+        if len(names) == 1:
+            return names.pop()
+        return ",".join(f"{k}={v}" for k, v in sorted(self.kernel_choices.items()))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # A state dict from torch.optim lacks our group keys; fill them from our defaults.
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like torch.optim, but keep float state fp32 and never alias ``state_dict``.
+
+        torch casts floating state to the param dtype (bf16 params would get bf16 moments,
+        breaking the fp32-state contract and exact resume), so the saved tensors are put back
+        after the base class has matched params to ids.
+        """
+        saved = {
+            pid: {k: v for k, v in st.items() if isinstance(v, torch.Tensor)}
+            for pid, st in state_dict["state"].items()
+        }
+        super().load_state_dict(state_dict)
+        ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        id_to_param = dict(zip(ids, params, strict=True))
+        for pid, tensors in saved.items():
+            p = id_to_param[pid]
+            for key, value in tensors.items():
+                if key == "step":
+                    # Host-side step count (torch.optim's non-fused layout) wherever it was.
+                    self.state[p][key] = value.detach().to("cpu", torch.float32, copy=True)
+                elif value.is_floating_point():
+                    self.state[p][key] = value.detach().to(p.device, torch.float32, copy=True)
+
+    def _kernel_for(self, group: dict[str, Any], device: torch.device) -> str:
+        """The kernel to use: ``kernel=`` wins, then torch's fused/foreach flags, else auto."""
+        if self.kernel != "auto":
+            return self.kernel
+        if group.get("fused"):
+            return "triton" if device.type == "cuda" else "torch_fused"
+        if group.get("foreach"):
+            return "foreach"
+        return "auto"
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One optimizer step over every param with a gradient; returns ``closure()``'s loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(f"{type(self).__name__} does not support sparse gradients; "
+                                     "use torch.optim.SparseAdam or dense gradients.")
+                if not self.state[p]:
+                    self._init_state(group, p)
+                buckets[(p.device, p.dtype)].append(p)
+            for (device, dtype), params in buckets.items():
+                name = self._step_bucket(group, params, self._kernel_for(group, device))
+                self.kernel_choices[f"{device.type}/{dtype}"] = name
+        return loss
+
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _step_bucket(self, group: dict[str, Any], params: list[torch.Tensor], kernel: str) -> str:
+        raise NotImplementedError
+
+
+def fp32_zeros_like(p: torch.Tensor) -> torch.Tensor:
+    """fp32 state buffer shaped like ``p``, contiguous (multi-tensor kernels need it)."""
+    return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+
+
+def host_step() -> torch.Tensor:
+    """A step counter in torch.optim's non-fused layout: fp32 scalar tensor on the CPU."""
+    return torch.tensor(0.0, dtype=torch.float32)
+
+
+def excluded(group: dict[str, Any], p: torch.Tensor) -> bool:
+    """True if ``p`` skips trust-ratio adaptation and weight decay (LAMB, LARS).
+
+    The usual rule: 1-D tensors (biases, norm weights) are excluded while the group has
+    ``exclude_1d=True`` (default); ``adapt=False`` excludes the whole group.
+    """
+    return (not group["adapt"]) or (group["exclude_1d"] and p.dim() <= 1)

@@ -1,0 +1,138 @@
+"""optimize() and apply() end to end on real models, with real Optuna storages."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+from tests_helpers import params_of
+
+import autoscale
+from autoscale import (
+    CaptureError,
+    InfeasibleError,
+    Plan,
+    PlanError,
+    PlanMismatchError,
+    TunerError,
+)
+
+
+@pytest.fixture
+def gpt():
+    from conftest import tiny_gpt
+
+    return tiny_gpt(batch_size=8)
+
+
+def test_short_optimize_returns_a_measured_plan_that_fits(gpt) -> None:
+    model, batch = gpt
+    before = params_of(model)
+    rng_before = torch.get_rng_state()
+    budget = 24 * 2**20
+    result = autoscale.optimize(model, batch, memory_budget="24MiB", trials=4, seed=0)
+    plan = result.plan
+    assert plan.measured is not None and plan.measured.peak_memory_bytes <= budget
+    assert plan.measured.memory_budget_bytes == budget
+    assert plan.measured.baseline_samples_per_s > 0
+    assert plan.fingerprint is not None and plan.environment.torch == torch.__version__
+    report = result.report
+    assert len(report.trials) == 4 and report.baseline.peak_memory_bytes > 0
+    assert any(t.feasible for t in report.trials)
+    # the winner is the fastest feasible measured trial of the study
+    best = max((t for t in report.trials if t.feasible), key=lambda t: t.samples_per_s)
+    assert plan.measured.samples_per_s == pytest.approx(best.samples_per_s)
+    loss = result.step(batch)
+    assert loss == loss and loss > 0
+    # the caller's model and RNG are untouched
+    for name, value in params_of(model).items():
+        assert torch.equal(value, before[name]), name
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_tight_budget_forces_memory_saving_plan(gpt) -> None:
+    model, batch = gpt
+    loose = autoscale.optimize(model, batch, trials=2, seed=0)
+    baseline_peak = loose.report.baseline.peak_memory_bytes
+    static = sum(p.numel() * 4 for p in model.parameters()) * 4  # params, grads, 2 states
+    budget = static + (baseline_peak - static) // 2  # half the baseline's activations
+    result = autoscale.optimize(model, batch, memory_budget=budget, trials=6, seed=1)
+    plan = result.plan
+    assert plan.measured.peak_memory_bytes <= budget < baseline_peak
+    saves = (plan.checkpoint.blocks or plan.batch.micro_batch_size
+             or plan.precision.mode != "fp32")
+    assert saves, plan.to_json()
+
+
+def test_trials_zero_gives_default_plan_without_measuring(gpt) -> None:
+    model, batch = gpt
+    result = autoscale.optimize(model, batch, trials=0)
+    assert result.plan.measured is None and result.report.baseline is None
+    assert result.plan.batch.micro_batch_size is None and result.plan.checkpoint.blocks == ()
+    assert result.step(batch) > 0
+
+
+def test_budget_below_parameters_is_refused(gpt) -> None:
+    model, batch = gpt
+    with pytest.raises(InfeasibleError, match="smaller than the parameters alone"):
+        autoscale.optimize(model, batch, memory_budget="10KiB", trials=2)
+
+
+def test_nothing_fits_is_a_clear_error(gpt) -> None:
+    model, batch = gpt
+    static = sum(p.numel() * 4 for p in model.parameters()) * 4
+    with pytest.raises(InfeasibleError, match=r"no plan among the 3 trials .* fits"):
+        autoscale.optimize(model, batch, memory_budget=static + 1024, trials=3)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"optimizer": "adamx"}, PlanError, "optimizer='adamx' is not known"),
+    ({"memory_budget": "lots"}, TunerError, "memory_budget='lots' is not a size"),
+    ({"memory_budget": "8 parsecs"}, TunerError, "unknown unit"),
+    ({"trials": -1}, TunerError, "trials must be an integer >= 0"),
+    ({"precisions": ("fp8",)}, TunerError, "precisions="),
+    ({"storage": "/no/such/folder/study.db"}, TunerError, "does not exist"),
+])
+def test_bad_arguments(gpt, kwargs, error, match) -> None:
+    model, batch = gpt
+    with pytest.raises(error, match=match):
+        autoscale.optimize(model, batch, **{"trials": 1, **kwargs})
+
+
+def test_inputs_that_do_not_match_the_model(gpt) -> None:
+    model, (x, _y) = gpt
+    with pytest.raises(CaptureError):
+        autoscale.optimize(model, (x[:, :5].float(),), trials=1)
+    with pytest.raises(CaptureError, match="tuple of positional tensors or a dict"):
+        autoscale.optimize(model, "not a batch", trials=1)
+
+
+def test_study_resumes_from_sqlite(gpt, tmp_path) -> None:
+    model, batch = gpt
+    db = tmp_path / "study.db"
+    autoscale.optimize(model, batch, trials=2, storage=str(db), study_name="s")
+    autoscale.optimize(model, batch, trials=2, storage=str(db), study_name="s")
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
+    assert len(study.trials) == 4
+
+
+def test_apply_matching_and_mismatched_models(gpt, tmp_path) -> None:
+    model, batch = gpt
+    result = autoscale.optimize(model, batch, trials=2)
+    path = tmp_path / "plan.json"
+    result.plan.save(path)
+    applied = autoscale.apply(Plan.load(path), model, batch)
+    assert applied.plan == result.plan and applied.model is not model
+    assert applied.step(batch) > 0
+
+    import gpt as gpt_module
+    from conftest import tiny_gpt
+
+    bigger, bigger_batch = gpt_module.build(batch_size=8, config=gpt_module.GPTConfig(
+        block_size=32, n_layer=4, n_head=2, n_embd=32))
+    before = path.read_text()
+    with pytest.raises(PlanMismatchError, match=r"'h\.3\.ln_1\.weight'"):
+        autoscale.apply(Plan.load(path), bigger, bigger_batch)
+    assert path.read_text() == before
+    other, other_batch = tiny_gpt(batch_size=8)
+    autoscale.apply(Plan.load(path), other, other_batch)  # same architecture: accepted
