@@ -198,9 +198,10 @@ def measure_baseline(model: nn.Module, batch: Batch, *, loss_fn: LossFn | None,
         model.train()
         loss = compute_loss(loss_fn, call_model(model, b), b)
         loss.backward()
+        loss = loss.detach()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     return measure(step, batch, model=model, optimizer=opt, warmup=warmup, iters=iters)
 

@@ -27,7 +27,7 @@ from autoscale.errors import TunerError
 
 __all__ = ["SearchSpace", "TrialRecord", "open_study", "run_search"]
 
-_CONSTRAINT = "constraint"
+_CONSTRAINT = "peak_over_budget_bytes"  # Optuna: <= 0 is feasible
 # The cost model over-counts saved activations; prune only what it is sure will not fit.
 _PRUNE_MARGIN = 1.15
 
@@ -123,19 +123,14 @@ def storage_url(storage: str | None) -> str | None:
 
 def open_study(*, storage: str | None, study_name: str, seed: int) -> optuna.Study:
     """Create the study, or resume the one stored under ``study_name``."""
-    sampler = optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=4, constraints_func=_constraints)
+    # Constraints come from trial.set_constraint (Optuna >= 5), which TPE reads itself.
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
     try:
         return optuna.create_study(storage=storage_url(storage), study_name=study_name,
                                    direction="maximize", sampler=sampler, load_if_exists=True)
     except (ImportError, ValueError, RuntimeError) as err:
         raise TunerError(f"could not open the Optuna storage {storage!r}: {err}. Check the "
                          "URL and that its database driver is installed.") from err
-
-
-def _constraints(trial: optuna.trial.FrozenTrial) -> tuple[float]:
-    # Optuna: <= 0 is feasible. Trials that never reported count as infeasible.
-    return (trial.user_attrs.get(_CONSTRAINT, 1.0),)
 
 
 Measure = Callable[[Plan], Any]
@@ -162,7 +157,7 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *, model: nn
         trial.set_user_attr("plan", plan.to_dict())
         trial.set_user_attr("estimated_bytes", est)
         if budget is not None and est > budget * _PRUNE_MARGIN:
-            trial.set_user_attr(_CONSTRAINT, float(est - budget))
+            trial.set_constraint(_CONSTRAINT, float(est - budget))
             _record(records, on_trial, TrialRecord(trial.number, plan, "pruned by cost model",
                                                    None, None, est, False))
             return 0.0
@@ -172,12 +167,12 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *, model: nn
             _free_memory()
             note = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
             trial.set_user_attr("error", note)
-            trial.set_user_attr(_CONSTRAINT, 1.0)
+            trial.set_constraint(_CONSTRAINT, 1.0)
             _record(records, on_trial, TrialRecord(trial.number, plan, "failed", None, None,
                                                    est, False, note))
             return 0.0
         over = 0.0 if budget is None else float(m.peak_memory_bytes - budget)
-        trial.set_user_attr(_CONSTRAINT, over)
+        trial.set_constraint(_CONSTRAINT, over)
         trial.set_user_attr("peak_memory_bytes", int(m.peak_memory_bytes))
         trial.set_user_attr("step_time_s", float(m.step_time_s))
         _record(records, on_trial, TrialRecord(trial.number, plan, "measured", m.samples_per_s,

@@ -48,10 +48,16 @@ def _import(path: Path) -> Any:
     if spec is None or spec.loader is None:
         raise AutoscaleError(f"cannot import {path}: not a Python file.")
     module = importlib.util.module_from_spec(spec)
+    # Registered before running, as the import system does: dataclasses and pickling
+    # look the defining module up in sys.modules.
+    sys.modules[name] = module
     folder = str(path.resolve().parent)
     sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
     finally:
         if folder in sys.path:
             sys.path.remove(folder)

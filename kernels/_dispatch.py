@@ -154,7 +154,9 @@ def run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists) -> str:
         raise ValueError(f"{op}: kernel={kernel!r} is not one of {KERNELS}.")
     if kernel == "triton":
         if "triton" not in impls:
-            raise KernelUnavailable(f"{op}: no Triton kernel for {dtype} tensors; use kernel='auto'.")
+            raise KernelUnavailable(
+                f"{op}: no Triton kernel for {dtype} tensors; use kernel='auto'."
+            )
         require_triton(device, op)
     if kernel != "auto":
         if kernel not in impls:

@@ -64,9 +64,9 @@ __all__ = [
     "launch",
     "per_tensor_sum",
     "require_triton",
+    "tensor_table",
     "tl_dtype",
     "triton_usable",
-    "tensor_table",
     "tuning_configs",
 ]
 
@@ -149,7 +149,9 @@ _TABLES: OrderedDict[tuple, TensorTable] = OrderedDict()
 _TABLE_CACHE_SIZE = 16
 
 
-def tensor_table(lists: Sequence[Sequence[torch.Tensor]], *, chunk: int = DEFAULT_CHUNK) -> TensorTable:
+def tensor_table(
+    lists: Sequence[Sequence[torch.Tensor]], *, chunk: int = DEFAULT_CHUNK
+) -> TensorTable:
     """Build (or reuse) the tables for ``lists``; see Note: [multi-tensor launch].
 
     Raises ValueError if the lists differ in length, a tensor is not contiguous, or tensor
@@ -223,7 +225,9 @@ def _post_hook(kwargs: dict[str, Any], exception: BaseException | None) -> None:
 RESTORE_HOOKS: dict[str, Callable[..., None]] = {"pre_hook": _pre_hook, "post_hook": _post_hook}
 
 
-def launch(kernel: Any, table: TensorTable, *args: Any, written: Sequence[int], **meta: Any) -> None:
+def launch(
+    kernel: Any, table: TensorTable, *args: Any, written: Sequence[int], **meta: Any
+) -> None:
     """Launch ``kernel[(n_chunks,)](addrs, numels, chunk_tensor, chunk_start, n_tensors, *args)``.
 
     ``CHUNK=table.chunk`` is passed as a meta-parameter; the kernel finds list ``k``'s address
@@ -235,7 +239,8 @@ def launch(kernel: Any, table: TensorTable, *args: Any, written: Sequence[int], 
     _ACTIVE.update(table=table, written=tuple(written), saved=None)
     try:
         kernel[(table.n_chunks,)](
-            table.addrs, table.numels, table.chunk_tensor, table.chunk_start, table.n_tensors, *args,
+            table.addrs, table.numels, table.chunk_tensor, table.chunk_start, table.n_tensors,
+            *args,
             CHUNK=table.chunk, **meta,
         )
     finally:

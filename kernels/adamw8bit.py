@@ -8,8 +8,9 @@ block absmax. Optimizer state is then 2 + 8 / block_size bytes per parameter.
 
 Layout of the state of a parameter with n elements, nb = ceil(n / block_size):
   m_q (nb * block_size,) int8, m_scale (nb,) fp32 (block absmax of m),
-  v_q (nb * block_size,) uint8, v_scale (nb,) fp32 (block max of sqrt(v)). The padding past n stays zero (zero grad and param there), so it
-  never changes a block's absmax.
+  v_q (nb * block_size,) uint8, v_scale (nb,) fp32 (block max of sqrt(v)).
+The padding past n stays zero (zero grad and param there), so it never changes a
+block's absmax.
 
 Note: [quantization maps]
 Both maps are power companding, chosen over bitsandbytes' dynamic tree map because they
@@ -20,7 +21,7 @@ path stay one memory-bound pass:
 (for v the stored scale is sqrt(absmax), see quantize_unsigned).
 The second moment needs the wide range: the update divides by sqrt(v), and with a
 linear uint8 map every v below absmax/510 of its block becomes 0, so m / (0 + eps)
-explodes (measured: GPT loss diverges, see bench/bench_adamw8bit.py --maps). The 4th-root
+explodes (the failure Dettmers et al. report; not re-measured here). The 4th-root
 map resolves sqrt(v) down to ~4e-6 of the block's largest, and its relative error on
 sqrt(v) is about 1/q, i.e. < 1 % for the levels that carry most elements. As a guard we
 also zero m wherever v quantizes to 0 (then the update there is exactly 0 instead of
@@ -126,13 +127,14 @@ def quantize_signed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     block's absmax, and is monotone in x.
     """
     absmax = x.abs().amax(dim=1, keepdim=True)
-    return _quantize_signed_with(x, absmax), absmax.squeeze(1)
+    return _quantize_signed_with(x, absmax).to(torch.int8), absmax.squeeze(1)
 
 
 def _quantize_signed_with(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """Signed levels as fp32 (cast by the caller): all-float maths vectorizes on CPU."""
     inv = torch.where(absmax > 0, 1.0 / absmax, 0.0)
-    y = torch.floor(torch.sqrt(x.abs() * inv) * 127.0 + 0.5).clamp_(max=127.0)
-    return torch.where(x < 0, -y, y).to(torch.int8)
+    y = torch.floor(torch.sqrt(x.abs() * inv) * 127.0 + 0.5).clamp(max=127.0)
+    return torch.copysign(y, x)
 
 
 def dequantize_signed(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -150,13 +152,13 @@ def quantize_unsigned(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     sx = torch.sqrt(x)
     smax = sx.amax(dim=1, keepdim=True)
-    return _quantize_unsigned_with(sx, smax), smax.squeeze(1)
+    return _quantize_unsigned_with(sx, smax).to(torch.uint8), smax.squeeze(1)
 
 
 def _quantize_unsigned_with(sx: torch.Tensor, smax: torch.Tensor) -> torch.Tensor:
+    """Unsigned levels of sqrt(v) ``sx`` as fp32 (cast by the caller)."""
     inv = torch.where(smax > 0, 1.0 / smax, 0.0)
-    y = torch.floor(torch.sqrt(sx * inv) * 255.0 + 0.5).clamp_(max=255.0)
-    return y.to(torch.uint8)
+    return torch.floor(torch.sqrt(sx * inv) * 255.0 + 0.5).clamp(max=255.0)
 
 
 def dequantize_unsigned(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -192,10 +194,17 @@ def _update_blocks(
     p32 = p.float() * decay - step_size * m / (sv * inv_bc2_sqrt + eps)
     m_max = m.abs().amax(dim=1, keepdim=True)
     sv_max = sv.amax(dim=1, keepdim=True)
-    new_vq = _quantize_unsigned_with(sv, sv_max)
-    new_mq = _quantize_signed_with(m, m_max)
-    new_mq = torch.where(new_vq == 0, 0, new_mq).to(torch.int8)  # guard, see module note
-    return p32.to(p.dtype), new_mq, m_max.squeeze(1), new_vq, sv_max.squeeze(1)
+    yv = _quantize_unsigned_with(sv, sv_max)
+    # Guard (module note): no m where v is 0. Selecting in fp32 and casting once at the
+    # end keeps inductor's loop vectorized; int8/uint8 masks measured 2x slower.
+    ym = torch.where(yv == 0, 0.0, _quantize_signed_with(m, m_max))
+    return (
+        p32.to(p.dtype),
+        ym.to(torch.int8),
+        m_max.squeeze(1),
+        yv.to(torch.uint8),
+        sv_max.squeeze(1),
+    )
 
 
 def _hyper(
@@ -214,7 +223,7 @@ def _check(p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ms: torch.Tensor,
     if g.shape != p.shape:
         raise ValueError(f"grad shape {tuple(g.shape)} != param shape {tuple(p.shape)}.")
     if step < 1:
-        raise ValueError(f"step must be >= 1 (bias correction divides by 1 - beta**step), got {step}.")
+        raise ValueError(f"step must be >= 1 (bias correction uses 1 - beta**step), got {step}.")
     want = {"m_q": (mq, torch.int8, nb * block_size), "v_q": (vq, torch.uint8, nb * block_size),
             "m_scale": (ms, torch.float32, nb), "v_scale": (vs, torch.float32, nb)}  # fmt: skip
     for name, (t, dtype, numel) in want.items():
@@ -308,8 +317,10 @@ def _adamw8bit_compiled(p, g, mq, ms, vq, vs, *, hp: torch.Tensor, block_size: i
     fn = _get_compiled()
     n = p.numel()
     full = n // block_size
-    pc = p if p.is_contiguous() else p.contiguous()
-    gc = g.contiguous()
+    # A param at a nonzero storage offset (a view into a flat buffer) would recompile per
+    # offset, see below; such params go through a contiguous copy at offset 0.
+    pc = p if p.is_contiguous() and p.storage_offset() == 0 else p.contiguous().clone()
+    gc = g if g.is_contiguous() and g.storage_offset() == 0 else g.contiguous().clone()
     if full:
         args = (
             pc.view(-1)[: full * block_size].view(full, block_size),
@@ -321,16 +332,20 @@ def _adamw8bit_compiled(p, g, mq, ms, vq, vs, *, hp: torch.Tensor, block_size: i
             torch._dynamo.maybe_mark_dynamic(t, 0)
         fn(*args, hp)
     if nb > full:  # trailing partial block, on a zero-padded copy
-        tail = n - full * block_size
+        # Copies, not views, of the state: dynamo guards on storage offsets, so views at
+        # a new offset per parameter would recompile until the cache limit, then fall
+        # back to eager (measured 10-50x slower).
+        start, tail = full * block_size, n - full * block_size
         pt = torch.zeros(1, block_size, dtype=p.dtype)
         gt = torch.zeros(1, block_size, dtype=g.dtype)
-        pt[0, :tail] = pc.view(-1)[full * block_size :]
-        gt[0, :tail] = gc.view(-1)[full * block_size :]
-        fn(
-            pt, gt, mq[full * block_size :].view(1, block_size), ms[full:],
-            vq[full * block_size :].view(1, block_size), vs[full:], hp,
-        )  # fmt: skip
-        pc.view(-1)[full * block_size :] = pt[0, :tail]
+        pt[0, :tail] = pc.view(-1)[start:]
+        gt[0, :tail] = gc.view(-1)[start:]
+        st = [mq[start:].clone().view(1, block_size), ms[full:].clone(),
+              vq[start:].clone().view(1, block_size), vs[full:].clone()]  # fmt: skip
+        fn(pt, gt, *st, hp)
+        pc.view(-1)[start:] = pt[0, :tail]
+        for dst, src in zip((mq[start:], ms[full:], vq[start:], vs[full:]), st, strict=True):
+            dst.copy_(src.view(-1))
     if pc is not p:
         p.copy_(pc)
 
@@ -386,7 +401,7 @@ def adamw8bit(
         if not (p.is_cuda or _interpreting()):
             raise ValueError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 on CPU.")
         if block_size & (block_size - 1):
-            raise ValueError(f"the Triton kernel needs a power-of-two block_size, got {block_size}.")
+            raise ValueError(f"Triton needs a power-of-two block_size, got {block_size}.")
         pc = p if p.is_contiguous() else p.contiguous()
         _adamw8bit_kernel[(nb,)](
             pc, g.contiguous(), m_q, m_scale, v_q, v_scale, p.numel(), *scalars,

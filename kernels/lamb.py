@@ -163,7 +163,8 @@ def _lamb_triton(
         groups[float(step.item())].append(i)
     device, p_dtype = params[0].device, tl_dtype(params[0].dtype)
     for step_t, idx in groups.items():
-        ps, ms, vs = [params[i] for i in idx], [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]
+        ps = [params[i] for i in idx]
+        ms, vs = [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]
         bc1, bc2 = _bias_corrections(step_t, beta1, beta2, bias_correction)
         adapt = torch.tensor([not excluded[i] for i in idx], device=device)
         wd = torch.where(adapt, weight_decay, 0.0).float()

@@ -1,0 +1,184 @@
+"""AdamW with 8-bit block-wise quantized moments (Dettmers et al., arXiv 2110.02861).
+
+A drop-in for ``torch.optim.AdamW``: same constructor arguments and defaults, same
+update maths, but each moment of a parameter with at least ``min_8bit_size`` elements
+is stored as one byte per element plus one fp32 scale per ``block_size`` elements
+(see ``autoscale.kernels.adamw8bit`` for the maps). Smaller tensors (biases, norms)
+keep fp32 moments, as bitsandbytes does: they are a small share of the parameters and
+the most sensitive to quantization noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from autoscale.kernels.adamw8bit import Impl, adamw8bit, pack_hyper, state_numel
+
+__all__ = ["AdamW8bit"]
+
+_IMPLS = ("auto", "triton", "compiled", "reference")
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    """AdamW whose moments are stored in 8 bits, ~2.03 bytes of state per parameter.
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled weight decay,
+            bias-corrected moments).
+        block_size: elements per quantization block (one fp32 scale each); a power of
+            two so the same state works with the Triton kernel. 256 costs 8/256 =
+            0.03 bytes/param of scales and tracks fp32 AdamW more closely than 2048.
+        min_8bit_size: parameters with fewer elements keep fp32 moments.
+        impl: kernel path, see ``autoscale.kernels.adamw8bit.adamw8bit``.
+
+    State per parameter (all in ``self.state``, so ``state_dict`` round-trips exactly):
+    ``step`` (fp32 scalar tensor, as torch's AdamW) and either ``exp_avg_q`` (int8),
+    ``exp_avg_scale`` (fp32, one per block), ``exp_avg_sq_q`` (uint8),
+    ``exp_avg_sq_scale`` (fp32), or fp32 ``exp_avg`` / ``exp_avg_sq`` for small tensors.
+    Params may be fp32 or bf16; the update maths is fp32 either way.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        block_size: int = 256,
+        min_8bit_size: int = 4096,
+        impl: Impl = "auto",
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}; use lr >= 0.")
+        if not eps >= 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}; use eps >= 0.")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta}; use [0, 1).")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}; use >= 0.")
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(
+                f"block_size must be a power of two >= 16, got {block_size}; 256 is the default."
+            )
+        if min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size}.")
+        if impl not in _IMPLS:
+            raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}.")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            block_size=block_size, min_8bit_size=min_8bit_size, impl=impl,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if p.numel() >= group["min_8bit_size"]:
+            block = group["block_size"]
+            n = state_numel(p.numel(), block)
+            state["exp_avg_q"] = torch.zeros(n, dtype=torch.int8, device=p.device)
+            f32 = dict(dtype=torch.float32, device=p.device)
+            state["exp_avg_scale"] = torch.zeros(n // block, **f32)
+            state["exp_avg_sq_q"] = torch.zeros(n, dtype=torch.uint8, device=p.device)
+            state["exp_avg_sq_scale"] = torch.zeros(n // block, **f32)
+        else:
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One optimizer step over every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            small: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]] = []
+            hp_by_step: dict[int, torch.Tensor] = {}  # packed scalars, built once per step value
+            lr, (beta1, beta2) = group["lr"], group["betas"]
+            eps, wd = group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW8bit does not support sparse gradients.")
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, state, group)
+                state["step"] += 1
+                step = int(state["step"].item())
+                if "exp_avg_q" not in state:
+                    small.append((p, p.grad, state, step))
+                    continue
+                hp = None
+                if p.device.type == "cpu":
+                    hp = hp_by_step.get(step)
+                    if hp is None:
+                        hp = hp_by_step[step] = pack_hyper(lr, beta1, beta2, eps, wd, step)
+                adamw8bit(
+                    p, p.grad, state["exp_avg_q"], state["exp_avg_scale"],
+                    state["exp_avg_sq_q"], state["exp_avg_sq_scale"],
+                    lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, step=step,
+                    block_size=group["block_size"], impl=group["impl"], hp=hp,
+                )  # fmt: skip
+            if small:
+                _adamw_fp32(small, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, but keeps each state's dtype.
+
+        torch casts every floating state tensor to its param's dtype, which would turn
+        the int8/uint8 codes into floats and round the fp32 scales and small-tensor
+        moments of bf16 params to bf16; resuming would then not be exact.
+        """
+        saved = {
+            pid: {k: v for k, v in s.items() if isinstance(v, torch.Tensor)}
+            for pid, s in state_dict["state"].items()
+        }
+        old_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(old_ids, params, strict=True))
+        for pid, tensors in saved.items():
+            p = by_id[pid]
+            for key, value in tensors.items():
+                device = value.device if key == "step" else p.device  # step stays on CPU
+                self.state[p][key] = value.to(device=device, copy=True)
+
+
+def _adamw_fp32(
+    items: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """torch.optim.AdamW's maths for the small tensors with fp32 moments, as foreach ops."""
+    params = [p for p, _, _, _ in items]
+    p32 = [p if p.dtype == torch.float32 else p.float() for p in params]
+    g32 = [g.float() for _, g, _, _ in items]
+    exp_avgs = [s["exp_avg"] for _, _, s, _ in items]
+    exp_avg_sqs = [s["exp_avg_sq"] for _, _, s, _ in items]
+    steps = [t for _, _, _, t in items]
+    torch._foreach_mul_(p32, 1.0 - lr * weight_decay)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, g32, alpha=1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g32, g32, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_mul_(denom, [1.0 / math.sqrt(1.0 - beta2**t) for t in steps])
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(p32, exp_avgs, denom, [-lr / (1.0 - beta1**t) for t in steps])
+    for p, q in zip(params, p32, strict=True):
+        if q is not p:
+            p.copy_(q)
