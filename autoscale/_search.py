@@ -123,6 +123,7 @@ def storage_url(storage: str | None) -> str | None:
 
 def open_study(*, storage: str | None, study_name: str, seed: int) -> optuna.Study:
     """Create the study, or resume the one stored under ``study_name``."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar reports trials
     # Constraints come from trial.set_constraint (Optuna >= 5), which TPE reads itself.
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
     try:

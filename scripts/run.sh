@@ -27,7 +27,7 @@ cmd=${1:-test}
 shift || true
 case "$cmd" in
   demo)
-    exec .venv/bin/autoscale tune examples/gpt.py --budget 64MiB --trials 10 --out plan.json "$@"
+    exec .venv/bin/autoscale tune examples/gpt.py --budget 32MiB --trials 10 --out plan.json "$@"
     ;;
   test)
     .venv/bin/ruff check .
