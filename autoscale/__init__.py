@@ -24,6 +24,7 @@ from autoscale._plan import (
     OptimizerPlan,
     Plan,
     PrecisionPlan,
+    SchedulePlan,
     plan_section,
 )
 from autoscale._runtime import Result
@@ -62,6 +63,7 @@ __all__ = [
     "PrecisionPlan",
     "Report",
     "Result",
+    "SchedulePlan",
     "TunerError",
     "__version__",
     "apply",

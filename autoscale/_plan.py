@@ -40,6 +40,7 @@ __all__ = [
     "OptimizerPlan",
     "Plan",
     "PrecisionPlan",
+    "SchedulePlan",
     "plan_section",
 ]
 
@@ -151,6 +152,57 @@ class OptimizerPlan:
             raise PlanError(
                 f"optimizer.kernel='torch' has no {self.kind!r}; use kernel='auto'."
             )
+
+
+@plan_section("schedule")
+@dataclass(frozen=True)
+class SchedulePlan:
+    """Large-batch learning-rate rules (survey section 3): scaling and warm-up.
+
+    The optimizer's ``lr`` is taken as tuned for ``base_batch_size``; with a scaling rule
+    it is rescaled to ``batch_size`` once, at build time. Warm-up then ramps it linearly
+    from ~0 over ``warmup_steps`` optimizer steps, then holds it (constant) or decays it
+    to ``min_factor`` by ``total_steps`` (cosine).
+    """
+
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    """linear: lr * batch/base (Goyal et al.); sqrt: lr * sqrt(batch/base) (for Adam-type)."""
+    base_batch_size: int | None = None
+    """Batch size the optimizer's lr was tuned for; required with a scaling rule."""
+    batch_size: int | None = None
+    """Batch size this plan trains with; required with a scaling rule."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up; 0 disables warm-up."""
+    decay: Literal["constant", "cosine"] = "constant"
+    """What follows warm-up."""
+    total_steps: int | None = None
+    """Steps to the end of the cosine decay; required with decay='cosine'."""
+    min_factor: float = 0.0
+    """Final lr of the cosine decay as a fraction of the peak lr."""
+
+    def __post_init__(self) -> None:
+        if self.lr_scaling != "none" and not (self.base_batch_size and self.batch_size):
+            raise PlanError(
+                f"schedule.lr_scaling={self.lr_scaling!r} needs schedule.base_batch_size and "
+                "schedule.batch_size (the batch the lr was tuned for and the one trained with)."
+            )
+        for name in ("base_batch_size", "batch_size", "total_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise PlanError(f"schedule.{name} must be >= 1 or null, got {value}.")
+        if self.warmup_steps < 0:
+            raise PlanError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}.")
+        if self.decay == "cosine" and self.total_steps is None:
+            raise PlanError("schedule.decay='cosine' needs schedule.total_steps.")
+        if self.total_steps is not None and self.total_steps < self.warmup_steps:
+            raise PlanError(f"schedule.total_steps={self.total_steps} is shorter than "
+                            f"schedule.warmup_steps={self.warmup_steps}.")
+        if not 0.0 <= self.min_factor <= 1.0:
+            raise PlanError(f"schedule.min_factor must be in [0, 1], got {self.min_factor}.")
+
+    @property
+    def active(self) -> bool:
+        return self.warmup_steps > 0 or self.decay != "constant"
 
 
 @dataclass(frozen=True)

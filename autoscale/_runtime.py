@@ -21,7 +21,7 @@ from autoscale._batch import (
     to_device,
 )
 from autoscale._optimizers import build_optimizer
-from autoscale._plan import Plan
+from autoscale._plan import Plan, SchedulePlan
 from autoscale.passes import autocast_forward, checkpoint_blocks
 
 __all__ = ["Result", "build_result"]
@@ -42,6 +42,7 @@ class Result:
     loss_fn: LossFn = default_loss
     report: Any = None
     scaler: torch.amp.GradScaler | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     graph: Any = field(default=None, repr=False)
 
     @property
@@ -70,6 +71,8 @@ class Result:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss_sum)
 
@@ -78,6 +81,8 @@ class Result:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -85,6 +90,8 @@ class Result:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+        if self.scheduler is not None and "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
 
 
 def build_result(plan: Plan, model: nn.Module, *, loss_fn: LossFn | None = None,
@@ -95,8 +102,26 @@ def build_result(plan: Plan, model: nn.Module, *, loss_fn: LossFn | None = None,
     checkpoint_blocks(model, plan=plan.checkpoint)
     autocast_forward(model, plan=plan.precision, device_type=device.type)
     optimizer = build_optimizer(plan.optimizer, model.parameters())
+    scheduler = _build_schedule(plan.schedule, optimizer)
     scaler = None
     if plan.precision.mode == "fp16":
         scaler = torch.amp.GradScaler(device.type, init_scale=plan.precision.init_scale)
     return Result(model=model, optimizer=optimizer, plan=plan,
-                  loss_fn=loss_fn or default_loss, scaler=scaler, graph=graph)
+                  loss_fn=loss_fn or default_loss, scaler=scaler, scheduler=scheduler,
+                  graph=graph)
+
+
+def _build_schedule(plan: SchedulePlan, optimizer: torch.optim.Optimizer
+                    ) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Rescale the lr for the plan's batch size, and build the warm-up/decay schedule."""
+    from autoscale.optim import scale_lr, warmup_schedule
+
+    if plan.lr_scaling != "none":
+        for group in optimizer.param_groups:
+            group["lr"] = scale_lr(group["lr"], plan.base_batch_size, plan.batch_size,
+                                   rule=plan.lr_scaling)
+            group["initial_lr"] = group["lr"]
+    if not plan.active:
+        return None
+    return warmup_schedule(optimizer, plan.warmup_steps, plan.total_steps, decay=plan.decay,
+                           min_factor=plan.min_factor)

@@ -150,8 +150,9 @@ def main() -> None:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    print(f"device: cpu ({platform.processor() or platform.machine()}), "
-          f"torch {torch.__version__}, triton {triton_version}, python {platform.python_version()}")  # fmt: skip
+    cpu = platform.processor() or platform.machine()
+    print(f"device: cpu ({cpu}), torch {torch.__version__}, triton {triton_version}, "
+          f"python {platform.python_version()}")  # fmt: skip
     bench_step(args.params, args.repeats)
     if not args.skip_convergence:
         bench_convergence(args.steps)

@@ -95,3 +95,32 @@ def test_output_without_loss_gets_a_clear_error() -> None:
     result = build_result(Plan(sections={"optimizer": SGD}), model)
     with pytest.raises(AutoscaleError, match=r"not a scalar loss.*pass loss_fn="):
         result.step((torch.randn(3, 4),))
+
+
+def test_schedule_section_scales_lr_and_warms_up() -> None:
+    from autoscale import SchedulePlan
+
+    schedule = SchedulePlan(lr_scaling="sqrt", base_batch_size=8, batch_size=32,
+                            warmup_steps=4)
+    plan = Plan(sections={"schedule": schedule, "optimizer": OptimizerPlan(
+        kind="sgd", kernel="torch", kwargs={"lr": 0.01})})
+    result = build_result(plan, torch.nn.Linear(4, 4), loss_fn=lambda out, b: out.pow(2).mean())
+    applied = []
+    for _ in range(6):
+        applied.append(result.optimizer.param_groups[0]["lr"])
+        result.step((torch.randn(32, 4),))
+    peak = 0.01 * (32 / 8) ** 0.5  # sqrt rule
+    assert applied[-1] == pytest.approx(peak)
+    assert applied[0] < applied[1] < applied[2] < applied[3] <= peak  # linear warm-up
+    assert Plan.from_json(plan.to_json()) == plan
+    state = result.state_dict()
+    assert "scheduler" in state
+
+
+def test_schedule_needs_batch_sizes_for_scaling() -> None:
+    from autoscale import PlanError, SchedulePlan
+
+    with pytest.raises(PlanError, match=r"needs schedule\.base_batch_size"):
+        SchedulePlan(lr_scaling="linear")
+    with pytest.raises(PlanError, match=r"needs schedule\.total_steps"):
+        SchedulePlan(decay="cosine")
