@@ -96,7 +96,8 @@ def tune(
 def _trials_table(report) -> Table:
     table = Table(title="trials")
     for col in ("#", "plan", "samples/s", "peak", "estimate", "fits", "state"):
-        table.add_column(col, justify="right" if col not in ("plan", "state") else "left")
+        table.add_column(col, justify="right" if col not in ("plan", "state") else "left",
+                         no_wrap=col == "plan")
     for r in report.trials:
         table.add_row(str(r.number), _plan_summary(r.plan),
                       f"{r.samples_per_s:.1f}" if r.samples_per_s else "-",

@@ -1,1 +1,4 @@
-"""Fused optimizer and quantization kernels: Triton on CUDA, the fastest correct torch path on CPU."""
+"""Fused optimizer and quantization kernels.
+
+Triton on CUDA; on CPU, the fastest correct torch path, chosen by measurement.
+"""

@@ -41,7 +41,7 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, x, y, steps: int) -> li
 def test_follows_fp32_adamw_on_regression() -> None:
     model, x, y = _regression()
     ref_model = copy.deepcopy(model)
-    opt = AdamW8bit(model.parameters(), lr=1e-2, impl="reference")
+    opt = AdamW8bit(model.parameters(), lr=1e-2, kernel="reference")
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
     losses = _train(model, opt, x, y, 300)
     _train(ref_model, ref, x, y, 300)
@@ -80,7 +80,7 @@ def test_small_tensors_match_torch_adamw() -> None:
 def test_state_dict_resume_is_bit_identical(dtype) -> None:
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(70, 90).to(dtype)), nn.Parameter(torch.randn(33).to(dtype))]
-    opt = AdamW8bit(params, lr=1e-2, min_8bit_size=1000, impl="reference")
+    opt = AdamW8bit(params, lr=1e-2, min_8bit_size=1000, kernel="reference")
     grads = [[torch.randn_like(p) for p in params] for _ in range(6)]
 
     def run(ps, o, gs):
@@ -94,7 +94,7 @@ def test_state_dict_resume_is_bit_identical(dtype) -> None:
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     params2 = [nn.Parameter(p.detach().clone()) for p in params]
-    opt2 = AdamW8bit(params2, lr=1e-2, min_8bit_size=1000, impl="reference")
+    opt2 = AdamW8bit(params2, lr=1e-2, min_8bit_size=1000, kernel="reference")
     opt2.load_state_dict(torch.load(buf))
     s = opt2.state[params2[0]]
     assert s["exp_avg_q"].dtype == torch.int8 and s["exp_avg_scale"].dtype == torch.float32
@@ -110,7 +110,7 @@ def test_state_dict_resume_is_bit_identical(dtype) -> None:
 def test_state_is_about_two_bytes_per_param() -> None:
     p = nn.Parameter(torch.randn(1024, 1024))
     p.grad = torch.randn_like(p)
-    opt = AdamW8bit([p], impl="reference")
+    opt = AdamW8bit([p], kernel="reference")
     opt.step()
     nbytes = sum(t.numel() * t.element_size() for t in opt.state[p].values())
     # 1 + 1 bytes of codes + 2 * 4 / 256 of scales + the 4-byte step.
@@ -122,8 +122,8 @@ def test_compiled_path_in_optimizer_matches_reference() -> None:
     shapes = [(64, 96), (300, 17), (5000,)]  # whole blocks, a tail, a 1-D tensor
     ps = [nn.Parameter(torch.randn(s)) for s in shapes]
     ps_ref = [nn.Parameter(p.detach().clone()) for p in ps]
-    opt = AdamW8bit(ps, lr=1e-3, min_8bit_size=1024, impl="auto")
-    ref = AdamW8bit(ps_ref, lr=1e-3, min_8bit_size=1024, impl="reference")
+    opt = AdamW8bit(ps, lr=1e-3, min_8bit_size=1024, kernel="auto")
+    ref = AdamW8bit(ps_ref, lr=1e-3, min_8bit_size=1024, kernel="reference")
     for _ in range(3):
         for p, q in zip(ps, ps_ref, strict=True):
             p.grad = torch.randn_like(p)
@@ -139,7 +139,7 @@ def test_compiled_path_in_optimizer_matches_reference() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [(dict(lr=-1.0), "learning rate"), (dict(betas=(1.0, 0.9)), "beta"),
-     (dict(block_size=100), "power of two"), (dict(impl="cuda"), "impl")],
+     (dict(block_size=100), "power of two"), (dict(kernel="cuda"), "kernel")],
 )  # fmt: skip
 def test_bad_arguments_are_refused(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):

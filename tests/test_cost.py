@@ -9,7 +9,7 @@ from autoscale import BatchPlan, CheckpointPlan, OptimizerPlan, Plan, PrecisionP
 
 
 def test_static_categories_are_exact_and_knobs_only_lower_activations() -> None:
-    from conftest import tiny_gpt
+    from tests_helpers import tiny_gpt
 
     model, batch = tiny_gpt(batch_size=8)
     graph = autoscale.capture(model, batch)
@@ -37,7 +37,7 @@ def test_static_categories_are_exact_and_knobs_only_lower_activations() -> None:
 
 
 def test_calibrated_estimate_is_close_to_measurement() -> None:
-    from conftest import tiny_gpt
+    from tests_helpers import tiny_gpt
 
     from autoscale._api import measure_baseline
     from autoscale._cost import calibrate, estimate_graph

@@ -24,7 +24,7 @@ FAST = ("fp32", "bf16")
 
 @pytest.fixture
 def gpt():
-    from conftest import tiny_gpt
+    from tests_helpers import tiny_gpt
 
     return tiny_gpt(batch_size=8)
 
@@ -134,7 +134,7 @@ def test_apply_matching_and_mismatched_models(gpt, tmp_path) -> None:
     assert applied.step(batch) > 0
 
     import gpt as gpt_module
-    from conftest import tiny_gpt
+    from tests_helpers import tiny_gpt
 
     bigger, bigger_batch = gpt_module.build(batch_size=8, config=gpt_module.GPTConfig(
         block_size=32, n_layer=4, n_head=2, n_embd=32))
@@ -144,3 +144,30 @@ def test_apply_matching_and_mismatched_models(gpt, tmp_path) -> None:
     assert path.read_text() == before
     other, other_batch = tiny_gpt(batch_size=8)
     autoscale.apply(Plan.load(path), other, other_batch)  # same architecture: accepted
+
+
+class RefusesBf16(torch.nn.Module):
+    """Crashes under bf16 autocast: a stand-in for a kernel without a bf16 implementation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(16, 16))
+                                          for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        if torch.is_autocast_enabled("cpu"):
+            raise RuntimeError("no bf16 kernel for this op")
+        return x.pow(2).mean()
+
+
+def test_a_crashing_trial_fails_alone() -> None:
+    model = RefusesBf16()
+    result = autoscale.optimize(model, (torch.randn(8, 16),), trials=4, precisions=FAST)
+    states = {t.state for t in result.report.trials}
+    assert "failed" in states and "measured" in states
+    failed = [t for t in result.report.trials if t.state == "failed"]
+    assert all(t.plan.precision.mode == "bf16" for t in failed)
+    assert "no bf16 kernel" in failed[0].note
+    assert result.plan.precision.mode == "fp32"

@@ -25,7 +25,7 @@ def plain_sgd_step(model, x, y, lr=0.1) -> float:
 
 @pytest.mark.parametrize("micro", [1, 3, 4, 8])
 def test_micro_batching_matches_whole_batch(micro) -> None:
-    from conftest import tiny_gpt
+    from tests_helpers import tiny_gpt
 
     model, (x, y) = tiny_gpt(batch_size=8, dropout=0.0)
     reference = copy.deepcopy(model)
@@ -42,7 +42,7 @@ def test_micro_batching_matches_whole_batch(micro) -> None:
 
 
 def test_user_model_is_not_changed() -> None:
-    from conftest import tiny_gpt
+    from tests_helpers import tiny_gpt
 
     model, (x, y) = tiny_gpt(batch_size=4)
     before = params_of(model)
@@ -55,7 +55,7 @@ def test_user_model_is_not_changed() -> None:
 
 @pytest.mark.parametrize("mode", ["bf16", "fp16"])
 def test_low_precision_tracks_fp32(mode) -> None:
-    from conftest import tiny_gpt
+    from tests_helpers import tiny_gpt
 
     model, (x, y) = tiny_gpt(batch_size=8, dropout=0.0)
     fp32 = build_result(Plan(sections={"optimizer": SGD}), model)
@@ -75,7 +75,7 @@ def test_low_precision_tracks_fp32(mode) -> None:
 
 
 def test_state_dict_round_trip_resumes_identically() -> None:
-    from conftest import tiny_gpt
+    from tests_helpers import tiny_gpt
 
     model, (x, y) = tiny_gpt(batch_size=4, dropout=0.0)
     adam = OptimizerPlan(kind="adamw", kernel="torch", kwargs={"lr": 1e-3})

@@ -34,7 +34,8 @@ class AdamW8bit(torch.optim.Optimizer):
             two so the same state works with the Triton kernel. 256 costs 8/256 =
             0.03 bytes/param of scales and tracks fp32 AdamW more closely than 2048.
         min_8bit_size: parameters with fewer elements keep fp32 moments.
-        impl: kernel path, see ``autoscale.kernels.adamw8bit.adamw8bit``.
+        kernel: kernel path ("auto", "triton", "compiled", "reference"), see
+            ``autoscale.kernels.adamw8bit.adamw8bit``.
 
     State per parameter (all in ``self.state``, so ``state_dict`` round-trips exactly):
     ``step`` (fp32 scalar tensor, as torch's AdamW) and either ``exp_avg_q`` (int8),
@@ -53,7 +54,7 @@ class AdamW8bit(torch.optim.Optimizer):
         *,
         block_size: int = 256,
         min_8bit_size: int = 4096,
-        impl: Impl = "auto",
+        kernel: Impl = "auto",
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}; use lr >= 0.")
@@ -70,11 +71,11 @@ class AdamW8bit(torch.optim.Optimizer):
             )
         if min_8bit_size < 0:
             raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size}.")
-        if impl not in _IMPLS:
-            raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}.")
+        if kernel not in _IMPLS:
+            raise ValueError(f"kernel must be one of {_IMPLS}, got {kernel!r}.")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            block_size=block_size, min_8bit_size=min_8bit_size, impl=impl,
+            block_size=block_size, min_8bit_size=min_8bit_size, impl=kernel,
         )  # fmt: skip
         super().__init__(params, defaults)
 

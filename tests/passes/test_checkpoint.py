@@ -13,7 +13,7 @@ from autoscale.passes import checkpoint_blocks
 
 
 def test_every_block_checkpointed_gives_same_loss_and_grads_with_dropout() -> None:
-    from conftest import tiny_gpt
+    from tests_helpers import tiny_gpt
 
     model, (x, y) = tiny_gpt(dropout=0.2)  # dropout on: RNG must be replayed exactly
     rewritten = checkpoint_blocks(copy.deepcopy(model),
@@ -34,7 +34,7 @@ def test_every_block_checkpointed_gives_same_loss_and_grads_with_dropout() -> No
 
 
 def test_checkpointing_saves_fewer_tensors() -> None:
-    from conftest import tiny_gpt
+    from tests_helpers import tiny_gpt
 
     model, (x, y) = tiny_gpt(dropout=0.0)
     rewritten = checkpoint_blocks(copy.deepcopy(model),
