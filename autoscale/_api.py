@@ -110,7 +110,10 @@ def optimize(
     base = Plan(sections={"optimizer": opt_plan},
                 fingerprint=Fingerprint.of(model, graph.structure_hash()),
                 environment=Environment.current(device))
-    _check_static_fit(model, base, budget)
+    # Judged with the allowed optimizer that keeps the least state.
+    leanest = min((base.replace(optimizer=o) for o in candidates),
+                  key=lambda p: static_bytes(model, p)[2])
+    _check_static_fit(model, leanest, budget)
     if trials == 0:
         result = build_result(base, model, loss_fn=loss_fn, inplace=inplace, graph=graph)
         result.report = Report(None, None, (), budget, graph.strategy, None)

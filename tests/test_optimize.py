@@ -171,3 +171,18 @@ def test_a_crashing_trial_fails_alone() -> None:
     assert all(t.plan.precision.mode == "bf16" for t in failed)
     assert "no bf16 kernel" in failed[0].note
     assert result.plan.precision.mode == "fp32"
+
+
+def test_tuner_may_choose_among_allowed_optimizers(gpt) -> None:
+    model, batch = gpt
+    result = autoscale.optimize(model, batch, trials=6, precisions=("fp32",),
+                                optimizer="adamw", allowed_optimizers=["adamw8bit"], seed=3)
+    kinds = {t.plan.optimizer.kind for t in result.report.trials}
+    assert kinds == {"adamw", "adamw8bit"}
+    assert result.plan.optimizer.kind in kinds
+    eight = next(t.plan.optimizer for t in result.report.trials
+                 if t.plan.optimizer.kind == "adamw8bit")
+    assert eight.state_precision == "int8"
+    # the plan names the optimizer that the Result runs
+    expected = {"adamw": "AdamW", "adamw8bit": "AdamW8bit"}[result.plan.optimizer.kind]
+    assert type(result.optimizer).__name__ == expected
