@@ -136,7 +136,7 @@ class OptimizerPlan:
     kind: Literal["adamw", "adam", "sgd", "lamb", "lars", "adamw8bit"] = "adamw"
     """The update rule."""
     kernel: Literal[
-        "auto", "torch", "triton", "torch_fused", "foreach", "compiled", "reference"
+        "auto", "torch", "triton", "torch_fused", "foreach", "native", "compiled", "reference"
     ] = "auto"
     """'torch' uses torch.optim; the others use autoscale.optim with that kernel choice."""
     state_precision: Literal["fp32", "int8"] = "fp32"

@@ -32,9 +32,14 @@ compiled CPU path and the Triton kernel round identically up to fp32 noise in y.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
+
+from autoscale.errors import KernelUnavailable
+
+from . import _cpu_adamw8bit, _dispatch
 
 try:  # Triton installs on Linux only; CPU-only hosts still get the torch paths.
     import triton
@@ -46,17 +51,18 @@ except ImportError:  # pragma: no cover - depends on the host
 
 __all__ = [
     "HAS_TRITON",
+    "IMPLS",
     "adamw8bit",
+    "adamw8bit_multi",
     "adamw8bit_reference",
     "dequantize_signed",
     "dequantize_unsigned",
-    "pack_hyper",
     "quantize_signed",
     "quantize_unsigned",
     "state_numel",
 ]
 
-Impl = Literal["auto", "triton", "compiled", "reference"]
+Impl = Literal["auto", "triton", "native", "compiled", "reference"]
 
 
 def _interpreting() -> bool:
@@ -259,22 +265,11 @@ def adamw8bit_reference(
     v = b2 v + (1-b2) g^2; p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps); then m, v
     are requantized per block with their new absmax.
     """
-    nb = _check(p, g, m_q, m_scale, v_q, v_scale, block_size, step)
-    n, padded = p.numel(), nb * block_size
-    pf = torch.zeros(padded, dtype=p.dtype, device=p.device)
-    gf = torch.zeros(padded, dtype=g.dtype, device=g.device)
-    pf[:n] = p.reshape(-1)
-    gf[:n] = g.reshape(-1)
-    out = _update_blocks(
-        pf.view(nb, block_size), gf.view(nb, block_size),
-        m_q.view(nb, block_size), m_scale, v_q.view(nb, block_size), v_scale,
-        *_hyper(lr, beta1, beta2, eps, weight_decay, step),
+    _check(p, g, m_q, m_scale, v_q, v_scale, block_size, step)
+    _run_reference(
+        [[p], [g], [m_q], [m_scale], [v_q], [v_scale]],
+        _hyper(lr, beta1, beta2, eps, weight_decay, step), block_size,
     )  # fmt: skip
-    p.copy_(out[0].reshape(-1)[:n].view_as(p))
-    m_q.copy_(out[1].reshape(-1))
-    m_scale.copy_(out[2])
-    v_q.copy_(out[3].reshape(-1))
-    v_scale.copy_(out[4])
 
 
 # Note: [compiled CPU path]
@@ -366,55 +361,192 @@ def adamw8bit(
     step: int,
     block_size: int,
     impl: Impl = "auto",
-    hp: torch.Tensor | None = None,
-) -> None:
-    """One 8-bit AdamW step in place; same contract as :func:`adamw8bit_reference`.
+) -> str:
+    """One 8-bit AdamW step in place on one tensor; see :func:`adamw8bit_multi`."""
+    return adamw8bit_multi(
+        [p], [g], [m_q], [m_scale], [v_q], [v_scale], lr=lr, beta1=beta1, beta2=beta2,
+        eps=eps, weight_decay=weight_decay, step=step, block_size=block_size, impl=impl,
+    )  # fmt: skip
 
-    ``impl="auto"`` takes the Triton kernel for CUDA tensors and the compiled CPU path
-    (see Note: [compiled CPU path]) otherwise, falling back to the reference if
-    torch.compile is unavailable. ``hp`` optionally passes the scalars already packed
-    by :func:`pack_hyper` so a caller stepping many tensors builds them once.
+
+def adamw8bit_multi(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    m_q: Sequence[torch.Tensor],
+    m_scale: Sequence[torch.Tensor],
+    v_q: Sequence[torch.Tensor],
+    v_scale: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    block_size: int,
+    impl: Impl = "auto",
+) -> str:
+    """One 8-bit AdamW step in place on every tensor; same maths as the reference.
+
+    All tensors share the hyper-parameters and ``step``. Paths (``impl``):
+    ``"triton"`` (CUDA, or CPU under TRITON_INTERPRET=1), ``"native"`` (the one-pass C
+    kernel of ``kernels._cpu_adamw8bit``: one call for all tensors), ``"compiled"``
+    (torch.compile, see Note: [compiled CPU path]) and ``"reference"``. ``"auto"``
+    takes Triton on CUDA; on CPU it times every available path once per process on
+    scratch copies, after checking each against the reference, and keeps the fastest
+    (``kernels._dispatch``). Returns the name of the path that ran (the last, if the
+    params mix dtypes). Raises KernelUnavailable when a forced path cannot run here.
     """
-    nb = _check(p, g, m_q, m_scale, v_q, v_scale, block_size, step)
-    if impl == "auto":
-        if p.is_cuda and HAS_TRITON:
-            impl = "triton"
-        elif p.device.type == "cpu" and _get_compiled() is not None:
-            impl = "compiled"
-        else:
-            impl = "reference"
-    scalars = _hyper(lr, beta1, beta2, eps, weight_decay, step)
-    if impl == "reference":
-        adamw8bit_reference(
-            p, g, m_q, m_scale, v_q, v_scale, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, step=step, block_size=block_size,
+    lists = [list(x) for x in (params, grads, m_q, m_scale, v_q, v_scale)]
+    if len({len(x) for x in lists}) != 1:
+        raise ValueError("adamw8bit_multi: pass one entry per parameter in every list.")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
+    for p, g, mq, ms, vq, vs in zip(*lists, strict=True):
+        _check(p, g, mq, ms, vq, vs, block_size, step)
+    hyper = _hyper(lr, beta1, beta2, eps, weight_decay, step)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(lists[0]):
+        groups.setdefault((p.device, p.dtype), []).append(i)
+    ran = impl
+    for (device, dtype), idx in groups.items():
+        sub = [[x[i] for i in idx] for x in lists]
+        ran = _pick(impl, device, dtype, sub, hyper, block_size)
+        _RUNNERS[ran](sub, hyper, block_size)
+    return ran
+
+
+IMPLS: tuple[str, ...] = ("auto", "triton", "native", "compiled", "reference")
+
+Lists = list[list[torch.Tensor]]
+
+
+def _run_reference(lists: Lists, hyper: tuple[float, ...], block_size: int) -> None:
+    for p, g, mq, ms, vq, vs in zip(*lists, strict=True):
+        nb = ms.numel()
+        n, padded = p.numel(), nb * block_size
+        pf = torch.zeros(padded, dtype=p.dtype, device=p.device)
+        gf = torch.zeros(padded, dtype=g.dtype, device=g.device)
+        pf[:n] = p.reshape(-1)
+        gf[:n] = g.reshape(-1)
+        out = _update_blocks(
+            pf.view(nb, block_size), gf.view(nb, block_size), mq.view(nb, block_size), ms,
+            vq.view(nb, block_size), vs, *hyper,
         )  # fmt: skip
-    elif impl == "compiled":
-        if p.device.type != "cpu":
-            raise ValueError(f"impl='compiled' is the CPU path; got a {p.device} tensor.")
-        if hp is None:
-            hp = pack_hyper(lr, beta1, beta2, eps, weight_decay, step)
-        _adamw8bit_compiled(p, g, m_q, m_scale, v_q, v_scale, hp=hp, block_size=block_size, nb=nb)
-    elif impl == "triton":
-        if not HAS_TRITON:
-            raise RuntimeError("impl='triton' needs the triton package; use impl='auto'.")
-        if not (p.is_cuda or _interpreting()):
-            raise ValueError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 on CPU.")
-        if block_size & (block_size - 1):
-            raise ValueError(f"Triton needs a power-of-two block_size, got {block_size}.")
+        p.copy_(out[0].reshape(-1)[:n].view_as(p))
+        for dst, src in zip((mq, ms, vq, vs), out[1:], strict=True):
+            dst.copy_(src.reshape(-1))
+
+
+def _run_native(lists: Lists, hyper: tuple[float, ...], block_size: int) -> None:
+    params, grads = lists[0], lists[1]
+    # The C kernel addresses memory linearly: strided params/grads go through copies.
+    pc = [p if p.is_contiguous() else p.contiguous() for p in params]
+    gc = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    _cpu_adamw8bit.step(pc, gc, *lists[2:], hyper=hyper, block_size=block_size)
+    for p, c in zip(params, pc, strict=True):
+        if c is not p:
+            p.copy_(c)
+
+
+def _run_compiled(lists: Lists, hyper: tuple[float, ...], block_size: int) -> None:
+    hp = torch.tensor(hyper, dtype=torch.float32)
+    for p, g, mq, ms, vq, vs in zip(*lists, strict=True):
+        _adamw8bit_compiled(p, g, mq, ms, vq, vs, hp=hp, block_size=block_size, nb=ms.numel())
+
+
+def _run_triton(lists: Lists, hyper: tuple[float, ...], block_size: int) -> None:
+    for p, g, mq, ms, vq, vs in zip(*lists, strict=True):
         pc = p if p.is_contiguous() else p.contiguous()
+        nb = ms.numel()
         _adamw8bit_kernel[(nb,)](
-            pc, g.contiguous(), m_q, m_scale, v_q, v_scale, p.numel(), *scalars,
-            BLOCK_SIZE=block_size,
-        )  # fmt: skip
+            pc, g.contiguous(), mq, ms, vq, vs, p.numel(), *hyper, BLOCK_SIZE=block_size
+        )
         if pc is not p:
             p.copy_(pc)
-    else:
-        raise ValueError(f"impl must be 'auto', 'triton', 'compiled' or 'reference', got {impl!r}.")
 
 
-def pack_hyper(
-    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int
-) -> torch.Tensor:
-    """The per-step scalars of the compiled path as one fp32 CPU tensor (see the Note)."""
-    return torch.tensor(_hyper(lr, beta1, beta2, eps, weight_decay, step), dtype=torch.float32)
+_RUNNERS = {
+    "reference": _run_reference,
+    "native": _run_native,
+    "compiled": _run_compiled,
+    "triton": _run_triton,
+}
+
+
+def _available(name: str, device: torch.device) -> str | None:
+    """None if path ``name`` can run on ``device`` here, else why not (with the fix)."""
+    if name == "reference":
+        return None
+    if name == "triton":
+        if not HAS_TRITON:
+            return "impl='triton' needs the triton package; use impl='auto'."
+        if not (device.type == "cuda" or _interpreting()):
+            return "impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 on CPU."
+        return None
+    if device.type != "cpu":
+        return f"impl={name!r} is a CPU path; got {device.type} tensors. Use impl='auto'."
+    if name == "native":
+        if not _cpu_adamw8bit.available():
+            return (f"the C kernel could not be built ({_cpu_adamw8bit.load_error()}); "
+                    "install gcc or use impl='auto'.")  # fmt: skip
+        return None
+    if _get_compiled() is None:
+        return f"torch.compile is unavailable ({_compile_failed}); use impl='auto'."
+    return None
+
+
+def _codes_agree(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    # Paths order fp32 ops differently (the native one uses 14-bit reciprocal estimates),
+    # so a code may move one level where y lands near a rounding boundary; more is a bug.
+    diff = (out.int() - ref.int()).abs()
+    return diff.numel() == 0 or (diff.max().item() <= 1 and (diff > 0).float().mean().item() < 0.01)
+
+
+def _agrees(name: str, lists: Lists, hyper: tuple[float, ...], block_size: int) -> bool:
+    """Does path ``name`` reproduce the reference on a sample of (clones of) ``lists``?"""
+    # Whole tensors (each state tensor must match its param), the first few only.
+    sample = [[t.detach().clone() for t in x[:4]] for x in lists]
+    before = [p.float() for p in sample[0]]
+    want = [[t.clone() for t in x] for x in sample]
+    _run_reference(want, hyper, block_size)
+    _RUNNERS[name](sample, hyper, block_size)
+    for p0, a, b in zip(before, sample[0], want[0], strict=True):
+        # Judged on the update, not on p: the native path's reciprocal estimates are
+        # exact to ~2^-13 of the update, which a p-relative tolerance cannot see.
+        err = (a.float() - b.float()).abs()
+        if not bool((err <= 1e-3 * (b.float() - p0).abs() + 1e-6 + 1e-5 * p0.abs()).all()):
+            return False
+    scales_ok = all(
+        torch.allclose(a, b, rtol=1e-4, atol=1e-12)
+        for k in (3, 5) for a, b in zip(sample[k], want[k], strict=True)
+    )  # fmt: skip
+    return scales_ok and all(
+        _codes_agree(a, b) for k in (2, 4) for a, b in zip(sample[k], want[k], strict=True)
+    )
+
+
+def _pick(impl: str, device: torch.device, dtype: torch.dtype, lists: Lists,
+          hyper: tuple[float, ...], block_size: int) -> str:  # fmt: skip
+    if impl != "auto":
+        why = _available(impl, device)
+        if why is not None:
+            raise KernelUnavailable(f"adamw8bit: {why}")
+        return impl
+    if device.type == "cuda" and _available("triton", device) is None:
+        return "triton"
+    chosen = _dispatch.cached_choice("adamw8bit", device, dtype)
+    if chosen is not None:
+        return chosen
+    candidates = [
+        name for name in ("native", "compiled")
+        if _available(name, device) is None and _agrees(name, lists, hyper, block_size)
+    ]  # fmt: skip
+    # Scratch copies of a prefix of the tensors: timing must not step the real state.
+    k = _dispatch.scratch_prefix([p.numel() for p in lists[0]])
+    scratch = [[t.detach().clone() for t in x[:k]] for x in lists]
+    runners = {
+        name: (lambda name=name: _RUNNERS[name](scratch, hyper, block_size))
+        for name in [*candidates, "reference"]
+    }  # fmt: skip
+    return _dispatch.choose("adamw8bit", device, dtype, runners)

@@ -117,7 +117,7 @@ def test_state_is_about_two_bytes_per_param() -> None:
     assert nbytes / p.numel() == pytest.approx(2 + 8 / 256, abs=1e-4)
 
 
-def test_compiled_path_in_optimizer_matches_reference() -> None:
+def test_auto_path_in_optimizer_matches_reference() -> None:
     torch.manual_seed(0)
     shapes = [(64, 96), (300, 17), (5000,)]  # whole blocks, a tail, a 1-D tensor
     ps = [nn.Parameter(torch.randn(s)) for s in shapes]
@@ -131,9 +131,13 @@ def test_compiled_path_in_optimizer_matches_reference() -> None:
         opt.step()
         ref.step()
     for p, q in zip(ps, ps_ref, strict=True):
-        # Quantized state may differ by one level after a tie, which moves the next
-        # update by ~1 % of lr (1e-3): 1e-5 absolute.
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+        # A code may differ by one level near a rounding boundary (< 1 % of elements, see
+        # tests/kernels/test_adamw8bit.py); at a small v code one level is a large relative
+        # change of sqrt(v), so that element's next update moves by up to ~lr. Everything
+        # else agrees to fp32 noise; a wrong path would be off by ~lr nearly everywhere.
+        diff = (p - q).abs()
+        assert diff.max().item() <= 3e-3
+        assert (diff > 1e-5).float().mean().item() < 0.01
 
 
 @pytest.mark.parametrize(

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from autoscale.kernels.adamw8bit import Impl, adamw8bit, pack_hyper, state_numel
+from autoscale.kernels.adamw8bit import IMPLS, Impl, adamw8bit_multi, state_numel
 
 __all__ = ["AdamW8bit"]
 
-_IMPLS = ("auto", "triton", "compiled", "reference")
+_IMPLS = IMPLS
 
 
 class AdamW8bit(torch.optim.Optimizer):
@@ -34,8 +34,8 @@ class AdamW8bit(torch.optim.Optimizer):
             two so the same state works with the Triton kernel. 256 costs 8/256 =
             0.03 bytes/param of scales and tracks fp32 AdamW more closely than 2048.
         min_8bit_size: parameters with fewer elements keep fp32 moments.
-        kernel: kernel path ("auto", "triton", "compiled", "reference"), see
-            ``autoscale.kernels.adamw8bit.adamw8bit``.
+        kernel: kernel path ("auto", "triton", "native", "compiled", "reference"), see
+            ``autoscale.kernels.adamw8bit.adamw8bit_multi``; "auto" picks by measurement.
 
     State per parameter (all in ``self.state``, so ``state_dict`` round-trips exactly):
     ``step`` (fp32 scalar tensor, as torch's AdamW) and either ``exp_avg_q`` (int8),
@@ -102,7 +102,9 @@ class AdamW8bit(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             small: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]] = []
-            hp_by_step: dict[int, torch.Tensor] = {}  # packed scalars, built once per step value
+            # 8-bit tensors by step count (one bucket unless params joined late): each
+            # bucket is one multi-tensor kernel call.
+            buckets: dict[int, list[tuple[torch.Tensor, dict[str, Any]]]] = {}
             lr, (beta1, beta2) = group["lr"], group["betas"]
             eps, wd = group["eps"], group["weight_decay"]
             for p in group["params"]:
@@ -117,17 +119,17 @@ class AdamW8bit(torch.optim.Optimizer):
                 step = int(state["step"].item())
                 if "exp_avg_q" not in state:
                     small.append((p, p.grad, state, step))
-                    continue
-                hp = None
-                if p.device.type == "cpu":
-                    hp = hp_by_step.get(step)
-                    if hp is None:
-                        hp = hp_by_step[step] = pack_hyper(lr, beta1, beta2, eps, wd, step)
-                adamw8bit(
-                    p, p.grad, state["exp_avg_q"], state["exp_avg_scale"],
-                    state["exp_avg_sq_q"], state["exp_avg_sq_scale"],
+                else:
+                    buckets.setdefault(step, []).append((p, state))
+            for step, items in buckets.items():
+                states = [st for _, st in items]
+                adamw8bit_multi(
+                    [p for p, _ in items], [p.grad for p, _ in items],
+                    [st["exp_avg_q"] for st in states], [st["exp_avg_scale"] for st in states],
+                    [st["exp_avg_sq_q"] for st in states],
+                    [st["exp_avg_sq_scale"] for st in states],
                     lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, step=step,
-                    block_size=group["block_size"], impl=group["impl"], hp=hp,
+                    block_size=group["block_size"], impl=group["impl"],
                 )  # fmt: skip
             if small:
                 _adamw_fp32(small, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
