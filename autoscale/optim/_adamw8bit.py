@@ -166,7 +166,24 @@ def _adamw_fp32(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """torch.optim.AdamW's maths for the small tensors with fp32 moments, as foreach ops."""
+    """torch.optim.AdamW's maths for the small tensors with fp32 moments.
+
+    fp32 params take torch's fused AdamW kernel (one call: ~100 small tensors cost ~10x
+    less than a chain of foreach ops); bf16 params with fp32 moments, which the fused
+    kernel does not take, go through foreach ops.
+    """
+    fused = [it for it in items if it[0].dtype == torch.float32 and it[1].dtype == torch.float32]
+    if fused:
+        torch._fused_adamw_(
+            [p for p, _, _, _ in fused], [g for _, g, _, _ in fused],
+            [s["exp_avg"] for _, _, s, _ in fused], [s["exp_avg_sq"] for _, _, s, _ in fused],
+            [], [s["step"] for _, _, s, _ in fused], lr=lr, beta1=beta1, beta2=beta2,
+            weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
+        )  # fmt: skip
+        items = [it for it in items if not (it[0].dtype == torch.float32
+                                             and it[1].dtype == torch.float32)]  # fmt: skip
+        if not items:
+            return
     params = [p for p, _, _, _ in items]
     p32 = [p if p.dtype == torch.float32 else p.float() for p in params]
     g32 = [g.float() for _, g, _, _ in items]
