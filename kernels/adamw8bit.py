@@ -40,14 +40,7 @@ import torch
 from autoscale.errors import KernelUnavailable
 
 from . import _cpu_adamw8bit, _dispatch
-
-try:  # Triton installs on Linux only; CPU-only hosts still get the torch paths.
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the host
-    HAS_TRITON = False
+from ._triton_util import HAS_TRITON
 
 __all__ = [
     "HAS_TRITON",
@@ -67,58 +60,6 @@ Impl = Literal["auto", "triton", "native", "compiled", "reference"]
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-if HAS_TRITON:
-
-    def _configs() -> list[triton.Config]:
-        # One program per quantization block, so BLOCK_SIZE is fixed by the state layout;
-        # only the warp count is free. The interpreter cannot time configs, so one there.
-        if _interpreting():
-            return [triton.Config({}, num_warps=4)]
-        return [triton.Config({}, num_warps=w) for w in (2, 4, 8)]
-
-    @triton.autotune(
-        configs=_configs(),
-        key=["BLOCK_SIZE"],
-        # The step is in place: timing a config must not advance the real state.
-        restore_value=["p_ptr", "mq_ptr", "ms_ptr", "vq_ptr", "vs_ptr"],
-    )
-    @triton.jit
-    def _adamw8bit_kernel(
-        p_ptr, g_ptr, mq_ptr, ms_ptr, vq_ptr, vs_ptr,
-        n_elements, beta1, beta2, eps, decay, step_size, inv_bc2_sqrt,
-        BLOCK_SIZE: tl.constexpr,
-    ):  # fmt: skip
-        pid = tl.program_id(0).to(tl.int64)  # int64: tensors past 2**31 elements
-        offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        mask = offs < n_elements
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        # State is padded to whole blocks: no mask needed.
-        um = tl.load(mq_ptr + offs).to(tl.float32) * (1.0 / 127.0)
-        uv = tl.load(vq_ptr + offs).to(tl.float32) * (1.0 / 255.0)
-        m = um * tl.abs(um) * tl.load(ms_ptr + pid)
-        sv_old = uv * uv * tl.load(vs_ptr + pid)
-
-        m = beta1 * m + (1.0 - beta1) * g
-        v = beta2 * (sv_old * sv_old) + (1.0 - beta2) * g * g
-        sv = tl.sqrt(v)
-        p = p * decay - step_size * m / (sv * inv_bc2_sqrt + eps)
-        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
-
-        m_max = tl.max(tl.abs(m), axis=0)
-        sv_max = tl.max(sv, axis=0)
-        m_inv = tl.where(m_max > 0, 1.0 / m_max, 0.0)
-        sv_inv = tl.where(sv_max > 0, 1.0 / sv_max, 0.0)
-        yv = tl.minimum(tl.floor(tl.sqrt(sv * sv_inv) * 255.0 + 0.5), 255.0)
-        ym = tl.minimum(tl.floor(tl.sqrt(tl.abs(m) * m_inv) * 127.0 + 0.5), 127.0)
-        ym = tl.where(m < 0, -ym, ym)
-        ym = tl.where(yv == 0.0, 0.0, ym)  # guard: no m where v is 0 (see module note)
-        tl.store(mq_ptr + offs, ym.to(tl.int8))
-        tl.store(vq_ptr + offs, yv.to(tl.uint8))
-        tl.store(ms_ptr + pid, m_max)
-        tl.store(vs_ptr + pid, sv_max)
 
 
 def state_numel(numel: int, block_size: int) -> int:
@@ -456,14 +397,10 @@ def _run_compiled(lists: Lists, hyper: tuple[float, ...], block_size: int) -> No
 
 
 def _run_triton(lists: Lists, hyper: tuple[float, ...], block_size: int) -> None:
-    for p, g, mq, ms, vq, vs in zip(*lists, strict=True):
-        pc = p if p.is_contiguous() else p.contiguous()
-        nb = ms.numel()
-        _adamw8bit_kernel[(nb,)](
-            pc, g.contiguous(), mq, ms, vq, vs, p.numel(), *hyper, BLOCK_SIZE=block_size
-        )
-        if pc is not p:
-            p.copy_(pc)
+    # One launch for every tensor; imported here because that module imports this one.
+    from ._triton_adamw8bit import adamw8bit_triton_multi
+
+    adamw8bit_triton_multi(*lists, hyper=hyper, block_size=block_size)
 
 
 _RUNNERS = {
