@@ -32,14 +32,57 @@ def test_log_grid_is_centred_and_sqrt2_spaced(bench) -> None:
         assert math.isclose(b / a, math.sqrt(2))
 
 
-def test_quick_run_prints_the_table_and_a_verdict(bench, capsys) -> None:
+def _main(bench, argv: list[str]) -> int:
     threads = torch.get_num_threads()
     try:
-        assert bench.main(["--quick"]) == 0
+        return bench.main(argv)
     finally:
         torch.set_num_threads(threads)  # main() sets 1 thread; don't leak it to other tests
+
+
+def test_quick_run_prints_the_table_and_a_verdict(bench, capsys) -> None:
+    assert _main(bench, ["--quick"]) == 0  # default --task all: both tasks
     out = capsys.readouterr().out
+    text, _, digits = out.partition("== task: digits")
     for label in ("AdamW naive", "AdamW scaled", "LAMB", "LARS"):
-        assert label in out
-    assert "ratio" in out and "torch " in out
-    assert "goal (" in out and "MET" in out
+        assert label in text
+    assert "ratio" in text and "torch " in text
+    assert "goal (" in text and "MET" in text
+    assert digits, "the digits task printed nothing"
+    if importlib.util.find_spec("sklearn") is None:
+        assert "skipped: pip install scikit-learn" in digits
+    else:
+        for label in ("SGD naive", "SGD scaled", "AdamW scaled", "LAMB", "LARS", "test acc"):
+            assert label in digits
+        assert "goal (" in digits and "LARS within tolerance" in digits
+
+
+def test_task_option_runs_one_task(bench, capsys) -> None:
+    assert _main(bench, ["--quick", "--task", "text"]) == 0
+    assert "digits" not in capsys.readouterr().out
+
+
+def test_digits_task_is_skipped_without_sklearn(bench, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # makes the import raise ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    assert _main(bench, ["--quick", "--task", "digits"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped: pip install scikit-learn" in out and "goal (" not in out
+
+
+def test_digits_split_and_stream(bench) -> None:
+    pytest.importorskip("sklearn")
+    data = bench.load_digits_split()
+    n_test, n_val = bench.DIGITS_SPLIT
+    assert len(data.test[1]) == n_test and len(data.val[1]) == n_val
+    assert len(data.train_y) + n_test + n_val == 1797
+    assert bench.load_digits_split().train_y.equal(data.train_y)  # seeded: the same split
+    # a batch of k*B is exactly the next k batches of B, past an epoch boundary too
+    big = bench.DigitBatches(data, seed=3).get(8 * 200)
+    small = bench.DigitBatches(data, seed=3)
+    parts = [small.get(200) for _ in range(8)]
+    assert big[0].equal(torch.cat([x for x, _ in parts]))
+    assert big[1].equal(torch.cat([y for _, y in parts]))
+    assert big[0].shape == (1600, 1, 8, 8)
+    logits = bench.DigitsCNN()(big[0][:4])
+    assert logits.shape == (4, 10)
