@@ -54,6 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import gpt
+from cnn import ConvBlock  # the residual block of examples/cnn.py
 from text import CharBatches
 
 from autoscale.optim import LAMB, LARS, SGD, AdamW, scale_lr, warmup_schedule
@@ -211,6 +212,34 @@ RECIPES = (
 )
 
 
+def print_table(
+    recipes: Sequence[Recipe], grids: dict[str, list[Result]], *, with_accuracy: bool
+) -> dict[str, float]:
+    """Print the best run of each recipe's grid against the first recipe's (the baseline);
+    return each recipe's test-loss ratio to the baseline."""
+    baseline = best(grids[recipes[0].label])
+    acc_head = f" {'test acc':>8}" if with_accuracy else ""
+    header = (f"{'method':<13} {'batch':>5} {'steps':>5} {'lr':>9} {'warm-up':>7} "
+              f"{'val':>7} {'test':>7} {'ratio':>6}  {'vs tol':<6} {'grid':<5}{acc_head} "
+              f"{'sec':>6}  kernel")  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    ratios: dict[str, float] = {}
+    for recipe in recipes:
+        results = grids[recipe.label]
+        r = best(results)
+        ratio = r.test / baseline.test
+        ratios[recipe.label] = ratio
+        verdict = "base" if r is baseline else ("ok" if ratio <= 1 + TOLERANCE else "worse")
+        lrs = [x.base_lr for x in results]
+        where = "-" if len(lrs) < 2 else ("edge" if r.base_lr in (lrs[0], lrs[-1]) else "in")
+        acc = f" {r.test_acc:>8.3f}" if with_accuracy else ""
+        print(f"{recipe.label:<13} {r.batch:>5} {r.steps:>5} {r.lr:>9.3g} {r.warmup_steps:>7} "
+              f"{r.val:>7.4f} {r.test:>7.4f} {ratio:>6.3f}  {verdict:<6} {where:<5}{acc} "
+              f"{r.seconds:>6.1f}  {r.kernel}")  # fmt: skip
+    return ratios
+
+
 # ---------------------------------------------------------------------------------------
 # Task 2: a small residual CNN with BatchNorm on scikit-learn's handwritten digits.
 #
@@ -233,22 +262,6 @@ DIGITS_CHANNELS = 16
 LARS_ETA = 0.02  # trust coefficient for the digits task (see make_digits_optimizer)
 
 
-class _ResBlock(torch.nn.Module):
-    """examples/cnn.py's residual block: conv-BN-ReLU-conv-BN, plus the input, ReLU."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        nn = torch.nn
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(x + self.bn2(self.conv2(y)))
-
-
 class DigitsCNN(torch.nn.Module):
     """Stem conv (8x8) -> residual block -> strided conv (4x4, 2C) -> residual block -> pool
     -> linear. All convs without bias, each followed by BatchNorm. Returns logits."""
@@ -259,10 +272,10 @@ class DigitsCNN(torch.nn.Module):
         c = channels
         self.features = nn.Sequential(
             nn.Conv2d(1, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
-            _ResBlock(c),
+            ConvBlock(c),
             nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * c),
             nn.ReLU(),
-            _ResBlock(2 * c),
+            ConvBlock(2 * c),
         )
         self.head = nn.Linear(2 * c, classes)
 
@@ -454,26 +467,9 @@ def run_digits(args: argparse.Namespace) -> None:
         if not recipe.large:
             base_lr_tuned = best(results).base_lr
 
-    baseline = best(grids[DIGITS_RECIPES[0].label])
-    header = (f"{'method':<13} {'batch':>5} {'steps':>5} {'lr':>9} {'warm-up':>7} "
-              f"{'val':>7} {'test':>7} {'ratio':>6}  {'vs tol':<6} {'grid':<5} "
-              f"{'test acc':>8} {'sec':>6}  kernel")
     print(f"\nbest of each grid; ratio = test loss / baseline's test loss "
           f"(baseline: SGD at batch {batch}); losses and accuracy are means over seeds")
-    print(header)
-    print("-" * len(header))
-    ratios: dict[str, float] = {}
-    for recipe in DIGITS_RECIPES:
-        results = grids[recipe.label]
-        r = best(results)
-        ratio = r.test / baseline.test
-        ratios[recipe.label] = ratio
-        verdict = "base" if r is baseline else ("ok" if ratio <= 1 + TOLERANCE else "worse")
-        lrs = [x.base_lr for x in results]
-        where = "-" if len(lrs) < 2 else ("edge" if r.base_lr in (lrs[0], lrs[-1]) else "in")
-        print(f"{recipe.label:<13} {r.batch:>5} {r.steps:>5} {r.lr:>9.3g} {r.warmup_steps:>7} "
-              f"{r.val:>7.4f} {r.test:>7.4f} {ratio:>6.3f}  {verdict:<6} {where:<5} "
-              f"{r.test_acc:>8.3f} {r.seconds:>6.1f}  {r.kernel}")
+    ratios = print_table(DIGITS_RECIPES, grids, with_accuracy=True)
 
     naive = ratios["SGD naive"]
     lars, lamb = ratios["LARS"], ratios["LAMB"]
@@ -563,25 +559,9 @@ def run_text(args: argparse.Namespace) -> None:
         if not recipe.large:
             base_lr_tuned = best(grids[recipe.label]).base_lr
 
-    baseline = best(grids[RECIPES[0].label])
-    header = (f"{'method':<13} {'batch':>5} {'steps':>5} {'lr':>9} {'warm-up':>7} "
-              f"{'val':>7} {'test':>7} {'ratio':>6}  {'vs tol':<6} {'grid':<5} {'sec':>6}  kernel")
     print(f"\nbest of each grid; ratio = test loss / baseline's test loss "
           f"(baseline: AdamW at batch {args.batch})")
-    print(header)
-    print("-" * len(header))
-    ratios: dict[str, float] = {}
-    for recipe in RECIPES:
-        results = grids[recipe.label]
-        r = best(results)
-        ratio = r.test / baseline.test
-        ratios[recipe.label] = ratio
-        verdict = "base" if r is baseline else ("ok" if ratio <= 1 + TOLERANCE else "worse")
-        lrs = [x.base_lr for x in results]
-        where = "-" if len(lrs) < 2 else ("edge" if r.base_lr in (lrs[0], lrs[-1]) else "in")
-        print(f"{recipe.label:<13} {r.batch:>5} {r.steps:>5} {r.lr:>9.3g} {r.warmup_steps:>7} "
-              f"{r.val:>7.4f} {r.test:>7.4f} {ratio:>6.3f}  {verdict:<6} {where:<5} "
-              f"{r.seconds:>6.1f}  {r.kernel}")
+    ratios = print_table(RECIPES, grids, with_accuracy=False)
 
     naive = ratios["AdamW naive"]
     best_adaptive = min(ratios["LAMB"], ratios["LARS"])
