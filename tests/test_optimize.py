@@ -186,3 +186,15 @@ def test_tuner_may_choose_among_allowed_optimizers(gpt) -> None:
     # the plan names the optimizer that the Result runs
     expected = {"adamw": "AdamW", "adamw8bit": "AdamW8bit"}[result.plan.optimizer.kind]
     assert type(result.optimizer).__name__ == expected
+
+
+def test_default_precisions_skip_fp16_on_cpu_but_honour_an_explicit_list(gpt) -> None:
+    model, batch = gpt
+    seen: list[str] = []
+    autoscale.optimize(model, batch, trials=4, seed=0,
+                       on_trial=lambda r: seen.append(r.plan.precision.mode))
+    assert seen and "fp16" not in seen
+    seen.clear()
+    autoscale.optimize(model, batch, trials=1, seed=0, precisions=("fp16",),
+                       on_trial=lambda r: seen.append(r.plan.precision.mode))
+    assert seen == ["fp16"]
