@@ -97,12 +97,17 @@ class TrialRecord:
 
     number: int
     plan: Plan
-    state: str  # "measured", "pruned by cost model", "failed"
+    state: str  # "measured", "pruned by cost model", "failed", "repeat of #N"
     samples_per_s: float | None
     peak_memory_bytes: int | None
     estimated_bytes: int
     feasible: bool
     note: str = ""
+
+    @property
+    def is_repeat(self) -> bool:
+        """A plan the sampler proposed again: figures reused, nothing measured."""
+        return self.state.startswith("repeat of")
 
 
 def storage_url(storage: str | None) -> str | None:
@@ -157,6 +162,9 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *, model: nn
         est = estimate_graph(model, graph, plan, calibration=calibration).total
         trial.set_user_attr("plan", plan.to_dict())
         trial.set_user_attr("estimated_bytes", est)
+        prior = _same_params(trial)
+        if prior is not None:
+            return _repeat(trial, prior, plan, est)
         if budget is not None and est > budget * _PRUNE_MARGIN:
             trial.set_constraint(_CONSTRAINT, float(est - budget))
             _record(records, on_trial, TrialRecord(trial.number, plan, "pruned by cost model",
@@ -180,9 +188,44 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *, model: nn
                                                m.peak_memory_bytes, est, over <= 0))
         return float(m.samples_per_s)
 
+    def _repeat(trial: optuna.Trial, prior: optuna.trial.FrozenTrial, plan: Plan,
+                est: int) -> float:  # fmt: skip
+        # The sampler proposed a plan already tried: reuse its figures instead of spending
+        # a measurement (a small discrete space makes TPE propose repeats often).
+        peak = prior.user_attrs.get("peak_memory_bytes")
+        for key in ("peak_memory_bytes", "step_time_s", "error"):
+            if key in prior.user_attrs:
+                trial.set_user_attr(key, prior.user_attrs[key])
+        trial.set_user_attr("repeat_of", prior.number)
+        if peak is None:  # pruned or failed before: the same again
+            trial.set_constraint(_CONSTRAINT, max(1.0, float(est - (budget or 0))))
+            value, fits = 0.0, False
+        else:
+            over = 0.0 if budget is None else float(peak - budget)
+            trial.set_constraint(_CONSTRAINT, over)
+            value, fits = float(prior.value or 0.0), over <= 0
+        _record(records, on_trial, TrialRecord(
+            trial.number, plan, f"repeat of #{prior.number}", value or None, peak, est, fits))
+        return value
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective, n_trials=trials, gc_after_trial=False)
+    # ``trials`` counts plans actually tried; repeats are free and do not count. The cap
+    # ends the run when the sampler keeps proposing tried plans (a space nearly covered).
+    attempts = 0
+    while _new_trials(records) < trials and attempts < 3 * trials:
+        study.optimize(objective, n_trials=1, gc_after_trial=False)
+        attempts += 1
     return records
+
+
+def _new_trials(records: list[TrialRecord]) -> int:
+    return sum(1 for r in records if not r.is_repeat)
+
+
+def _same_params(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
+    """An earlier finished trial of this study with exactly ``trial``'s parameters."""
+    finished = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return next((t for t in finished if t.params == trial.params), None)
 
 
 def _record(records: list[TrialRecord], on_trial: Callable[[TrialRecord], None] | None,

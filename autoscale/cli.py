@@ -78,8 +78,8 @@ def tune(
 
         def on_trial(record) -> None:
             shown = (f"{record.samples_per_s:.1f}/s" if record.samples_per_s else record.state)
-            progress.update(task, advance=1, description=f"#{record.number} "
-                            f"{_plan_summary(record.plan)}: {shown}")
+            progress.update(task, advance=0 if record.is_repeat else 1,
+                            description=f"#{record.number} {_plan_summary(record.plan)}: {shown}")
 
         result = autoscale.optimize(
             work.model, work.example_inputs, loss_fn=work.loss_fn, memory_budget=budget,
@@ -95,11 +95,16 @@ def tune(
 
 
 def _trials_table(report) -> Table:
-    table = Table(title="trials")
+    repeats = sum(1 for r in report.trials if r.is_repeat)
+    caption = (f"{repeats} repeated proposal(s) of a tried plan reused its figures"
+               if repeats else None)  # fmt: skip
+    table = Table(title="trials", caption=caption)
     for col in ("#", "plan", "samples/s", "peak", "estimate", "fits", "state"):
         table.add_column(col, justify="right" if col not in ("plan", "state") else "left",
                          no_wrap=col == "plan")
     for r in report.trials:
+        if r.is_repeat:
+            continue
         table.add_row(str(r.number), _plan_summary(r.plan),
                       f"{r.samples_per_s:.1f}" if r.samples_per_s else "-",
                       format_bytes(r.peak_memory_bytes) if r.peak_memory_bytes else "-",

@@ -198,3 +198,23 @@ def test_default_precisions_skip_fp16_on_cpu_but_honour_an_explicit_list(gpt) ->
     autoscale.optimize(model, batch, trials=1, seed=0, precisions=("fp16",),
                        on_trial=lambda r: seen.append(r.plan.precision.mode))
     assert seen == ["fp16"]
+
+
+def test_repeated_proposals_are_reused_not_measured_and_do_not_count(gpt) -> None:
+    model, batch = gpt
+    records = []
+    # fp32 only, 8 samples, 3 blocks: 4 micro-batch sizes x 4 checkpoint counts = 16
+    # plans, so in 10 trials the sampler is likely to propose tried plans again.
+    result = autoscale.optimize(model, batch, trials=10, seed=0, precisions=("fp32",),
+                                on_trial=records.append)
+    fresh = [r for r in records if not r.is_repeat]
+    repeats = [r for r in records if r.is_repeat]
+    assert len(fresh) == 10
+    plans = [r.plan.to_dict()["sections"] for r in fresh]
+    assert all(plans.count(p) == 1 for p in plans), "a plan was measured twice"
+    by_number = {r.number: r for r in fresh}
+    for r in repeats:
+        first = by_number[int(r.state.rsplit("#", 1)[1])]
+        assert r.plan.to_dict()["sections"] == first.plan.to_dict()["sections"]
+        assert r.samples_per_s == first.samples_per_s
+    assert result.plan is not None
