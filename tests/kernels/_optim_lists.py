@@ -24,3 +24,14 @@ def zeros_list(shapes) -> list[torch.Tensor]:
 
 def clone_all(lists):
     return [[t.clone() if isinstance(t, torch.Tensor) else t for t in ts] for ts in lists]
+
+
+def adamw8bit_state(n: int, block: int) -> list[torch.Tensor]:
+    """Zeroed 8-bit AdamW state (m_q, m_scale, v_q, v_scale) for an n-element param."""
+    from autoscale.kernels.adamw8bit import state_numel
+
+    ns = state_numel(n, block)
+    return [
+        torch.zeros(ns, dtype=torch.int8), torch.zeros(ns // block),
+        torch.zeros(ns, dtype=torch.uint8), torch.zeros(ns // block),
+    ]  # fmt: skip

@@ -11,6 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
+from _optim_lists import adamw8bit_state
 
 from autoscale.kernels import _cpu_adamw8bit
 from autoscale.kernels import adamw8bit as k
@@ -21,12 +22,7 @@ HYPER = [
 ]
 
 
-def _state(n: int, block: int) -> list[torch.Tensor]:
-    ns = k.state_numel(n, block)
-    return [
-        torch.zeros(ns, dtype=torch.int8), torch.zeros(ns // block),
-        torch.zeros(ns, dtype=torch.uint8), torch.zeros(ns // block),
-    ]  # fmt: skip
+_state = adamw8bit_state
 
 
 def _assert_codes_close(out: torch.Tensor, ref: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
+from _optim_lists import adamw8bit_state
 
 from autoscale.kernels import _triton_adamw8bit as tm
 from autoscale.kernels import adamw8bit as k
@@ -24,12 +25,7 @@ HYPER = [
 SHAPES = [(40, 25), (256,), (37,), (30, 100)]
 
 
-def _state(n: int, block: int) -> list[torch.Tensor]:
-    ns = k.state_numel(n, block)
-    return [
-        torch.zeros(ns, dtype=torch.int8), torch.zeros(ns // block),
-        torch.zeros(ns, dtype=torch.uint8), torch.zeros(ns // block),
-    ]  # fmt: skip
+_state = adamw8bit_state
 
 
 def _states(shapes: list[tuple[int, ...]], block: int) -> list[list[torch.Tensor]]:
