@@ -11,19 +11,19 @@ the most sensitive to quantization noise.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from autoscale.kernels.adamw8bit import IMPLS, Impl, adamw8bit_multi, state_numel
 
+from ._base import FusedOptimizer, fp32_zeros_like, host_step
+
 __all__ = ["AdamW8bit"]
 
-_IMPLS = IMPLS
 
-
-class AdamW8bit(torch.optim.Optimizer):
+class AdamW8bit(FusedOptimizer):
     """AdamW whose moments are stored in 8 bits, ~2.03 bytes of state per parameter.
 
     Args:
@@ -71,16 +71,17 @@ class AdamW8bit(torch.optim.Optimizer):
             )
         if min_8bit_size < 0:
             raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size}.")
-        if kernel not in _IMPLS:
-            raise ValueError(f"kernel must be one of {_IMPLS}, got {kernel!r}.")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            block_size=block_size, min_8bit_size=min_8bit_size, impl=kernel,
+            block_size=block_size, min_8bit_size=min_8bit_size,
         )  # fmt: skip
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, kernel=kernel)
 
-    def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    kernels = IMPLS
+
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
+        state = self.state[p]
+        state["step"] = host_step()
         if p.numel() >= group["min_8bit_size"]:
             block = group["block_size"]
             n = state_numel(p.numel(), block)
@@ -90,71 +91,37 @@ class AdamW8bit(torch.optim.Optimizer):
             state["exp_avg_sq_q"] = torch.zeros(n, dtype=torch.uint8, device=p.device)
             state["exp_avg_sq_scale"] = torch.zeros(n // block, **f32)
         else:
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg"] = fp32_zeros_like(p)
+            state["exp_avg_sq"] = fp32_zeros_like(p)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One optimizer step over every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            small: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]] = []
-            # 8-bit tensors by step count (one bucket unless params joined late): each
-            # bucket is one multi-tensor kernel call.
-            buckets: dict[int, list[tuple[torch.Tensor, dict[str, Any]]]] = {}
-            lr, (beta1, beta2) = group["lr"], group["betas"]
-            eps, wd = group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamW8bit does not support sparse gradients.")
-                state = self.state[p]
-                if not state:
-                    self._init_state(p, state, group)
-                state["step"] += 1
-                step = int(state["step"].item())
-                if "exp_avg_q" not in state:
-                    small.append((p, p.grad, state, step))
-                else:
-                    buckets.setdefault(step, []).append((p, state))
-            for step, items in buckets.items():
-                states = [st for _, st in items]
-                adamw8bit_multi(
-                    [p for p, _ in items], [p.grad for p, _ in items],
-                    [st["exp_avg_q"] for st in states], [st["exp_avg_scale"] for st in states],
-                    [st["exp_avg_sq_q"] for st in states],
-                    [st["exp_avg_sq_scale"] for st in states],
-                    lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, step=step,
-                    block_size=group["block_size"], impl=group["impl"],
-                )  # fmt: skip
-            if small:
-                _adamw_fp32(small, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
-        return loss
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``, but keeps each state's dtype.
-
-        torch casts every floating state tensor to its param's dtype, which would turn
-        the int8/uint8 codes into floats and round the fp32 scales and small-tensor
-        moments of bf16 params to bf16; resuming would then not be exact.
-        """
-        saved = {
-            pid: {k: v for k, v in s.items() if isinstance(v, torch.Tensor)}
-            for pid, s in state_dict["state"].items()
-        }
-        old_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        by_id = dict(zip(old_ids, params, strict=True))
-        for pid, tensors in saved.items():
-            p = by_id[pid]
-            for key, value in tensors.items():
-                device = value.device if key == "step" else p.device  # step stays on CPU
-                self.state[p][key] = value.to(device=device, copy=True)
+    def _step_bucket(self, group: dict[str, Any], params: list[torch.Tensor], kernel: str) -> str:
+        small: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]] = []
+        # 8-bit tensors by step count (one bucket unless params joined late): each bucket is
+        # one multi-tensor kernel call.
+        buckets: dict[int, list[tuple[torch.Tensor, dict[str, Any]]]] = {}
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        eps, wd = group["eps"], group["weight_decay"]
+        for p in params:
+            state = self.state[p]
+            state["step"] += 1
+            step = int(state["step"].item())
+            if "exp_avg_q" not in state:
+                small.append((p, p.grad, state, step))
+            else:
+                buckets.setdefault(step, []).append((p, state))
+        name = kernel
+        for step, items in buckets.items():
+            states = [st for _, st in items]
+            name = adamw8bit_multi(
+                [p for p, _ in items], [p.grad for p, _ in items],
+                [st["exp_avg_q"] for st in states], [st["exp_avg_scale"] for st in states],
+                [st["exp_avg_sq_q"] for st in states], [st["exp_avg_sq_scale"] for st in states],
+                lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, step=step,
+                block_size=group["block_size"], impl=kernel,
+            )  # fmt: skip
+        if small:
+            _adamw_fp32(small, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
+        return name
 
 
 def _adamw_fp32(

@@ -4,9 +4,10 @@ Contract of every subclass:
 
 - It is a ``torch.optim.Optimizer``; constructor arguments and defaults match torch.optim
   where they overlap, plus keyword-only ``kernel``.
-- All state lives in ``optimizer.state`` (so its size can be counted) and is fp32 whatever
-  the param dtype; ``state_dict()``/``load_state_dict()`` round-trip exactly, so a resumed
-  run takes bit-identical next steps.
+- All state lives in ``optimizer.state`` (so its size can be counted); floating state is
+  fp32 whatever the param dtype, integer state (8-bit codes) keeps its dtype;
+  ``state_dict()``/``load_state_dict()`` round-trip exactly, so a resumed run takes
+  bit-identical next steps.
 - ``step()`` runs one multi-tensor kernel call per (param group, device, dtype) bucket;
   ``kernel_choice`` says which kernel ran last (see autoscale.kernels._dispatch).
 """
@@ -39,9 +40,14 @@ def _check_flags(name: str, *, capturable: bool = False, differentiable: bool = 
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class; subclasses implement :meth:`_step_bucket` and :meth:`_init_state`."""
 
+    #: The ``kernel=`` names this optimizer accepts; a subclass with other paths overrides it.
+    kernels: tuple[str, ...] = KERNELS
+
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, kernel: str = "auto") -> None:
-        if kernel not in KERNELS:
-            raise ValueError(f"{type(self).__name__}: kernel={kernel!r} is not one of {KERNELS}.")
+        if kernel not in self.kernels:
+            raise ValueError(
+                f"{type(self).__name__}: kernel={kernel!r} is not one of {self.kernels}."
+            )
         if defaults.get("foreach") and defaults.get("fused"):
             raise ValueError(f"{type(self).__name__}: foreach=True and fused=True cannot both be "
                              "set; pick one (or neither, to let autoscale measure).")
@@ -93,6 +99,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     self.state[p][key] = value.detach().to("cpu", torch.float32, copy=True)
                 elif value.is_floating_point():
                     self.state[p][key] = value.detach().to(p.device, torch.float32, copy=True)
+                else:  # integer state (8-bit codes): its own dtype, but never aliased either
+                    self.state[p][key] = value.detach().to(p.device, copy=True)
 
     def _kernel_for(self, group: dict[str, Any], device: torch.device) -> str:
         """The kernel to use: ``kernel=`` wins, then torch's fused/foreach flags, else auto."""
