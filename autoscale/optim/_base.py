@@ -135,6 +135,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self.kernel_choices[f"{device.type}/{dtype}"] = name
         return loss
 
+    def _momentum_parts(self, params: list[torch.Tensor]
+                        ) -> list[tuple[list[torch.Tensor], bool]]:  # fmt: skip
+        """Split ``params`` into (params, first_step) parts for the SGD-style kernels.
+
+        Params without a ``momentum_buffer`` get a zeroed fp32 one and ``first_step=True``
+        (their first momentum step copies d into the buffer, no dampening, as torch does);
+        the rest ``first_step=False``. Empty parts are left out.
+        """
+        new = [p for p in params if "momentum_buffer" not in self.state[p]]
+        old = [p for p in params if "momentum_buffer" in self.state[p]]
+        for p in new:
+            self.state[p]["momentum_buffer"] = fp32_zeros_like(p)
+        return [(part, first) for part, first in ((new, True), (old, False)) if part]
+
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
         raise NotImplementedError
 

@@ -8,7 +8,7 @@ import torch
 
 from autoscale.kernels.lars import lars
 
-from ._base import FusedOptimizer, ParamsT, excluded, fp32_zeros_like
+from ._base import FusedOptimizer, ParamsT, excluded
 
 __all__ = ["LARS"]
 
@@ -50,14 +50,9 @@ class LARS(FusedOptimizer):
         if momentum == 0:
             return lars(params, [p.grad for p in params], [],
                         [excluded(group, p) for p in params], first_step=False, **hyper)
-        new = [p for p in params if "momentum_buffer" not in self.state[p]]
-        old = [p for p in params if "momentum_buffer" in self.state[p]]
-        for p in new:
-            self.state[p]["momentum_buffer"] = fp32_zeros_like(p)
         name = kernel
-        for part, first in ((new, True), (old, False)):
-            if part:
-                name = lars(part, [p.grad for p in part],
-                            [self.state[p]["momentum_buffer"] for p in part],
-                            [excluded(group, p) for p in part], first_step=first, **hyper)
+        for part, first in self._momentum_parts(params):
+            name = lars(part, [p.grad for p in part],
+                        [self.state[p]["momentum_buffer"] for p in part],
+                        [excluded(group, p) for p in part], first_step=first, **hyper)
         return name

@@ -8,7 +8,7 @@ import torch
 
 from autoscale.kernels.sgd import sgd
 
-from ._base import FusedOptimizer, ParamsT, _check_flags, fp32_zeros_like
+from ._base import FusedOptimizer, ParamsT, _check_flags
 
 __all__ = ["SGD"]
 
@@ -61,15 +61,9 @@ class SGD(FusedOptimizer):
                      maximize=group["maximize"], kernel=kernel)
         if momentum == 0:
             return sgd(params, [p.grad for p in params], [], first_step=False, **hyper)
-        # A param's first momentum step copies d into the buffer (no dampening), as torch does.
-        new = [p for p in params if "momentum_buffer" not in self.state[p]]
-        old = [p for p in params if "momentum_buffer" in self.state[p]]
-        for p in new:
-            self.state[p]["momentum_buffer"] = fp32_zeros_like(p)
         name = kernel
-        for part, first in ((new, True), (old, False)):
-            if part:
-                name = sgd(part, [p.grad for p in part],
-                           [self.state[p]["momentum_buffer"] for p in part], first_step=first,
-                           **hyper)
+        for part, first in self._momentum_parts(params):
+            name = sgd(part, [p.grad for p in part],
+                       [self.state[p]["momentum_buffer"] for p in part], first_step=first,
+                       **hyper)
         return name
