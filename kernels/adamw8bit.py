@@ -442,8 +442,16 @@ def _codes_agree(out: torch.Tensor, ref: torch.Tensor) -> bool:
 
 def _agrees(name: str, lists: Lists, hyper: tuple[float, ...], block_size: int) -> bool:
     """Does path ``name`` reproduce the reference on a sample of (clones of) ``lists``?"""
-    # Whole tensors (each state tensor must match its param), the first few only.
-    sample = [[t.detach().clone() for t in x[:4]] for x in lists]
+    # The first 16 blocks of the first few tensors, with their state: enough to catch wrong
+    # maths, and cheap at start-up even when the first tensor is a large embedding.
+    sample: Lists = [[] for _ in lists]
+    for p, g, mq, ms, vq, vs in list(zip(*lists, strict=True))[:4]:
+        nb = min(ms.numel(), 16)
+        n = min(p.numel(), nb * block_size)
+        head = (p.reshape(-1)[:n], g.reshape(-1)[:n], mq[: nb * block_size], ms[:nb],
+                vq[: nb * block_size], vs[:nb])  # fmt: skip
+        for row, t in zip(sample, head, strict=True):
+            row.append(t.detach().clone())
     before = [p.float() for p in sample[0]]
     want = [[t.clone() for t in x] for x in sample]
     _run_reference(want, hyper, block_size)
