@@ -433,11 +433,16 @@ def _available(name: str, device: torch.device) -> str | None:
     return None
 
 
-def _codes_agree(out: torch.Tensor, ref: torch.Tensor) -> bool:
+def _codes_agree(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> bool:
     # Paths order fp32 ops differently (the native one uses 14-bit reciprocal estimates),
-    # so a code may move one level where y lands near a rounding boundary; more is a bug.
-    diff = (out.int() - ref.int()).abs()
-    return diff.numel() == 0 or (diff.max().item() <= 1 and (diff > 0).float().mean().item() < 0.01)
+    # so a code may move one level where y lands near a rounding boundary (0.1-0.3 % of
+    # elements); more is a bug. Judged over all sampled tensors at once, with a floor of
+    # 16 elements: bf16 grads repeat values, so flips come in groups on small samples.
+    pairs = zip(outs, refs, strict=True)
+    diff = torch.cat([(a.int() - b.int()).abs().reshape(-1) for a, b in pairs])
+    return diff.numel() == 0 or (
+        diff.max().item() <= 1 and (diff > 0).sum().item() <= max(0.01 * diff.numel(), 16)
+    )
 
 
 def _agrees(name: str, lists: Lists, hyper: tuple[float, ...], block_size: int) -> bool:
@@ -466,9 +471,7 @@ def _agrees(name: str, lists: Lists, hyper: tuple[float, ...], block_size: int) 
         torch.allclose(a, b, rtol=1e-4, atol=1e-12)
         for k in (3, 5) for a, b in zip(sample[k], want[k], strict=True)
     )  # fmt: skip
-    return scales_ok and all(
-        _codes_agree(a, b) for k in (2, 4) for a, b in zip(sample[k], want[k], strict=True)
-    )
+    return scales_ok and all(_codes_agree(sample[k], want[k]) for k in (2, 4))
 
 
 def _pick(impl: str, device: torch.device, dtype: torch.dtype, lists: Lists,

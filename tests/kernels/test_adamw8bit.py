@@ -28,10 +28,13 @@ _state = adamw8bit_state
 def _assert_codes_close(out: torch.Tensor, ref: torch.Tensor) -> None:
     # Codes may differ by one level where y = f(x) * 127 (or 255) lands within fp32
     # noise of a rounding boundary (the paths order fp32 ops differently); anything
-    # more, or more than 1 % of elements, is a real bug.
+    # more, or more than 1 % of elements, is a real bug. The floor of 16 elements is for
+    # the small cases: bf16 grads repeat values, so one value near a boundary flips
+    # several elements at once (seen: 11 flips from 5 distinct |g| in 1024 codes). The
+    # rate itself is pinned on 64K elements by test_native_code_flips_are_rare.
     diff = (out.int() - ref.int()).abs()
     assert diff.max().item() <= 1
-    assert (diff > 0).float().mean().item() < 0.01
+    assert (diff > 0).sum().item() <= max(0.01 * diff.numel(), 16)
 
 
 def _check_against_reference(impl: str, n: int, dtype: torch.dtype, block: int, hyper: dict,
@@ -51,8 +54,14 @@ def _check_against_reference(impl: str, n: int, dtype: torch.dtype, block: int, 
             # truncation, torch rounds to nearest even. The native path rounds like torch
             # but from an update exact to ~2^-13, which can cross a rounding boundary and
             # land one ulp of the neighbouring value away: two ulps.
-            rtol = 2**-6 if impl == "native" else 2**-7
-            torch.testing.assert_close(p_out, p, rtol=rtol, atol=0.0)
+            if impl == "native":
+                # plus the update's own 3e-4 (below) where p lands near 0, where two
+                # ulps of p are smaller than the estimates' error in a large update
+                err = (p_out.float() - p.float()).abs()
+                tol = 2**-6 * p.float().abs() + 3e-4 * (p.float() - p0.float()).abs()
+                assert bool((err <= tol).all()), f"max excess {(err - tol).max().item()}"
+            else:
+                torch.testing.assert_close(p_out, p, rtol=2**-7, atol=0.0)
         elif impl == "native":
             # 14-bit reciprocal (sqrt) estimates (kernels._cpu_adamw8bit): the update is
             # exact to ~2^-13 of itself; 3e-4 leaves room, a wrong term would be ~100 %.
@@ -100,6 +109,28 @@ def test_native_matches_reference(n, dtype, block, hyper) -> None:
     if not _cpu_adamw8bit.available():
         pytest.skip(f"no C compiler here: {_cpu_adamw8bit.load_error()}")
     _check_against_reference("native", n, dtype, block, hyper)
+
+
+def test_native_code_flips_are_rare() -> None:
+    """On 64K fp32 elements over 4 steps, the native path's 14-bit estimates move a code
+    by one level on well under 1 % of elements (measured 0.1-0.3 %): the rate the small
+    cases above can only bound loosely."""
+    if not _cpu_adamw8bit.available():
+        pytest.skip(f"no C compiler here: {_cpu_adamw8bit.load_error()}")
+    n, block = 1 << 16, 256
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(n, generator=gen)
+    st = _state(n, block)
+    for step in range(1, 5):
+        g = torch.randn(n, generator=gen) * 0.1
+        st_out = [t.clone() for t in st]
+        k.adamw8bit(p.clone(), g, *st_out, step=step, block_size=block, impl="native",
+                    **HYPER[0])  # fmt: skip
+        k.adamw8bit_reference(p, g, *st, step=step, block_size=block, **HYPER[0])
+        for i in (0, 2):
+            diff = (st_out[i].int() - st[i].int()).abs()
+            assert diff.max().item() <= 1
+            assert (diff > 0).float().mean().item() < 0.005
 
 
 def test_multi_tensor_matches_per_tensor_reference() -> None:
