@@ -353,6 +353,9 @@ def make_digits_optimizer(
     of 4 seeds, test loss: eta 1e-3, LR 2-16: 0.094-0.128 (0.075-0.100 without the 1-D
     exclusion); eta 0.02 or 0.05, weight decay 1e-4 or 5e-4, warm-up 10% or 25%:
     0.077-0.089; the default (eta 0.02, 5e-4, 10%): 0.084; SGD at batch 16: 0.046.
+    A cosine to 0 instead of to 10 % (the LR of a normalized step must vanish at the end)
+    helps LARS most but does not close the gap: test-loss ratios 1.39 for LARS and 1.20
+    for SGD scaled, against SGD at batch 16 on the same schedule (4 seeds, one run).
     AdamW and LAMB: as in the text task.
     """
     if name == "sgd":
