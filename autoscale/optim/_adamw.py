@@ -8,7 +8,7 @@ import torch
 
 from autoscale.kernels.adamw import adamw
 
-from ._base import FusedOptimizer, ParamsT, _check_flags, fp32_zeros_like, host_step
+from ._base import FusedOptimizer, ParamsT, _check_flags, adam_state
 
 __all__ = ["AdamW"]
 
@@ -57,10 +57,7 @@ class AdamW(FusedOptimizer):
         super().__init__(params, defaults, kernel=kernel)
 
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
-        state = self.state[p]
-        state["step"] = host_step()
-        state["exp_avg"] = fp32_zeros_like(p)
-        state["exp_avg_sq"] = fp32_zeros_like(p)
+        self.state[p].update(adam_state(p))
 
     def _step_bucket(self, group: dict[str, Any], params: list[torch.Tensor], kernel: str) -> str:
         if group.get("amsgrad"):

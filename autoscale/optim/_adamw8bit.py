@@ -18,7 +18,7 @@ import torch
 
 from autoscale.kernels.adamw8bit import IMPLS, Impl, adamw8bit_multi, state_numel
 
-from ._base import FusedOptimizer, fp32_zeros_like, host_step
+from ._base import FusedOptimizer, adam_state, host_step
 
 __all__ = ["AdamW8bit"]
 
@@ -81,18 +81,17 @@ class AdamW8bit(FusedOptimizer):
 
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
         state = self.state[p]
+        if p.numel() < group["min_8bit_size"]:
+            state.update(adam_state(p))
+            return
         state["step"] = host_step()
-        if p.numel() >= group["min_8bit_size"]:
-            block = group["block_size"]
-            n = state_numel(p.numel(), block)
-            state["exp_avg_q"] = torch.zeros(n, dtype=torch.int8, device=p.device)
-            f32 = dict(dtype=torch.float32, device=p.device)
-            state["exp_avg_scale"] = torch.zeros(n // block, **f32)
-            state["exp_avg_sq_q"] = torch.zeros(n, dtype=torch.uint8, device=p.device)
-            state["exp_avg_sq_scale"] = torch.zeros(n // block, **f32)
-        else:
-            state["exp_avg"] = fp32_zeros_like(p)
-            state["exp_avg_sq"] = fp32_zeros_like(p)
+        block = group["block_size"]
+        n = state_numel(p.numel(), block)
+        state["exp_avg_q"] = torch.zeros(n, dtype=torch.int8, device=p.device)
+        f32 = dict(dtype=torch.float32, device=p.device)
+        state["exp_avg_scale"] = torch.zeros(n // block, **f32)
+        state["exp_avg_sq_q"] = torch.zeros(n, dtype=torch.uint8, device=p.device)
+        state["exp_avg_sq_scale"] = torch.zeros(n // block, **f32)
 
     def _step_bucket(self, group: dict[str, Any], params: list[torch.Tensor], kernel: str) -> str:
         small: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]] = []

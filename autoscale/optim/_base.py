@@ -166,6 +166,13 @@ def host_step() -> torch.Tensor:
     return torch.tensor(0.0, dtype=torch.float32)
 
 
+def adam_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fresh Adam-family state for ``p``, in torch.optim.AdamW's keys and layout: a host
+    ``step`` counter and fp32 ``exp_avg`` / ``exp_avg_sq`` (AdamW, LAMB, AdamW8bit's
+    small tensors)."""
+    return {"step": host_step(), "exp_avg": fp32_zeros_like(p), "exp_avg_sq": fp32_zeros_like(p)}
+
+
 def excluded(group: dict[str, Any], p: torch.Tensor) -> bool:
     """True if ``p`` skips trust-ratio adaptation and weight decay (LAMB, LARS).
 
