@@ -128,6 +128,23 @@ def test_loads_torch_adamw_state_dict() -> None:
         torch.testing.assert_close(q, p, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cls", [AdamW, SGD, LAMB, LARS])
+def test_pickled_optimizer_keeps_its_kernel_and_steps_on(cls) -> None:
+    """torch pickles only defaults/state/param_groups; kernel= must survive too."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(32, 16))
+    opt = cls([p], lr=1e-2, kernel="foreach")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    clone = copy.deepcopy(opt)
+    q = clone.param_groups[0]["params"][0]
+    q.grad = p.grad.clone()
+    opt.step()
+    clone.step()
+    assert clone.kernel == "foreach" and clone.kernel_choice == "foreach"
+    assert torch.equal(p, q)
+
+
 def test_state_is_countable_in_optimizer_state() -> None:
     model = _model(torch.bfloat16)
     opt = AdamW(model.parameters())

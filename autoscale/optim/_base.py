@@ -69,8 +69,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             return names.pop()
         return ",".join(f"{k}={v}" for k, v in sorted(self.kernel_choices.items()))
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles only defaults, state and param_groups; the kernel= choice is ours.
+        return {**super().__getstate__(), "kernel": self.kernel}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # Also called by load_state_dict (without "kernel"): the live choice then stays.
+        if "kernel" not in state and not hasattr(self, "kernel"):
+            state = {**state, "kernel": "auto"}
         super().__setstate__(state)
+        if not hasattr(self, "kernel_choices"):
+            self.kernel_choices = {}
         # A state dict from torch.optim lacks our group keys; fill them from our defaults.
         for group in self.param_groups:
             for key, value in self.defaults.items():
