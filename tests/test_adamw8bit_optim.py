@@ -107,6 +107,43 @@ def test_state_dict_resume_is_bit_identical(dtype) -> None:
             assert torch.equal(value, opt2.state[p2][key]), key
 
 
+def test_step_counters_follow_every_way_they_change() -> None:
+    """The counters are views of one buffer (one add per step); each still counts alone:
+    a param joining late, a user's assignment, a state dict loaded mid-run, a pickle."""
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(64, 80)), nn.Parameter(torch.randn(64, 80))
+    opt = AdamW8bit([a, b], lr=1e-3, kernel="reference")
+
+    def step(*ps):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+
+    def counts():
+        return [opt.state[p]["step"].item() if opt.state[p] else None for p in (a, b)]
+
+    step(a)
+    step(a)
+    assert counts() == [2.0, None]
+    step(a, b)  # b joins: the bucket is repacked, a keeps its count
+    assert counts() == [3.0, 1.0]
+    opt.state[b]["step"] = torch.tensor(10.0)  # a user's own assignment is honoured
+    step(a, b)
+    assert counts() == [4.0, 11.0]
+    saved = copy.deepcopy(opt.state_dict())
+    step(a, b)
+    assert saved["state"][0]["step"].item() == 4.0  # the copy does not follow the buffer
+    opt.load_state_dict(saved)
+    step(a, b)
+    assert counts() == [5.0, 12.0]
+    clone = copy.deepcopy(opt)  # pickling path: the cache is rebuilt, not shared
+    for p in clone.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    clone.step()
+    assert [clone.state[p]["step"].item() for p in clone.param_groups[0]["params"]] == [6.0, 13.0]
+    assert counts() == [5.0, 12.0]
+
+
 def test_state_is_about_two_bytes_per_param() -> None:
     p = nn.Parameter(torch.randn(1024, 1024))
     p.grad = torch.randn_like(p)
