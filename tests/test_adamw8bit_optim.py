@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from autoscale.kernels import _cpu_adamw8bit
 from autoscale.optim._adamw8bit import AdamW8bit
 
 
@@ -142,6 +143,48 @@ def test_step_counters_follow_every_way_they_change() -> None:
     clone.step()
     assert [clone.state[p]["step"].item() for p in clone.param_groups[0]["params"]] == [6.0, 13.0]
     assert counts() == [5.0, 12.0]
+
+
+@pytest.mark.skipif(not _cpu_adamw8bit.available(), reason="no C compiler here")
+def test_bound_native_path_equals_unbound_and_follows_replaced_state() -> None:
+    """After its first step a bucket's state is bound to the C kernel (only params and
+    grads are marshalled). It must step exactly as the unbound path, and a state tensor
+    replaced by the user (or a load) must be the one updated, never the old one."""
+    torch.manual_seed(0)
+
+    def make():
+        gen = torch.Generator().manual_seed(1)
+        ps = [nn.Parameter(torch.randn(64, 80, generator=gen)),
+              nn.Parameter(torch.randn(33, generator=gen))]  # fmt: skip
+        return ps, AdamW8bit(ps, lr=1e-2, kernel="native")
+
+    (pa, opt_a), (pb, opt_b) = make(), make()
+    grads = [[torch.randn_like(p) for p in pa] for _ in range(6)]
+
+    def step(ps, opt, gs, unbound):
+        for p, g in zip(ps, gs, strict=True):
+            p.grad = g.clone()
+        if unbound:
+            opt._bound.clear()
+        opt.step()
+
+    for i in range(3):
+        step(pa, opt_a, grads[i], unbound=False)
+        step(pb, opt_b, grads[i], unbound=True)
+    assert len(opt_a._bound) == 2  # the 8-bit bucket and the small tensors
+    for opt, ps in ((opt_a, pa), (opt_b, pb)):
+        old = opt.state[ps[0]]["exp_avg_q"]
+        opt.state[ps[0]]["exp_avg_q"] = torch.zeros_like(old)
+        opt.state[ps[1]]["exp_avg"] = torch.zeros_like(opt.state[ps[1]]["exp_avg"])
+    kept = opt_a.state[pa[0]]["exp_avg_q"]
+    for i in range(3, 6):
+        step(pa, opt_a, grads[i], unbound=False)
+        step(pb, opt_b, grads[i], unbound=True)
+    assert opt_a.state[pa[0]]["exp_avg_q"] is kept and kept.abs().sum() > 0
+    for p, q in zip(pa, pb, strict=True):
+        assert torch.equal(p, q)
+        for key, value in opt_a.state[p].items():
+            assert torch.equal(value, opt_b.state[q][key]), key
 
 
 def test_state_is_about_two_bytes_per_param() -> None:

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from autoscale.kernels.adamw8bit import IMPLS, Impl, adamw8bit_multi, state_numel
+from autoscale.kernels import _cpu_adamw8bit, _dispatch
+from autoscale.kernels.adamw8bit import IMPLS, Impl, _hyper, adamw8bit_multi, state_numel
 
 from ._base import FusedOptimizer, adam_state, host_step
 
@@ -79,12 +80,14 @@ class AdamW8bit(FusedOptimizer):
         #: _advance_steps. Derived from the state, so never saved (torch pickles only
         #: defaults, state and param_groups).
         self._step_packs: dict[tuple[Any, ...], tuple[list[torch.Tensor], torch.Tensor, Any]] = {}
+        #: (bucket key, i or "small") -> the state bound to the C kernel; see _step_bucket.
+        self._bound: dict[tuple[Any, ...], _cpu_adamw8bit.BoundState] = {}
         super().__init__(params, defaults, kernel=kernel)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        if not hasattr(self, "_step_packs"):  # unpickled; load_state_dict keeps the cache
-            self._step_packs = {}
+        if not hasattr(self, "_step_packs"):  # unpickled; load_state_dict keeps the caches
+            self._step_packs, self._bound = {}, {}
 
     kernels = IMPLS
 
@@ -133,27 +136,60 @@ class AdamW8bit(FusedOptimizer):
         # one multi-tensor kernel call.
         buckets: dict[int, list[tuple[torch.Tensor, dict[str, Any]]]] = {}
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        eps, wd = group["eps"], group["weight_decay"]
+        eps, wd, block = group["eps"], group["weight_decay"], group["block_size"]
+        device, dtype = params[0].device, params[0].dtype
+        key = (id(group), device, dtype)
         states = [self.state[p] for p in params]
-        for p, state, step in zip(params, states, self._advance_steps(
-            (id(group), params[0].device, params[0].dtype), group, states), strict=True):
+        for p, state, step in zip(params, states, self._advance_steps(key, group, states),
+                                  strict=True):  # fmt: skip
             if "exp_avg_q" not in state:
                 small.append((p, p.grad, state, step))
             else:
                 buckets.setdefault(step, []).append((p, state))
+        # Once a bucket has run on the C kernel, its state stays bound to it (see
+        # _cpu_adamw8bit.BoundState): later steps marshal only params and grads, while
+        # the dispatcher still picks the C kernel and the state tensors are the same.
+        chosen = _dispatch.cached_choice("adamw8bit", device, dtype) if kernel == "auto" else kernel
+        native = device.type == "cpu" and chosen == "native"
         name = kernel
-        for step, items in buckets.items():
-            states = [st for _, st in items]
-            name = adamw8bit_multi(
-                [p for p, _ in items], [p.grad for p, _ in items],
-                [st["exp_avg_q"] for st in states], [st["exp_avg_scale"] for st in states],
-                [st["exp_avg_sq_q"] for st in states], [st["exp_avg_sq_scale"] for st in states],
-                lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, step=step,
-                block_size=group["block_size"], impl=kernel,
+        for i, (step, items) in enumerate(buckets.items()):
+            ps = [p for p, _ in items]
+            grads = [p.grad for p in ps]
+            sts = [st for _, st in items]
+            state = (
+                [st["exp_avg_q"] for st in sts], [st["exp_avg_scale"] for st in sts],
+                [st["exp_avg_sq_q"] for st in sts], [st["exp_avg_sq_scale"] for st in sts],
             )  # fmt: skip
+            bound = self._bound.get((key, i)) if native else None
+            if bound is not None and bound.same(*state) and _cpu_adamw8bit.step_bound(
+                bound, ps, grads, _hyper(lr, beta1, beta2, eps, wd, step), block
+            ):
+                name = "native"
+                continue
+            name = adamw8bit_multi(
+                ps, grads, *state, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
+                step=step, block_size=block, impl=kernel,
+            )  # fmt: skip
+            if name == "native":  # adamw8bit_multi checked the layout
+                self._bound[(key, i)] = _cpu_adamw8bit.BoundState([p.numel() for p in ps], *state)
         if small:
-            _adamw_fp32(small, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
+            self._step_small(key, small, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
         return name
+
+    def _step_small(self, key: tuple[Any, ...],
+                    small: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]],
+                    **hyper: float) -> None:  # fmt: skip
+        """The fp32-moment tensors: bound to the C kernel once they have run on it."""
+        moments = ([s["exp_avg"] for _, _, s, _ in small],
+                   [s["exp_avg_sq"] for _, _, s, _ in small])  # fmt: skip
+        bound = self._bound.get((key, "small"))
+        if bound is not None and bound.same(*moments):
+            ps, grads = [it[0] for it in small], [it[1] for it in small]
+            if _cpu_adamw8bit.adamw32_bound(bound, ps, grads, [it[3] for it in small], **hyper):
+                return
+        if _adamw_fp32(small, **hyper):  # all in one C call, moments checked: bind them
+            self._bound[(key, "small")] = _cpu_adamw8bit.BoundState(
+                [it[0].numel() for it in small], *moments)
 
 
 def _adamw_fp32(
@@ -164,13 +200,35 @@ def _adamw_fp32(
     beta2: float,
     eps: float,
     weight_decay: float,
-) -> None:
-    """torch.optim.AdamW's maths for the small tensors with fp32 moments.
+) -> bool:
+    """torch.optim.AdamW's maths for the small tensors with fp32 moments; True if all of
+    them went through the C kernel (``adamw32_step``).
 
-    fp32 params take torch's fused AdamW kernel (one call: ~100 small tensors cost ~10x
-    less than a chain of foreach ops); bf16 params with fp32 moments, which the fused
-    kernel does not take, go through foreach ops.
+    On the CPU, when the C library builds, one call of ``adamw32_step`` takes them all (fp32
+    or bf16 params): torch's fused kernel opens one OpenMP region per tensor, ~0.4-0.6 ms
+    for the ~100 biases and norms of a transformer right after the 8-bit kernel. Elsewhere
+    fp32 params take torch's fused AdamW kernel (one call: ~10x less than a chain of
+    foreach ops); bf16 params with fp32 moments, which it does not take, go through
+    foreach ops.
     """
+    if _cpu_adamw8bit.available():
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+        calls = 0
+        for dtype in (torch.float32, torch.bfloat16):
+            part = [it for it in items if it[0].device.type == "cpu" and it[0].dtype == dtype
+                    and it[1].dtype == dtype and it[0].is_contiguous()
+                    and it[1].is_contiguous()]  # fmt: skip
+            if part:
+                _cpu_adamw8bit.adamw32_step(
+                    [p for p, _, _, _ in part], [g for _, g, _, _ in part],
+                    [s["exp_avg"] for _, _, s, _ in part], [s["exp_avg_sq"] for _, _, s, _ in part],
+                    [t for _, _, _, t in part], **hyper,
+                )  # fmt: skip
+                calls += 1
+                done = {id(it[0]) for it in part}
+                items = [it for it in items if id(it[0]) not in done]
+        if not items:
+            return calls == 1
     fused = [it for it in items if it[0].dtype == torch.float32 and it[1].dtype == torch.float32]
     if fused:
         torch._fused_adamw_(
@@ -182,7 +240,7 @@ def _adamw_fp32(
         items = [it for it in items if not (it[0].dtype == torch.float32
                                              and it[1].dtype == torch.float32)]  # fmt: skip
         if not items:
-            return
+            return False
     params = [p for p, _, _, _ in items]
     p32 = [p if p.dtype == torch.float32 else p.float() for p in params]
     g32 = [g.float() for _, g, _, _ in items]
@@ -201,3 +259,4 @@ def _adamw_fp32(
     for p, q in zip(params, p32, strict=True):
         if q is not p:
             p.copy_(q)
+    return False
