@@ -6,11 +6,12 @@
     Goal: ratio <= 0.75. --with-compiled adds the torch.compile path as a row.
 (b) Optimizer-state bytes per parameter, every tensor in optimizer.state counted
     (fp32 moments of small tensors and the step counters included). Goal <= 2.1 vs 8.0.
-(c) Convergence: examples/gpt.py on its stdlib-text corpus, same seed, same batches,
-    ``--steps`` steps, AdamW8bit vs fp32 AdamW; validation loss on fixed batches.
-    Goal: relative difference within 2 %.
+(c) Convergence: examples/gpt.py on its stdlib-text corpus, ``--steps`` steps with
+    warm-up and cosine decay, AdamW8bit vs fp32 AdamW in ``--seeds`` pairs (a pair shares
+    init and batches); validation loss on 32 fixed batches.
+    Goal: relative difference within 2 % for every seed.
 
-    python bench/bench_adamw8bit.py [--params 50e6] [--steps 300] [--repeats 11]
+    python bench/bench_adamw8bit.py [--params 50e6] [--steps 300] [--seeds 3] [--repeats 11]
                                     [--skip-convergence] [--with-compiled]
 """
 
@@ -114,51 +115,77 @@ def bench_step(n_params: float, repeats: int, with_compiled: bool) -> None:
     print("goal: adamw8bit <= 2.1 bytes/param (fp32 AdamW: 8.0)")
 
 
-def bench_convergence(steps: int, seed: int = 0) -> None:
+def bench_convergence(steps: int, seeds: int = 3) -> None:
+    """fp32 AdamW vs AdamW8bit on the GPT example, ``seeds`` paired runs.
+
+    Each run warms up over 10 % of the steps and decays along a cosine to 10 % of the LR,
+    so the final loss is a settled point rather than a snapshot of a noisy trajectory, and
+    it is scored on 32 fixed held-out batches (32K characters). A pair shares the seed
+    (init and batches). Measured on this setup: with a constant LR and 8 val batches a
+    pair's difference swung by up to 3 % with the seed (either way), so one seed could
+    neither show nor refute a 2 % difference.
+    """
     sys.path.insert(0, str(ROOT / "examples"))
     import gpt
     from text import CharBatches
 
+    from autoscale.optim import warmup_schedule
+
     config = gpt.GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=128, dropout=0.0)
     batch_size, lr = 16, 2e-3
     val_batches = CharBatches(block_size=config.block_size, seed=1234)
-    val = [val_batches.get(batch_size, split="val") for _ in range(8)]
-    results = {}
-    for name in ("adamw_fp32", "adamw8bit"):
-        torch.manual_seed(seed)
-        model = gpt.GPT(config)
-        n8 = sum(p.numel() for p in model.parameters() if p.numel() >= 4096)
-        opt = (torch.optim.AdamW(model.parameters(), lr=lr) if name == "adamw_fp32"
-               else AdamW8bit(model.parameters(), lr=lr))  # fmt: skip
-        data = CharBatches(block_size=config.block_size, seed=seed)
-        losses = []
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            x, y = data.get(batch_size)
-            loss = model(x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        model.eval()
-        with torch.no_grad():
-            val_loss = statistics.mean(model(x, y).item() for x, y in val)
-        results[name] = (statistics.mean(losses[-20:]), val_loss, time.perf_counter() - t0)
+    val = [val_batches.get(batch_size, split="val") for _ in range(32)]
+    rows = []
+    for seed in range(seeds):
+        results = {}
+        for name in ("adamw_fp32", "adamw8bit"):
+            torch.manual_seed(seed)
+            model = gpt.GPT(config)
+            n8 = sum(p.numel() for p in model.parameters() if p.numel() >= 4096)
+            opt = (torch.optim.AdamW(model.parameters(), lr=lr) if name == "adamw_fp32"
+                   else AdamW8bit(model.parameters(), lr=lr))  # fmt: skip
+            sched = warmup_schedule(opt, steps // 10, steps, decay="cosine", min_factor=0.1)
+            data = CharBatches(block_size=config.block_size, seed=seed)
+            losses = []
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                x, y = data.get(batch_size)
+                loss = model(x, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+            model.eval()
+            with torch.no_grad():
+                val_loss = statistics.mean(model(x, y).item() for x, y in val)
+            results[name] = (statistics.mean(losses[-20:]), val_loss, time.perf_counter() - t0)
+        rows.append(results)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"\n(c) convergence: examples/gpt.py {config.n_layer} layers, n_embd {config.n_embd}, "
           f"{n_params / 1e6:.2f}M params ({n8 / 1e6:.2f}M with 8-bit state), batch "
-          f"{batch_size}x{config.block_size}, lr {lr}, {steps} steps, seed {seed}")  # fmt: skip
-    print(f"{'optimizer':<14}{'train_last20':>14}{'val_loss':>10}{'seconds':>9}")
-    for name, (tr, va, sec) in results.items():
-        print(f"{name:<14}{tr:>14.4f}{va:>10.4f}{sec:>9.1f}")
-    ref, q = results["adamw_fp32"][1], results["adamw8bit"][1]
-    print(f"goal: |val8bit - valfp32| / valfp32 <= 2 % -> measured {100 * (q - ref) / ref:+.2f} %")
+          f"{batch_size}x{config.block_size}, lr {lr} (10 % warm-up, cosine to 10 %), "
+          f"{steps} steps, {seeds} seeds")  # fmt: skip
+    print(f"{'seed':<6}{'optimizer':<14}{'train_last20':>14}{'val_loss':>10}{'seconds':>9}"
+          f"{'val diff':>10}")  # fmt: skip
+    diffs = []
+    for seed, results in enumerate(rows):
+        ref, q = results["adamw_fp32"][1], results["adamw8bit"][1]
+        diffs.append(100 * (q - ref) / ref)
+        for name, (tr, va, sec) in results.items():
+            diff = f"{diffs[-1]:+9.2f}%" if name == "adamw8bit" else ""
+            print(f"{seed:<6}{name:<14}{tr:>14.4f}{va:>10.4f}{sec:>9.1f}{diff:>10}")
+    worst = max(diffs, key=abs)
+    print(f"goal: |val8bit - valfp32| / valfp32 <= 2 % for every seed -> mean "
+          f"{statistics.mean(diffs):+.2f} %, worst {worst:+.2f} % "
+          f"({'met' if abs(worst) <= 2 else 'NOT met'})")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=float, default=50e6, help="parameters in (a), (b)")
     ap.add_argument("--steps", type=int, default=300, help="training steps in (c)")
+    ap.add_argument("--seeds", type=int, default=3, help="paired runs in (c)")
     ap.add_argument("--repeats", type=int, default=11, help="timed steps per optimizer in (a)")
     ap.add_argument("--skip-convergence", action="store_true", help="skip (c)")
     ap.add_argument("--with-compiled", action="store_true",
@@ -175,7 +202,7 @@ def main() -> None:
           f"python {platform.python_version()}")  # fmt: skip
     bench_step(args.params, args.repeats, args.with_compiled)
     if not args.skip_convergence:
-        bench_convergence(args.steps)
+        bench_convergence(args.steps, args.seeds)
 
 
 if __name__ == "__main__":
