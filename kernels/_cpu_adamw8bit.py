@@ -35,7 +35,7 @@ __all__ = [
 ]  # fmt: skip
 
 _NAME = "adamw8bit_cpu"
-MAX_BLOCK = 4096  # the stack buffer per thread: 2 * 4096 fp32 = 32 KiB
+MAX_BLOCK = 4096  # stack buffers per thread: 2 pairs of 4096 fp32 = 64 KiB
 
 _SOURCE = r"""
 #include <math.h>

@@ -80,7 +80,8 @@ class AdamW8bit(FusedOptimizer):
         #: _advance_steps. Derived from the state, so never saved (torch pickles only
         #: defaults, state and param_groups).
         self._step_packs: dict[tuple[Any, ...], tuple[list[torch.Tensor], torch.Tensor, Any]] = {}
-        #: (bucket key, i or "small") -> the state bound to the C kernel; see _step_bucket.
+        #: (bucket key, i, block_size) or (bucket key, "small") -> the state bound to the C
+        #: kernel; see _step_bucket.
         self._bound: dict[tuple[Any, ...], _cpu_adamw8bit.BoundState] = {}
         super().__init__(params, defaults, kernel=kernel)
 
@@ -160,7 +161,8 @@ class AdamW8bit(FusedOptimizer):
                 [st["exp_avg_q"] for st in sts], [st["exp_avg_scale"] for st in sts],
                 [st["exp_avg_sq_q"] for st in sts], [st["exp_avg_sq_scale"] for st in sts],
             )  # fmt: skip
-            bound = self._bound.get((key, i)) if native else None
+            # block in the key: a group whose block_size changed must not reuse a binding
+            bound = self._bound.get((key, i, block)) if native else None
             if bound is not None and bound.same(*state) and _cpu_adamw8bit.step_bound(
                 bound, ps, grads, _hyper(lr, beta1, beta2, eps, wd, step), block
             ):
@@ -171,7 +173,8 @@ class AdamW8bit(FusedOptimizer):
                 step=step, block_size=block, impl=kernel,
             )  # fmt: skip
             if name == "native":  # adamw8bit_multi checked the layout
-                self._bound[(key, i)] = _cpu_adamw8bit.BoundState([p.numel() for p in ps], *state)
+                self._bound[(key, i, block)] = _cpu_adamw8bit.BoundState(
+                    [p.numel() for p in ps], *state)
         if small:
             self._step_small(key, small, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
         return name
