@@ -11,7 +11,11 @@ against 28 for fp32 AdamW.
 On the AVX-512 path the two passes are software-pipelined across blocks: pass 1 of
 block b runs before pass 2 of block b - 1, so the serial chain between them (block
 maxima, scale maths: ~60 cycles) overlaps independent work; 6 % fewer cycles per element
-at block_size 256 on Zen 4.
+at block_size 256 on Zen 4. Pass 1 also prefetches p and g two blocks ahead with the
+non-temporal hint (into L1, kept out of L2/L3): on the 2-vCPU Zen 4 host this kernel was
+tuned on, the step is then ~8 % faster when DRAM is fast (2 % when it is slow), measured
+against torch's fused AdamW in the same process; T0 hints at the same distance, NTA
+hints farther ahead, and prefetching the code bytes too gave nothing or made it slower.
 
 All tensors of one call share a dtype (fp32 or bf16 params, grads alike); each OpenMP
 thread takes a contiguous range of each tensor's blocks (schedule(static)'s split) with
@@ -147,6 +151,10 @@ static inline void NAME(PT *P, const PT *G, const int8_t *QM, const uint8_t *QV,
     __m512 mmax = _mm512_setzero_ps(), vmax = _mm512_setzero_ps();                      \
     for (int64_t i = 0; i < block; i += 16) {                                           \
         __m512 g = LOADV(G, i), p = LOADV(P, i);                                        \
+        /* NTA: into L1 only, two blocks ahead (a prefetch never faults, so past the end   \
+           of the tensor it is harmless); see the module note */                        \
+        _mm_prefetch((const char *)(G + 2 * block + i), _MM_HINT_NTA);                  \
+        _mm_prefetch((const char *)(P + 2 * block + i), _MM_HINT_NTA);                  \
         __m512 fm = _mm512_cvtepi32_ps(                                                 \
             _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(QM + i))));          \
         __m512 fv = _mm512_cvtepi32_ps(                                                 \
