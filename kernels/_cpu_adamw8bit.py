@@ -35,7 +35,8 @@ import torch
 from autoscale.kernels import _native
 
 __all__ = [
-    "BoundState", "adamw32_bound", "adamw32_step", "available", "load_error", "step", "step_bound",
+    "BoundState", "adamw32_bound", "adamw32_step", "available", "load_error", "run_adamw32_bound",
+    "run_bound", "step", "step_bound",
 ]  # fmt: skip
 
 _NAME = "adamw8bit_cpu"
@@ -488,17 +489,29 @@ def step_bound(
     """:func:`step` with the state bound (``BoundState(numels, m_q, m_scale, v_q, v_scale)``,
     its layout checked by the caller when binding). Returns False, having done nothing,
     if params or grads do not fit (see :meth:`BoundState.params`)."""
+    arrays = state.params(params, grads)
+    if arrays is None:
+        return False
+    run_bound(state, arrays, hyper, block_size)
+    return True
+
+
+def run_bound(
+    state: BoundState,
+    arrays: tuple[ctypes.Array, ctypes.Array, int],
+    hyper: tuple[float, float, float, float, float, float],
+    block_size: int,
+) -> None:
+    """The kernel call of :func:`step_bound`, on ``arrays`` that ``state.params`` returned
+    for these very params and grads (so a caller can check every bucket before it runs
+    any)."""
     if _load() is None:
         raise RuntimeError(f"the 8-bit AdamW C kernel is unavailable: {load_error()}")
     if block_size > MAX_BLOCK:
         raise ValueError(f"block_size {block_size} > {MAX_BLOCK}, the C kernel's limit.")
-    arrays = state.params(params, grads)
-    if arrays is None:
-        return False
     p_arr, g_arr, is_bf16 = arrays
-    _fn(len(params), state.n_arr, p_arr, g_arr, *state.arrays, is_bf16, block_size,
+    _fn(len(p_arr), state.n_arr, p_arr, g_arr, *state.arrays, is_bf16, block_size,
         (ctypes.c_float * 6)(*hyper), torch.get_num_threads())  # fmt: skip
-    return True
 
 
 def adamw32_bound(
@@ -516,17 +529,33 @@ def adamw32_bound(
     """:func:`adamw32_step` with the state bound (``BoundState(numels, exp_avgs,
     exp_avg_sqs)``, contiguous fp32 moments of the params' sizes, checked when binding).
     Returns False, having done nothing, if params or grads do not fit."""
-    if _load() is None:
-        raise RuntimeError(f"the 8-bit AdamW C kernel is unavailable: {load_error()}")
     arrays = state.params(params, grads)
     if arrays is None:
         return False
+    run_adamw32_bound(state, arrays, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                      weight_decay=weight_decay)  # fmt: skip
+    return True
+
+
+def run_adamw32_bound(
+    state: BoundState,
+    arrays: tuple[ctypes.Array, ctypes.Array, int],
+    steps: Sequence[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """The kernel call of :func:`adamw32_bound`, on ``arrays`` from ``state.params``."""
+    if _load() is None:
+        raise RuntimeError(f"the 8-bit AdamW C kernel is unavailable: {load_error()}")
     p_arr, g_arr, is_bf16 = arrays
-    floats = ctypes.c_float * len(params)
+    floats = ctypes.c_float * len(p_arr)
     _fn32(
-        len(params), state.n_arr, p_arr, g_arr, *state.arrays, is_bf16,
+        len(p_arr), state.n_arr, p_arr, g_arr, *state.arrays, is_bf16,
         (ctypes.c_float * 4)(beta1, beta2, eps, 1.0 - lr * weight_decay),
         floats(*[lr / (1.0 - beta1**t) for t in steps]),
         floats(*[(1.0 - beta2**t) ** -0.5 for t in steps]), torch.get_num_threads(),
     )  # fmt: skip
-    return True

@@ -215,6 +215,94 @@ def test_bound_native_path_equals_unbound_and_follows_replaced_state() -> None:
             assert torch.equal(value, opt_b.state[q][key]), key
 
 
+@pytest.mark.skipif(not _cpu_adamw8bit.available(), reason="no C compiler here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_steady_step_equals_general_path_and_falls_back(dtype, monkeypatch) -> None:
+    """The steady CPU step (AdamW8bit._steady_step) must step exactly as the general path,
+    and every change it cannot take (a new LR is one it can) must send that step down the
+    general path unchanged: a replaced state tensor, a missing grad, a loaded state dict,
+    a new param group, a cleared binding."""
+    taken: list[bool] = []
+    real = AdamW8bit._steady_step
+
+    def spy(self, plan):
+        ok = real(self, plan)
+        if not self._no_steady:
+            taken.append(ok)
+        return ok
+
+    monkeypatch.setattr(AdamW8bit, "_steady_step", spy)
+
+    def make(steady):
+        gen = torch.Generator().manual_seed(1)
+        ps = [nn.Parameter(torch.randn(64, 80, generator=gen).to(dtype)),
+              nn.Parameter(torch.randn(33, generator=gen).to(dtype)),
+              nn.Parameter(torch.randn(4100, generator=gen).to(dtype))]  # fmt: skip
+        opt = AdamW8bit(ps, lr=1e-2, kernel="native")
+        opt._no_steady = not steady
+        if not steady:
+            opt._plan_steady = lambda: None
+        return ps, opt
+
+    (pa, opt_a), (pb, opt_b) = make(True), make(False)
+    extra = [nn.Parameter(torch.ones(5000, dtype=dtype)) for _ in range(2)]
+    gen = torch.Generator().manual_seed(2)
+
+    def step(events=()):
+        grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in pa]
+        for ps, opt in ((pa, opt_a), (pb, opt_b)):
+            for p, g in zip(ps, grads, strict=True):
+                p.grad = g.clone()
+            for event in events:
+                event(ps, opt)
+            opt.step()
+        for group_a, group_b in zip(opt_a.param_groups, opt_b.param_groups, strict=True):
+            for p, q in zip(group_a["params"], group_b["params"], strict=True):
+                assert torch.equal(p, q)
+                assert opt_a.state[p].keys() == opt_b.state[q].keys()
+                for key, value in opt_a.state[p].items():
+                    assert torch.equal(value, opt_b.state[q][key]), key
+
+    def new_lr(ps, opt):
+        opt.param_groups[0]["lr"] = 3e-3
+
+    def replace_state(ps, opt):
+        opt.state[ps[0]]["exp_avg_q"] = torch.zeros_like(opt.state[ps[0]]["exp_avg_q"])
+
+    def drop_grad(ps, opt):
+        ps[2].grad = None
+
+    saved: dict[str, dict] = {}
+
+    def save(ps, opt):
+        saved[str(opt._no_steady)] = copy.deepcopy(opt.state_dict())
+
+    def load(ps, opt):
+        opt.load_state_dict(saved[str(opt._no_steady)])
+
+    def add_group(ps, opt):
+        p = extra[int(opt._no_steady)]
+        p.grad = torch.full_like(p, 0.5)
+        opt.add_param_group({"params": [p]})
+
+    def unbind(ps, opt):
+        opt._bound.clear()
+
+    step()
+    step()
+    assert opt_a._steady is not None and taken == [True]
+    # (events before the step, the steady path's answers during it: [] when a general
+    # step before it made no plan (a grad was missing) or a load dropped it)
+    for events, took in (((new_lr,), [True]), ((replace_state,), [False]), ((), [True]),
+                         ((drop_grad,), [False]), ((save,), []), ((), [True]),
+                         ((load,), []), ((), [True]), ((add_group,), [False]),
+                         ((), [True]), ((unbind,), [False]), ((), [True])):  # fmt: skip
+        taken.clear()
+        step(events)
+        assert taken == took, events
+    assert torch.equal(extra[0], extra[1]) and not torch.equal(extra[0], torch.ones_like(extra[0]))
+
+
 def test_state_is_about_two_bytes_per_param() -> None:
     p = nn.Parameter(torch.randn(1024, 1024))
     p.grad = torch.randn_like(p)

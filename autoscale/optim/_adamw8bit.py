@@ -10,8 +10,11 @@ the most sensitive to quantization noise.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable
+import operator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,12 +86,28 @@ class AdamW8bit(FusedOptimizer):
         #: (bucket key, i, block_size) or (bucket key, "small") -> the state bound to the C
         #: kernel; see _step_bucket.
         self._bound: dict[tuple[Any, ...], _cpu_adamw8bit.BoundState] = {}
+        #: The steady CPU step, once every bucket is bound; see _steady_step.
+        self._steady: list[_SteadyGroup] | None = None
         super().__init__(params, defaults, kernel=kernel)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if not hasattr(self, "_step_packs"):  # unpickled; load_state_dict keeps the caches
             self._step_packs, self._bound = {}, {}
+        self._steady = None
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One AdamW step over every param with a gradient; returns ``closure()``'s loss.
+
+        On the CPU, once every bucket's state is bound to the C kernel, a step whose
+        params, grads and state are the very objects of the last one takes a short path
+        (:meth:`_steady_step`) with the same maths; anything else takes the general one.
+        """
+        if closure is None and self._steady is not None and self._steady_step(self._steady):
+            return None
+        loss = super().step(closure)
+        self._steady = self._plan_steady()
+        return loss
 
     kernels = IMPLS
 
@@ -179,6 +198,116 @@ class AdamW8bit(FusedOptimizer):
             self._step_small(key, small, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
         return name
 
+    def _plan_steady(self) -> list[_SteadyGroup] | None:
+        """The steady step's plan after a general step, or None if it does not apply.
+
+        It applies when, in every group, every param has a grad and all are CPU tensors
+        of one dtype, and every 8-bit bucket (params of one step count) and the small
+        tensors are bound to the C kernel.
+        """
+        plan = []
+        for group in self.param_groups:
+            params = group["params"]
+            if not params or any(p.grad is None for p in params):
+                return None
+            device, dtype = params[0].device, params[0].dtype
+            if device.type != "cpu" or any(p.dtype != dtype for p in params):
+                return None
+            key = (id(group), device, dtype)
+            states = [self.state[p] for p in params]
+            pack = self._step_packs.get(key)
+            if pack is None or not all(map(operator.is_, (st["step"] for st in states), pack[0])):
+                return None
+            # 8-bit buckets as _step_bucket forms them: by step count, in order of first use
+            by_step: dict[int, list[int]] = {}
+            for i, st in enumerate(states):
+                if "exp_avg_q" in st:
+                    by_step.setdefault(int(pack[0][i]), []).append(i)
+            small = tuple(i for i, st in enumerate(states) if "exp_avg_q" not in st)
+            buckets = []
+            for b, idx in enumerate(by_step.values()):
+                bound_key = (key, b, group["block_size"])
+                bound = self._bound.get(bound_key)
+                if bound is None or not bound.same(*_gather(states, tuple(idx), _KEYS_8BIT)):
+                    return None
+                buckets.append((tuple(idx), bound_key, bound))
+            small_key = (key, "small")
+            bound_small = self._bound.get(small_key)
+            if small and (
+                bound_small is None or not bound_small.same(*_gather(states, small, _KEYS_FP32))
+            ):
+                return None
+            plan.append(_SteadyGroup(group, params, len(params), dtype, group["block_size"],
+                                     tuple(buckets), small, pack[0], pack[1], small_key,
+                                     bound_small))  # fmt: skip
+        return plan
+
+    def _steady_step(self, plan: list[_SteadyGroup]) -> bool:
+        """The step of :meth:`_step_bucket`'s bound C path, for every group, with only
+        the checks a step needs: the same groups, params, state dicts and state tensors
+        (identity), step counters, bindings and kernel choice as when the plan was made,
+        and grads and params that fit the kernel. Either every check passes and every
+        group steps, or nothing changes and it returns False (the general path then runs).
+
+        Why: the Python around the kernel runs with cold caches (the kernel, or backward,
+        has just streamed hundreds of MB), so each object touched costs a DRAM miss. On
+        a 50M-param, 136-tensor model this path took ~0.7 ms a step where the general one
+        took ~0.9 ms (kernel calls stubbed out, caches flushed before each step), ~2 % of
+        the step.
+        """
+        groups, state = self.param_groups, self.state
+        if len(groups) != len(plan):
+            return False
+        runs = []
+        try:
+            for group, sg in zip(groups, plan, strict=True):
+                params = sg.params
+                if (group is not sg.group or group["params"] is not params
+                        or len(params) != sg.n or group["block_size"] != sg.block
+                        or self._bound.get(sg.small_key) is not sg.bound_small):  # fmt: skip
+                    return False
+                kernel = self._kernel_for(group, params[0].device)
+                if kernel == "auto":
+                    kernel = _dispatch.cached_choice("adamw8bit", params[0].device, sg.dtype)
+                if kernel != "native":
+                    return False
+                states = [state[p] for p in params]
+                if not all(map(operator.is_, map(_STEP, states), sg.counters)):
+                    return False
+                grads = [p.grad for p in params]
+                if not all(map(operator.is_not, grads, itertools.repeat(None))):
+                    return False
+                parts = [(idx, bound, _KEYS_8BIT) for idx, bound_key, bound in sg.buckets
+                         if self._bound.get(bound_key) is bound]  # fmt: skip
+                if len(parts) != len(sg.buckets):
+                    return False
+                if sg.small:
+                    parts.append((sg.small, sg.bound_small, _KEYS_FP32))
+                arrays = []
+                for idx, bound, keys in parts:
+                    a = None
+                    if bound.same(*_gather(states, idx, keys)):
+                        a = bound.params([params[i] for i in idx], [grads[i] for i in idx])
+                    if a is None:
+                        return False
+                    arrays.append(a)
+                runs.append((group, sg, arrays))
+        except (KeyError, RuntimeError):  # a state entry gone, a sparse grad: general path
+            return False
+        for group, sg, arrays in runs:
+            lr, (beta1, beta2) = group["lr"], group["betas"]
+            eps, wd = group["eps"], group["weight_decay"]
+            sg.buffer.add_(1.0)
+            steps = [int(s) for s in sg.buffer.tolist()]
+            for (idx, _, bound), a in zip(sg.buckets, arrays[: len(sg.buckets)], strict=True):
+                hyper = _hyper(lr, beta1, beta2, eps, wd, steps[idx[0]])
+                _cpu_adamw8bit.run_bound(bound, a, hyper, sg.block)
+            if sg.small:
+                _cpu_adamw8bit.run_adamw32_bound(
+                    sg.bound_small, arrays[-1], [steps[i] for i in sg.small], lr=lr,
+                    beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)  # fmt: skip
+        return True
+
     def _step_small(self, key: tuple[Any, ...],
                     small: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]],
                     **hyper: float) -> None:  # fmt: skip
@@ -193,6 +322,37 @@ class AdamW8bit(FusedOptimizer):
         if _adamw_fp32(small, **hyper):  # all in one C call, moments checked: bind them
             self._bound[(key, "small")] = _cpu_adamw8bit.BoundState(
                 [it[0].numel() for it in small], *moments)
+
+
+_KEYS_8BIT = ("exp_avg_q", "exp_avg_scale", "exp_avg_sq_q", "exp_avg_sq_scale")
+_KEYS_FP32 = ("exp_avg", "exp_avg_sq")
+_STEP = operator.itemgetter("step")
+
+
+def _gather(states: list[dict[str, Any]], idx: tuple[int, ...],
+            keys: tuple[str, ...]) -> list[list[torch.Tensor]]:  # fmt: skip
+    """For each key, the tensors of ``states[i][key]`` for i in ``idx``, in order."""
+    picked = [states[i] for i in idx]
+    return [list(map(operator.itemgetter(k), picked)) for k in keys]
+
+
+@dataclass(frozen=True)
+class _SteadyGroup:
+    """One param group's part of the steady-step plan (see AdamW8bit._steady_step): what
+    the last general step used, held so a later step can check it is still all the same."""
+
+    group: dict[str, Any]
+    params: list[torch.Tensor]  # the group's own "params" list object
+    n: int
+    dtype: torch.dtype
+    block: int
+    #: the 8-bit buckets: (param indices, in group order; _bound key; its binding)
+    buckets: tuple[tuple[tuple[int, ...], tuple[Any, ...], _cpu_adamw8bit.BoundState], ...]
+    small: tuple[int, ...]  # indices of the fp32-moment params
+    counters: list[torch.Tensor]  # the step-counter views (see _advance_steps)
+    buffer: torch.Tensor  # their buffer
+    small_key: tuple[Any, ...]
+    bound_small: _cpu_adamw8bit.BoundState | None
 
 
 def _adamw_fp32(
