@@ -49,11 +49,12 @@ def _time_steps(
     the number of warm-up rounds.
 
     Warm-up: at least two steps each (state allocation, compilation), and interleaved
-    rounds for at least ``warmup_s`` seconds. Why the time: on the 2-vCPU VM this was
-    written on, the first ~20 rounds after the ~1.2 GB of tensors were allocated ran in
-    a transient state (fused AdamW ~26 ms a step, then ~17 ms for as long as it ran;
-    8-bit/fused 0.62 in the transient, ~0.71 after), and a training job lives in the
-    state after it.
+    rounds for at least ``warmup_s`` seconds, so first-touch page faults and the
+    dispatcher's timing runs are over. What no warm-up controls: the 2-vCPU VM this was
+    written on switches, over seconds to minutes, between a slow memory state (fused
+    AdamW ~26 ms a step) and a fast one (~17 ms). The 8-bit step is 0.61-0.64x of fused
+    in the first and 0.70-0.77x in the second, so a run's ratio depends on the state it
+    happened to meet; the printed fused time says which.
     """
     rounds, end = 0, time.perf_counter() + warmup_s
     while rounds < 2 or time.perf_counter() < end:
