@@ -211,7 +211,8 @@ class AdamW8bit(FusedOptimizer):
             if not params or any(p.grad is None for p in params):
                 return None
             device, dtype = params[0].device, params[0].dtype
-            if device.type != "cpu" or any(p.dtype != dtype for p in params):
+            if (device.type != "cpu" or self.kernel_choices.get(f"cpu/{dtype}") != "native"
+                    or any(p.dtype != dtype for p in params)):  # fmt: skip
                 return None
             key = (id(group), device, dtype)
             states = [self.state[p] for p in params]
