@@ -356,6 +356,10 @@ def make_digits_optimizer(
     A cosine to 0 instead of to 10 % (the LR of a normalized step must vanish at the end)
     helps LARS most but does not close the gap: test-loss ratios 1.39 for LARS and 1.20
     for SGD scaled, against SGD at batch 16 on the same schedule (4 seeds, one run).
+    Four times longer (``--digits-steps 4000``, ~60 epochs, 8 seeds, 22 min): test-loss
+    ratios LARS 1.33, LAMB 1.42, AdamW scaled 1.49, SGD scaled 1.64, SGD naive 1.76 (SGD
+    at batch 16: 0.0221). LARS is the best large-batch method here but 8x fewer steps on
+    1077 images keep every method far outside 5 %.
     AdamW and LAMB: as in the text task.
     """
     if name == "sgd":
