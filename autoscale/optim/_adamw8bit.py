@@ -252,9 +252,10 @@ class AdamW8bit(FusedOptimizer):
 
         Why: the Python around the kernel runs with cold caches (the kernel, or backward,
         has just streamed hundreds of MB), so each object touched costs a DRAM miss. On
-        a 50M-param, 136-tensor model this path took ~0.7 ms a step where the general one
-        took ~0.9 ms (kernel calls stubbed out, caches flushed before each step), ~2 % of
-        the step.
+        a 50M-param, 136-tensor model (2-vCPU Zen 4 VM) a step took 0.30-0.34 ms less
+        than on the general path (median of paired differences, both interleaved with
+        torch's fused AdamW in one process: 0.703 -> 0.683 of its time in the fast
+        memory state).
         """
         groups, state = self.param_groups, self.state
         if len(groups) != len(plan):
