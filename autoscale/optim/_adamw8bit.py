@@ -175,11 +175,7 @@ class AdamW8bit(FusedOptimizer):
         for i, (step, items) in enumerate(buckets.items()):
             ps = [p for p, _ in items]
             grads = [p.grad for p in ps]
-            sts = [st for _, st in items]
-            state = (
-                [st["exp_avg_q"] for st in sts], [st["exp_avg_scale"] for st in sts],
-                [st["exp_avg_sq_q"] for st in sts], [st["exp_avg_sq_scale"] for st in sts],
-            )  # fmt: skip
+            state = _gather([st for _, st in items], _KEYS_8BIT)
             # block in the key: a group whose block_size changed must not reuse a binding
             bound = self._bound.get((key, i, block)) if native else None
             if bound is not None and bound.same(*state) and _cpu_adamw8bit.step_bound(
@@ -229,13 +225,14 @@ class AdamW8bit(FusedOptimizer):
             for b, idx in enumerate(by_step.values()):
                 bound_key = (key, b, group["block_size"])
                 bound = self._bound.get(bound_key)
-                if bound is None or not bound.same(*_gather(states, tuple(idx), _KEYS_8BIT)):
+                if bound is None or not bound.same(*_gather([states[i] for i in idx], _KEYS_8BIT)):
                     return None
                 buckets.append((tuple(idx), bound_key, bound))
             small_key = (key, "small")
             bound_small = self._bound.get(small_key)
             if small and (
-                bound_small is None or not bound_small.same(*_gather(states, small, _KEYS_FP32))
+                bound_small is None
+                or not bound_small.same(*_gather([states[i] for i in small], _KEYS_FP32))
             ):
                 return None
             plan.append(_SteadyGroup(group, params, len(params), dtype, group["block_size"],
@@ -288,7 +285,7 @@ class AdamW8bit(FusedOptimizer):
                 arrays = []
                 for idx, bound, keys in parts:
                     a = None
-                    if bound.same(*_gather(states, idx, keys)):
+                    if bound.same(*_gather([states[i] for i in idx], keys)):
                         a = bound.params([params[i] for i in idx], [grads[i] for i in idx])
                     if a is None:
                         return False
@@ -314,8 +311,7 @@ class AdamW8bit(FusedOptimizer):
                     small: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]],
                     **hyper: float) -> None:  # fmt: skip
         """The fp32-moment tensors: bound to the C kernel once they have run on it."""
-        moments = ([s["exp_avg"] for _, _, s, _ in small],
-                   [s["exp_avg_sq"] for _, _, s, _ in small])  # fmt: skip
+        moments = _gather([s for _, _, s, _ in small], _KEYS_FP32)
         bound = self._bound.get((key, "small"))
         if bound is not None and bound.same(*moments):
             ps, grads = [it[0] for it in small], [it[1] for it in small]
@@ -331,11 +327,9 @@ _KEYS_FP32 = ("exp_avg", "exp_avg_sq")
 _STEP = operator.itemgetter("step")
 
 
-def _gather(states: list[dict[str, Any]], idx: tuple[int, ...],
-            keys: tuple[str, ...]) -> list[list[torch.Tensor]]:  # fmt: skip
-    """For each key, the tensors of ``states[i][key]`` for i in ``idx``, in order."""
-    picked = [states[i] for i in idx]
-    return [list(map(operator.itemgetter(k), picked)) for k in keys]
+def _gather(states: list[dict[str, Any]], keys: tuple[str, ...]) -> list[list[torch.Tensor]]:
+    """For each key, the list of ``state[key]`` over ``states``, in order."""
+    return [list(map(operator.itemgetter(k), states)) for k in keys]
 
 
 @dataclass(frozen=True)
