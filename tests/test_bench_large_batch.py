@@ -41,13 +41,18 @@ def _main(bench, argv: list[str]) -> int:
 
 
 def test_quick_run_prints_the_table_and_a_verdict(bench, capsys) -> None:
-    assert _main(bench, ["--quick"]) == 0  # default --task all: both tasks
+    assert _main(bench, ["--quick"]) == 0  # default --task all: all three tasks
     out = capsys.readouterr().out
-    text, _, digits = out.partition("== task: digits")
+    text, _, rest = out.partition("== task: charcnn")
+    charcnn, _, digits = rest.partition("== task: digits")
     for label in ("AdamW naive", "AdamW scaled", "LAMB", "LARS"):
         assert label in text
     assert "ratio" in text and "torch " in text
     assert "goal (" in text and "MET" in text
+    assert charcnn, "the charcnn task printed nothing"
+    for label in ("SGD naive", "AdamW naive", "SGD scaled", "AdamW scaled", "LAMB", "LARS"):
+        assert label in charcnn
+    assert "goal (LARS within" in charcnn and "baseline: the better on val" in charcnn
     assert digits, "the digits task printed nothing"
     if importlib.util.find_spec("sklearn") is None:
         assert "skipped: pip install scikit-learn" in digits
@@ -59,7 +64,28 @@ def test_quick_run_prints_the_table_and_a_verdict(bench, capsys) -> None:
 
 def test_task_option_runs_one_task(bench, capsys) -> None:
     assert _main(bench, ["--quick", "--task", "text"]) == 0
-    assert "digits" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "digits" not in out and "charcnn" not in out
+
+
+def test_charcnn_is_causal(bench) -> None:
+    """Changing the character at position t changes no output before t (eval mode, where
+    BatchNorm uses running statistics), and does change the output at t."""
+    torch.manual_seed(0)
+    model = bench.CharCNN().eval()
+    x = torch.randint(bench.VOCAB_SIZE, (2, bench.CONFIG.block_size))
+    t = 20
+    x2 = x.clone()
+    x2[:, t] = (x[:, t] + 1) % bench.VOCAB_SIZE
+
+    def hidden(idx: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model.blocks(model.embed(idx).transpose(1, 2))
+
+    h, h2 = hidden(x), hidden(x2)
+    assert torch.equal(h[..., :t], h2[..., :t])
+    assert not torch.allclose(h[..., t], h2[..., t])
+    assert model(x, x).shape == ()  # called like gpt.GPT: (idx, targets) -> mean loss
 
 
 def test_digits_task_is_skipped_without_sklearn(bench, capsys, monkeypatch) -> None:
