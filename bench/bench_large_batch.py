@@ -110,6 +110,12 @@ class Result:
     test_acc: float = math.nan
 
 
+def device_line() -> str:
+    """The "device:" line every task prints first: CPU model, cores, threads, torch."""
+    return (f"device: cpu ({cpu_name()}, {os.cpu_count()} cores), "
+            f"{torch.get_num_threads()} torch threads; torch {torch.__version__}")
+
+
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo where there is one (platform.processor() is often '')."""
     try:
@@ -221,6 +227,27 @@ def run_grid(
 def best(results: Sequence[Result]) -> Result:
     """The run with the lowest validation loss (a diverged run never wins)."""
     return min(results, key=lambda r: r.val if math.isfinite(r.val) else math.inf)
+
+
+def run_grids(
+    recipes: Sequence[Recipe], *, quick: bool,
+    grid: Callable[[Recipe, list[float]], list[Result]],
+) -> dict[str, list[Result]]:
+    """Each recipe's LR grid, in order, through ``grid(recipe, base_lrs)``.
+
+    A recipe without a centre (a "naive" row) gets the one base LR that won the latest
+    small-batch grid before it; ``quick`` keeps two points of each grid.
+    """
+    grids: dict[str, list[Result]] = {}
+    tuned = math.nan
+    for recipe in recipes:
+        lrs = [tuned] if recipe.centre is None else list(log_grid(recipe.centre))
+        if quick and len(lrs) > 2:
+            lrs = lrs[1:3]
+        grids[recipe.label] = grid(recipe, lrs)
+        if not recipe.large:
+            tuned = best(grids[recipe.label]).base_lr
+    return grids
 
 
 RECIPES = (
@@ -464,8 +491,7 @@ def run_digits(args: argparse.Namespace) -> None:
         torch.manual_seed(s)
         inits.append(DigitsCNN().state_dict())
     t_start = time.perf_counter()
-    print(f"device: cpu ({cpu_name()}, {os.cpu_count()} cores), "
-          f"{torch.get_num_threads()} torch threads; torch {torch.__version__}")
+    print(device_line())
     print(f"model: residual CNN, {DIGITS_CHANNELS}/{2 * DIGITS_CHANNELS} channels, BatchNorm; "
           f"{sum(p.numel() for p in DigitsCNN().parameters()) / 1e3:.0f}K params; "
           f"LARS eta {LARS_ETA:g}")
@@ -474,13 +500,7 @@ def run_digits(args: argparse.Namespace) -> None:
           f"{big} x {steps // args.scale}); {n_seeds} seed(s) per grid point, means reported; "
           f"LR: cosine to {MIN_LR_FACTOR:g}x; tolerance {TOLERANCE:.0%}\n")
 
-    grids: dict[str, list[Result]] = {}
-    base_lr_tuned = math.nan
-    print("LR grids (picked on mean val loss):")
-    for recipe in DIGITS_RECIPES:
-        lrs = [base_lr_tuned] if recipe.centre is None else list(log_grid(recipe.centre))
-        if args.quick and len(lrs) > 2:
-            lrs = lrs[1:3]
+    def digits_grid(recipe: Recipe, lrs: list[float]) -> list[Result]:
         b, n = (big, steps // args.scale) if recipe.large else (batch, steps)
         warm = max(1, round(args.warmup * n)) if recipe.warmup else 0
         results = []
@@ -491,9 +511,10 @@ def run_digits(args: argparse.Namespace) -> None:
             results.append(Result(recipe, b, n, base_lr, lr, warm, vl, tl, sec, kernel, va, ta))
             print(f"  {recipe.label:<13} base lr {base_lr:<9.3g} -> lr {lr:<9.3g} "
                   f"val {vl:.4f} acc {va:.3f}  ({sec:.1f}s/run)")
-        grids[recipe.label] = results
-        if not recipe.large:
-            base_lr_tuned = best(results).base_lr
+        return results
+
+    print("LR grids (picked on mean val loss):")
+    grids = run_grids(DIGITS_RECIPES, quick=args.quick, grid=digits_grid)
 
     print(f"\nbest of each grid; ratio = test loss / baseline's test loss "
           f"(baseline: SGD at batch {batch}); losses and accuracy are means over seeds")
@@ -602,8 +623,7 @@ def run_charcnn(args: argparse.Namespace) -> None:
         inits.append(CharCNN().state_dict())
     val, test = heldout_windows(n_eval, seed=123)
     t_start = time.perf_counter()
-    print(f"device: cpu ({cpu_name()}, {os.cpu_count()} cores), "
-          f"{torch.get_num_threads()} torch threads; torch {torch.__version__}")
+    print(device_line())
     print(f"model: causal conv net, {len(CHARCNN_DILATIONS)} residual blocks of "
           f"{CHARCNN_CHANNELS} channels (dilations {CHARCNN_DILATIONS}), BatchNorm; "
           f"{sum(p.numel() for p in CharCNN().parameters()) / 1e3:.0f}K params; "
@@ -613,18 +633,10 @@ def run_charcnn(args: argparse.Namespace) -> None:
           f"windows each; {n_seeds} seed(s) per grid point, means reported; "
           f"LR: cosine to {MIN_LR_FACTOR:g}x; tolerance {TOLERANCE:.0%}\n")
 
-    grids: dict[str, list[Result]] = {}
-    base_lr_tuned = math.nan
     print("LR grids (picked on val):")
-    for recipe in CHARCNN_RECIPES:
-        lrs = [base_lr_tuned] if recipe.centre is None else list(log_grid(recipe.centre))
-        if args.quick and len(lrs) > 2:
-            lrs = lrs[1:3]
-        grids[recipe.label] = run_grid(recipe, lrs, batch=batch, scale=args.scale, steps=steps,
-                                       warmup=args.warmup, inits=inits, val=val, test=test,
-                                       model_fn=CharCNN, opt_fn=make_cnn_optimizer)
-        if not recipe.large:
-            base_lr_tuned = best(grids[recipe.label]).base_lr
+    grids = run_grids(CHARCNN_RECIPES, quick=args.quick, grid=lambda recipe, lrs: run_grid(
+        recipe, lrs, batch=batch, scale=args.scale, steps=steps, warmup=args.warmup,
+        inits=inits, val=val, test=test, model_fn=CharCNN, opt_fn=make_cnn_optimizer))
 
     small = [best(grids[r.label]) for r in CHARCNN_RECIPES if not r.large]
     baseline = min(small, key=lambda r: r.val if math.isfinite(r.val) else math.inf)
@@ -705,27 +717,17 @@ def run_text(args: argparse.Namespace) -> None:
     val, test = heldout_windows(n_eval, seed=123)
     big = args.batch * args.scale
     t_start = time.perf_counter()
-    print(f"device: cpu ({cpu_name()}, {os.cpu_count()} cores), "
-          f"{torch.get_num_threads()} torch threads; torch {torch.__version__}; "
-          f"python {platform.python_version()}")
+    print(f"{device_line()}; python {platform.python_version()}")
     print(f"model: GPT {CONFIG.n_layer} layers, n_embd {CONFIG.n_embd}, block {CONFIG.block_size}"
           f"; {sum(p.numel() for p in gpt.GPT(CONFIG).parameters()) / 1e3:.0f}K params")
     print(f"samples per run: {steps * args.batch} windows (B={args.batch} x {steps} steps, "
           f"or {big} x {steps // args.scale}); val/test: {n_eval} windows each; "
           f"LR: cosine to {MIN_LR_FACTOR:g}x; tolerance {TOLERANCE:.0%}\n")
 
-    grids: dict[str, list[Result]] = {}
-    base_lr_tuned = math.nan
     print("LR grids (picked on val):")
-    for recipe in RECIPES:
-        lrs = [base_lr_tuned] if recipe.centre is None else list(log_grid(recipe.centre))
-        if args.quick and len(lrs) > 2:
-            lrs = lrs[1:3]
-        grids[recipe.label] = run_grid(recipe, lrs, batch=args.batch, scale=args.scale,
-                                       steps=steps, warmup=args.warmup, inits=[init], val=val,
-                                       test=test)
-        if not recipe.large:
-            base_lr_tuned = best(grids[recipe.label]).base_lr
+    grids = run_grids(RECIPES, quick=args.quick, grid=lambda recipe, lrs: run_grid(
+        recipe, lrs, batch=args.batch, scale=args.scale, steps=steps, warmup=args.warmup,
+        inits=[init], val=val, test=test))
 
     print(f"\nbest of each grid; ratio = test loss / baseline's test loss "
           f"(baseline: AdamW at batch {args.batch})")
