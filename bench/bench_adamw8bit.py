@@ -30,6 +30,8 @@ from autoscale.kernels import _dispatch
 from autoscale.optim._adamw8bit import AdamW8bit
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_optim_cpu import interleaved_ms  # noqa: E402 - found through the path above
 
 
 def gpt_like_shapes(target: float, d: int = 512, vocab: int = 16000) -> list[tuple[int, ...]]:
@@ -45,29 +47,17 @@ def gpt_like_shapes(target: float, d: int = 512, vocab: int = 16000) -> list[tup
 def _time_steps(
     opts: dict[str, torch.optim.Optimizer], repeats: int, warmup_s: float
 ) -> tuple[dict[str, list[float]], int]:
-    """Interleaved timings (ms) so machine-load drift hits every optimizer alike; also
-    the number of warm-up rounds.
+    """Interleaved step timings (ms) and the number of warm-up rounds, by
+    bench_optim_cpu's protocol (Note: [interleaved timing] there).
 
-    Warm-up: at least two steps each (state allocation, compilation), and interleaved
-    rounds for at least ``warmup_s`` seconds, so first-touch page faults and the
-    dispatcher's timing runs are over. What no warm-up controls: the 2-vCPU VM this was
-    written on switches, over seconds to minutes, between a slow memory state (fused
-    AdamW ~26 ms a step) and a fast one (~17 ms). The 8-bit step is 0.61-0.64x of fused
-    in the first and 0.70-0.77x in the second, so a run's ratio depends on the state it
-    happened to meet; the printed fused time says which.
+    What no warm-up controls: the 2-vCPU VM this was written on switches, over seconds to
+    minutes, between a slow memory state (fused AdamW ~26 ms a step) and a fast one
+    (~17 ms). The 8-bit step is 0.61-0.64x of fused in the first and 0.70-0.77x in the
+    second, so a run's ratio depends on the state it happened to meet; the printed fused
+    time says which.
     """
-    rounds, end = 0, time.perf_counter() + warmup_s
-    while rounds < 2 or time.perf_counter() < end:
-        for opt in opts.values():
-            opt.step()
-        rounds += 1
-    times: dict[str, list[float]] = {name: [] for name in opts}
-    for _ in range(repeats):
-        for name, opt in opts.items():
-            t0 = time.perf_counter()
-            opt.step()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return times, rounds
+    return interleaved_ms({name: opt.step for name, opt in opts.items()}, repeats=repeats,
+                          warmup_s=warmup_s)
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:

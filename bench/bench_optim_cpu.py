@@ -1,14 +1,20 @@
 """CPU optimizer step time: autoscale AdamW/SGD against torch.optim in the same run.
 
-    python bench/bench_optim_cpu.py --params 50e6 --repeats 5
+    python bench/bench_optim_cpu.py --params 50e6
 
 Parameters are a GPT-2-like list of shapes (token embedding, then per layer two LayerNorms,
-qkv/proj/fc/proj weights and biases) scaled to about ``--params`` fp32 elements. Each
-optimizer takes warm-up steps first (autoscale's first step also measures its candidate
-kernels), then the median of ``--repeats`` timed steps is reported. Bandwidth: AdamW moves
-28 bytes per param per step (read p, g, m, v; write p, m, v), SGD with momentum 20 (read
-p, g, buf; write p, buf); the ceiling is the in-place streaming rate of ``a.addcmul_(b, c)``
-over arrays far larger than cache (16 bytes per element), measured in the same run.
+qkv/proj/fc/proj weights and biases) scaled to about ``--params`` fp32 elements. Bandwidth:
+AdamW moves 28 bytes per param per step (read p, g, m, v; write p, m, v), SGD with
+momentum 20 (read p, g, buf; write p, buf); the ceiling is the in-place streaming rate of
+``a.addcmul_(b, c)`` over arrays far larger than cache (16 bytes per element).
+
+Protocol (Note: [interleaved timing]): every implementation of one optimizer (with a
+second torch fused one as a control: its vs_fused is the noise floor), and the stream,
+step in turn in each round, so all of them meet the same machine state; ratios
+(vs_fused, of_stream) are taken per round and their median printed. A sequential protocol
+(each implementation's steps in a block) gave autoscale's AdamW 0.64x of fused on this
+VM although both ran the same torch fused kernel: the VM had switched between a slow
+memory state (fused ~26 ms) and a fast one (~17 ms) between the two blocks.
 """
 
 from __future__ import annotations
@@ -54,31 +60,55 @@ def median_time(fn: Callable[[], object], *, warmup: int, repeats: int) -> float
     return statistics.median(samples)
 
 
-def stream_bandwidth(repeats: int) -> float:
-    """In-place streaming GB/s of a.addcmul_(b, c): read a, b, c, write a = 16 B/element."""
-    n = 64 * 1024 * 1024  # 256 MiB per array, far beyond any CPU cache
-    a, b, c = torch.rand(n), torch.rand(n), torch.rand(n)
-    t = median_time(lambda: a.addcmul_(b, c, value=1e-9), warmup=2, repeats=repeats)
-    return 16 * n / t / 1e9
+def interleaved_ms(
+    fns: dict[str, Callable[[], object]], *, repeats: int, warmup_s: float
+) -> tuple[dict[str, list[float]], int]:
+    """Per-call times (ms) of each of ``fns``, called in turn, ``repeats`` rounds; and the
+    number of warm-up rounds run first.
+
+    Note: [interleaved timing]
+    This 2-vCPU VM switches, over seconds to minutes, between a slow and a fast memory
+    state (torch's fused AdamW on 50M params: ~26 vs ~17 ms a step). Timing one
+    implementation after another compares them across states; taking a round of all of
+    them at a time, and ratios per round, compares them within one. Warm-up: at least two
+    rounds (state allocation, autoscale's first-step kernel measurement, compilation)
+    and at least ``warmup_s`` seconds (first-touch page faults).
+    """
+    rounds, end = 0, time.perf_counter() + warmup_s
+    while rounds < 2 or time.perf_counter() < end:
+        for fn in fns.values():
+            fn()
+        rounds += 1
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times, rounds
 
 
-def bench(name: str, make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
-          params: list[torch.nn.Parameter], bytes_per_param: int,
-          args: argparse.Namespace) -> tuple[str, float, str, str]:
-    opt = make(params)
-    t = median_time(opt.step, warmup=args.warmup, repeats=args.repeats)
-    choice = getattr(opt, "kernel_choice", None) or "-"
-    del opt
-    gc.collect()
-    n = sum(p.numel() for p in params)
-    return name, t, f"{bytes_per_param * n / t / 1e9:.1f}", choice
+def median_ratio(num: list[float], den: list[float]) -> float:
+    """The median over rounds of num[i] / den[i] (interleaved samples, same length)."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
+NOISE = 0.03  # see the goal lines in main()
+STREAM_NUMEL = 64 * 1024 * 1024  # 256 MiB per array, far beyond any CPU cache
+
+
+def stream_fn() -> Callable[[], object]:
+    """One in-place streaming pass a.addcmul_(b, c): read a, b, c, write a = 16 B/element."""
+    a, b, c = torch.rand(STREAM_NUMEL), torch.rand(STREAM_NUMEL), torch.rand(STREAM_NUMEL)
+    return lambda: a.addcmul_(b, c, value=1e-9)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=float, default=50e6, help="fp32 parameters (about)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per optimizer")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds")
+    parser.add_argument("--warmup-s", type=float, default=3.0,
+                        help="interleaved warm-up rounds for at least this long (seconds)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     if args.threads:
@@ -98,10 +128,9 @@ def main() -> int:
         print(f"triton {triton.__version__} (not used on CPU)")
     except ImportError:
         print("triton not installed")
-    print(f"params: {n / 1e6:.1f}M fp32 in {len(params)} tensors; median of {args.repeats} "
-          f"steps after {args.warmup} warm-up")
-    bw = stream_bandwidth(args.repeats)
-    print(f"stream bandwidth (a.addcmul_(b, c), 16 B/elem): {bw:.1f} GB/s\n")
+    print(f"params: {n / 1e6:.1f}M fp32 in {len(params)} tensors; {args.repeats} interleaved "
+          f"rounds after >= {args.warmup_s:g} s of warm-up rounds; medians, ratios per round")
+    stream = stream_fn()
 
     adam_kw = dict(lr=1e-3, weight_decay=1e-2)
     sgd_kw = dict(lr=1e-2, momentum=0.9)
@@ -110,28 +139,54 @@ def main() -> int:
             ("torch default", lambda ps: torch.optim.AdamW(ps, **adam_kw)),
             ("torch foreach", lambda ps: torch.optim.AdamW(ps, foreach=True, **adam_kw)),
             ("torch fused", lambda ps: torch.optim.AdamW(ps, fused=True, **adam_kw)),
+            ("torch fused #2", lambda ps: torch.optim.AdamW(ps, fused=True, **adam_kw)),
             ("autoscale auto", lambda ps: AdamW(ps, **adam_kw)),
         ],
         "SGD momentum": [
             ("torch default", lambda ps: torch.optim.SGD(ps, **sgd_kw)),
             ("torch foreach", lambda ps: torch.optim.SGD(ps, foreach=True, **sgd_kw)),
             ("torch fused", lambda ps: torch.optim.SGD(ps, fused=True, **sgd_kw)),
+            ("torch fused #2", lambda ps: torch.optim.SGD(ps, fused=True, **sgd_kw)),
             ("autoscale auto", lambda ps: SGD(ps, **sgd_kw)),
         ],
     }
     bytes_per_param = {"AdamW": 28, "SGD momentum": 20}
     header = (f"{'optimizer':<13} {'implementation':<15} {'step_ms':>9} {'GB/s':>7} "
               f"{'of_stream':>9} {'vs_fused':>9}  kernel")
+    print()
     print(header)
     print("-" * len(header))
+    verdicts = []
     for opt_name, variants in rows.items():
-        results = [bench(name, make, params, bytes_per_param[opt_name], args)
-                   for name, make in variants]
-        fused_t = next(t for name, t, _, _ in results if name == "torch fused")
-        for name, t, gbs, choice in results:
-            # vs_fused > 1 means faster than torch fused=True (ratio of step times).
-            print(f"{opt_name:<13} {name:<15} {t * 1e3:>9.1f} {gbs:>7} "
-                  f"{float(gbs) / bw:>9.2f} {fused_t / t:>8.2f}x  {choice}")
+        # All implementations step the same params (each with its own state); a step's
+        # cost does not depend on the values.
+        opts = {name: make(params) for name, make in variants}
+        times, _ = interleaved_ms({**{k: o.step for k, o in opts.items()}, "stream": stream},
+                                  repeats=args.repeats, warmup_s=args.warmup_s)
+        moved = bytes_per_param[opt_name] * n
+        for name, opt in opts.items():
+            ts = times[name]
+            gbs = moved / statistics.median(ts) / 1e6
+            # of_stream: (moved / t) / (16 * STREAM_NUMEL / t_stream), per round
+            of_stream = median_ratio([moved / t for t in ts],
+                                     [16 * STREAM_NUMEL / t for t in times["stream"]])
+            vs_fused = median_ratio(times["torch fused"], ts)  # > 1: faster than fused
+            print(f"{opt_name:<13} {name:<15} {statistics.median(ts):>9.1f} {gbs:>7.1f} "
+                  f"{of_stream:>9.2f} {vs_fused:>8.2f}x  "
+                  f"{getattr(opt, 'kernel_choice', None) or '-'}")
+        stream_gbs = 16 * STREAM_NUMEL / statistics.median(times["stream"]) / 1e6
+        print(f"{'':<13} {'(stream)':<15} {statistics.median(times['stream']):>9.1f} "
+              f"{stream_gbs:>7.1f} {1.0:>9.2f}")
+        verdicts.append((opt_name, median_ratio(times["torch fused"], times["autoscale auto"])))
+        del opts
+        gc.collect()
+    print()
+    for opt_name, ratio in verdicts:
+        # "torch fused #2" is a second, identical fused optimizer: its vs_fused is the
+        # noise floor of this comparison (0.99-1.01 in A/B runs of 40 rounds), which the
+        # goal's NOISE margin covers with room to spare and no more.
+        print(f"goal: autoscale {opt_name} no slower than torch fused (vs_fused >= "
+              f"{1 - NOISE:.2f}) -> {ratio:.2f}x ({'met' if ratio >= 1 - NOISE else 'NOT met'})")
     return 0
 
 
