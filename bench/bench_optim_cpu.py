@@ -103,14 +103,14 @@ def stream_fn() -> Callable[[], object]:
     return lambda: a.addcmul_(b, c, value=1e-9)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=float, default=50e6, help="fp32 parameters (about)")
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds")
     parser.add_argument("--warmup-s", type=float, default=3.0,
                         help="interleaved warm-up rounds for at least this long (seconds)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -1,0 +1,31 @@
+"""bench/bench_optim_cpu.py runs end to end at a small size and prints its goal lines."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_optim_cpu.py"
+
+
+def test_small_run_prints_every_row_and_the_goals(capsys) -> None:
+    spec = importlib.util.spec_from_file_location("bench_optim_cpu", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)  # importing must not start a run
+    threads = torch.get_num_threads()
+    try:
+        assert module.main(["--params", "3e5", "--repeats", "3", "--warmup-s", "0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("AdamW ", "SGD momentum "))]
+    assert len(rows) == 10  # 5 implementations x 2 optimizers
+    # the kernel the dispatcher measured and picked (which one depends on the machine)
+    assert sum("autoscale auto" in r and r.split()[-1] != "-" for r in rows) == 2
+    assert out.count("(stream)") == 2
+    assert out.count("goal: autoscale") == 2
