@@ -49,17 +49,6 @@ def gpt_shapes(n_params: float) -> list[tuple[int, ...]]:
             return [*shapes, (d,), (d,)]  # final LayerNorm
 
 
-def median_time(fn: Callable[[], object], *, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
-
-
 def interleaved_ms(
     fns: dict[str, Callable[[], object]], *, repeats: int, warmup_s: float
 ) -> tuple[dict[str, list[float]], int]:

@@ -29,13 +29,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_optim_cpu import gpt_shapes, median_time
+from bench_optim_cpu import gpt_shapes
 
 from autoscale.kernels import _triton_util
 from autoscale.optim import LAMB, LARS, SGD, AdamW, AdamW8bit
@@ -58,7 +59,14 @@ def cuda_median_ms(fn: Callable[[], object], *, warmup: int, repeats: int) -> fl
 
 def wall_median_ms(fn: Callable[[], object], *, warmup: int, repeats: int) -> float:
     """--smoke's timer: wall-clock median on CPU (the CPU has no events to record)."""
-    return median_time(fn, warmup=warmup, repeats=repeats) * 1e3
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
 
 
 def stream_bandwidth(dev: torch.device, timer: Callable[..., float], numel: int) -> float:
