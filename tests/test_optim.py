@@ -64,7 +64,7 @@ def test_defaults_match_torch() -> None:
 @pytest.mark.parametrize("kwargs, match", [
     (dict(amsgrad=True), "amsgrad"),
     (dict(capturable=True), "capturable"),
-    (dict(differentiable=True), "differentiable"),
+    (dict(differentiable=True), r"differentiable.*Use torch\.optim\.AdamW for that"),
     (dict(kernel="cuda_magic"), "kernel"),
     (dict(foreach=True, fused=True), "foreach"),
     (dict(betas=(1.0, 0.9)), "betas"),

@@ -34,7 +34,7 @@ def _check_flags(name: str, *, capturable: bool = False, differentiable: bool = 
                          "step count on the host. Pass capturable=False (the default).")
     if differentiable:
         raise ValueError(f"{name}(differentiable=True) is not supported: the fused kernels update "
-                         "in place outside autograd. Use torch.optim.{name} for that.")
+                         f"in place outside autograd. Use torch.optim.{name} for that.")
 
 
 class FusedOptimizer(torch.optim.Optimizer):
