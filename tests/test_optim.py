@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from autoscale.optim._adamw import AdamW
+from autoscale.optim._adamw8bit import AdamW8bit
 from autoscale.optim._lamb import LAMB
 from autoscale.optim._lars import LARS
 from autoscale.optim._sgd import SGD
@@ -164,3 +165,21 @@ def test_exclude_1d_flag(cls) -> None:
     assert opt.param_groups[0]["exclude_1d"] and not opt.param_groups[1]["exclude_1d"]
     _train(model, opt, 2, seed=0)
     assert opt.kernel_choice in ("reference", "foreach")
+
+
+@pytest.mark.parametrize("make", [*MAKERS.values(), lambda ps: AdamW8bit(ps, lr=1e-2)],
+                         ids=[*MAKERS, "AdamW8bit"])
+def test_complex_params_are_refused_not_truncated(make) -> None:
+    # The kernels are real-valued: stepping a complex param through them silently zeroed
+    # its imaginary part. A clear error with nothing stepped (not even the real param of
+    # the group before it) is the contract instead.
+    real = nn.Parameter(torch.randn(4))
+    real.grad = torch.randn(4)
+    p = nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    p.grad = torch.randn(4, dtype=torch.complex64)
+    before = [real.detach().clone(), p.detach().clone()]
+    opt = make([{"params": [real]}, {"params": [p]}])
+    with pytest.raises(ValueError, match=r"complex parameters.*view_as_real"):
+        opt.step()
+    assert torch.equal(real.detach(), before[0]) and torch.equal(p.detach(), before[1])
+    assert not opt.state

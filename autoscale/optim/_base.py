@@ -128,14 +128,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Every param is checked before any moves, so a refused step changes nothing.
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._check_param(p)
         for group in self.param_groups:
             buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise ValueError(f"{type(self).__name__} does not support sparse gradients; "
-                                     "use torch.optim.SparseAdam or dense gradients.")
                 if not self.state[p]:
                     self._init_state(group, p)
                 buckets[(p.device, p.dtype)].append(p)
@@ -143,6 +145,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                 name = self._step_bucket(group, params, self._kernel_for(group, device))
                 self.kernel_choices[f"{device.type}/{dtype}"] = name
         return loss
+
+    def _check_param(self, p: torch.Tensor) -> None:
+        """Raise ValueError for a param the kernels cannot step (sparse grad, complex)."""
+        if p.grad.is_sparse:
+            raise ValueError(f"{type(self).__name__} does not support sparse gradients; "
+                             "use torch.optim.SparseAdam or dense gradients.")
+        if p.is_complex():
+            # The kernels are real-valued; running them would drop the imaginary part.
+            raise ValueError(
+                f"{type(self).__name__} does not support complex parameters (got {p.dtype}, "
+                f"shape {tuple(p.shape)}); keep them in a torch.optim optimizer, or store "
+                "them as real tensors (torch.view_as_real)."
+            )
 
     def _momentum_parts(self, params: list[torch.Tensor]
                         ) -> list[tuple[list[torch.Tensor], bool]]:  # fmt: skip
