@@ -32,6 +32,7 @@ compiled CPU path and the Triton kernel round identically up to fp32 noise in y.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -229,6 +230,10 @@ def adamw8bit_reference(
 # the block count is marked dynamic so every parameter shape shares one graph per
 # (param dtype, block_size). A trailing partial block runs through the same graph on a
 # one-block padded copy (nb == 1 is specialised by dynamo: one more compile, once).
+# Tensors go in detached, so a Parameter and a scratch clone share a graph. That still
+# leaves two graphs per (dtype, block_size), and dynamo's default limit of 8 per function
+# would be reached by four such keys in one process (a tuner, a test run), after which
+# fullgraph=True fails hard: calls run under a higher limit (_RECOMPILE_LIMIT).
 def _step_inplace(
     p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ms: torch.Tensor,
     vq: torch.Tensor, vs: torch.Tensor, hp: torch.Tensor,
@@ -242,6 +247,7 @@ def _step_inplace(
 
 
 _COMPILE_OPTIONS: dict = {"cpp.dynamic_threads": True}
+_RECOMPILE_LIMIT = 64
 _compiled_step = None
 _compile_failed: str | None = None
 
@@ -257,7 +263,12 @@ def _get_compiled():  # -> Callable | None
 
 
 def _adamw8bit_compiled(p, g, mq, ms, vq, vs, *, hp: torch.Tensor, block_size: int, nb: int):
-    fn = _get_compiled()
+    compiled = _get_compiled()
+
+    def fn(*args: torch.Tensor) -> None:
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            compiled(*(t.detach() for t in args))
+
     n = p.numel()
     full = n // block_size
     # A param at a nonzero storage offset (a view into a flat buffer) would recompile per
@@ -418,8 +429,9 @@ _RUNNERS = {
 }
 
 
-def _available(name: str, device: torch.device) -> str | None:
-    """None if path ``name`` can run on ``device`` here, else why not (with the fix)."""
+def _available(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if path ``name`` can run on ``dtype`` params on ``device`` here, else why not
+    (with the fix)."""
     if name == "reference":
         return None
     if name == "triton":
@@ -427,10 +439,14 @@ def _available(name: str, device: torch.device) -> str | None:
             return "impl='triton' needs the triton package; use impl='auto'."
         if not (device.type == "cuda" or _interpreting()):
             return "impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 on CPU."
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"impl='triton' takes fp32, bf16 or fp16 params, got {dtype}; use impl='auto'."
         return None
     if device.type != "cpu":
         return f"impl={name!r} is a CPU path; got {device.type} tensors. Use impl='auto'."
     if name == "native":
+        if dtype not in (torch.float32, torch.bfloat16):
+            return f"impl='native' takes fp32 or bf16 params, got {dtype}; use impl='auto'."
         if not _cpu_adamw8bit.available():
             return (f"the C kernel could not be built ({_cpu_adamw8bit.load_error()}); "
                     "install gcc or use impl='auto'.")  # fmt: skip
@@ -481,21 +497,33 @@ def _agrees(name: str, lists: Lists, hyper: tuple[float, ...], block_size: int) 
     return scales_ok and all(_codes_agree(sample[k], want[k]) for k in (2, 4))
 
 
+def _agrees_or_warn(name: str, lists: Lists, hyper: tuple[float, ...], block_size: int) -> bool:
+    """:func:`_agrees`, but a path that raises is left out with a warning: choosing among
+    paths must never fail a step that the reference can take."""
+    try:
+        return _agrees(name, lists, hyper, block_size)
+    except Exception as err:  # any failure disqualifies the path
+        warnings.warn(f"adamw8bit: the {name!r} path failed its check and is not used "
+                      f"({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=3)
+        return False
+
+
 def _pick(impl: str, device: torch.device, dtype: torch.dtype, lists: Lists,
           hyper: tuple[float, ...], block_size: int) -> str:  # fmt: skip
     if impl != "auto":
-        why = _available(impl, device)
+        why = _available(impl, device, dtype)
         if why is not None:
             raise KernelUnavailable(f"adamw8bit: {why}")
         return impl
-    if device.type == "cuda" and _available("triton", device) is None:
+    if device.type == "cuda" and _available("triton", device, dtype) is None:
         return "triton"
     chosen = _dispatch.cached_choice("adamw8bit", device, dtype)
     if chosen is not None:
         return chosen
     candidates = [
         name for name in ("native", "compiled")
-        if _available(name, device) is None and _agrees(name, lists, hyper, block_size)
+        if _available(name, device, dtype) is None
+        and _agrees_or_warn(name, lists, hyper, block_size)
     ]  # fmt: skip
     # Scratch copies of a prefix of the tensors: timing must not step the real state.
     k = _dispatch.scratch_prefix([p.numel() for p in lists[0]])

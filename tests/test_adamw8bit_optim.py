@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from autoscale.kernels import _cpu_adamw8bit
+from autoscale.kernels import adamw8bit as adamw8bit_kernels
 from autoscale.optim._adamw8bit import AdamW8bit
 
 
@@ -313,10 +314,13 @@ def test_state_is_about_two_bytes_per_param() -> None:
     assert nbytes / p.numel() == pytest.approx(2 + 8 / 256, abs=1e-4)
 
 
-def test_auto_path_in_optimizer_matches_reference() -> None:
+# fp16 and fp64 have no C kernel: auto must pick among the paths that take them (it once
+# ran the C kernel's agreement check on them, which raised instead of ruling it out).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_auto_path_in_optimizer_matches_reference(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     shapes = [(64, 96), (300, 17), (5000,)]  # whole blocks, a tail, a 1-D tensor
-    ps = [nn.Parameter(torch.randn(s)) for s in shapes]
+    ps = [nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
     ps_ref = [nn.Parameter(p.detach().clone()) for p in ps]
     opt = AdamW8bit(ps, lr=1e-3, min_8bit_size=1024, kernel="auto")
     ref = AdamW8bit(ps_ref, lr=1e-3, min_8bit_size=1024, kernel="reference")
@@ -331,9 +335,36 @@ def test_auto_path_in_optimizer_matches_reference() -> None:
         # tests/kernels/test_adamw8bit.py); at a small v code one level is a large relative
         # change of sqrt(v), so that element's next update moves by up to ~lr. Everything
         # else agrees to fp32 noise; a wrong path would be off by ~lr nearly everywhere.
-        diff = (p - q).abs()
+        diff = (p.float() - q.float()).abs()
         assert diff.max().item() <= 3e-3
         assert (diff > 1e-5).float().mean().item() < 0.01
+
+
+def test_compiled_path_takes_many_dtypes_and_block_sizes_in_one_process() -> None:
+    # Dynamo guards on dtype, requires_grad and nb == 1 (a tail block): 4 dtypes x
+    # Parameter-or-plain-tensor x 2 is 16 graphs, past its default limit of 8 per
+    # function, where fullgraph=True failed hard mid-run (the auto path's check on scratch
+    # clones plus the real step on Parameters got there with 2 dtypes).
+    if adamw8bit_kernels._get_compiled() is None:
+        pytest.skip("torch.compile is unavailable here")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for requires_grad in (True, False):
+            for block in (64, 256):
+                torch.manual_seed(block)
+                p = torch.randn(3 * block + 5, dtype=dtype).requires_grad_(requires_grad)
+                q = p.detach().clone().requires_grad_(requires_grad)
+                opt = AdamW8bit([p], lr=1e-3, block_size=block, min_8bit_size=1,
+                                kernel="compiled")
+                ref = AdamW8bit([q], lr=1e-3, block_size=block, min_8bit_size=1,
+                                kernel="reference")
+                for _ in range(2):
+                    p.grad = torch.randn_like(p)
+                    q.grad = p.grad.clone()
+                    opt.step()
+                    ref.step()
+                assert opt.kernel_choice == "compiled"
+                diff = (p.detach().float() - q.detach().float()).abs().max().item()
+                assert diff <= 3e-3, (dtype, requires_grad, block)
 
 
 @pytest.mark.parametrize(
