@@ -121,14 +121,15 @@ def adamw_reference(
     """One AdamW step on each tensor, in place (the spec; see the module docstring).
 
     ``steps`` are scalar tensors (torch.optim's ``state["step"]``), incremented here. The
-    maths is computed in fp32 and written back in the param dtype; state stays fp32.
+    maths is computed in the state dtype (fp32, or fp64 for fp64 params) and written back
+    in the param dtype.
     Same operation order as torch.optim.AdamW(foreach=False), so fp32 results match it.
     """
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
         step += 1
         t = float(step.item())
-        p32 = p.float()  # p itself when p is fp32
-        g32 = -g.float() if maximize else g.float()
+        p32 = p.to(m.dtype)  # p itself when p is in the state dtype
+        g32 = -g.to(m.dtype) if maximize else g.to(m.dtype)
         p32.mul_(1.0 - lr * weight_decay)
         m.lerp_(g32, 1.0 - beta1)
         v.mul_(beta2).addcmul_(g32, g32, value=1.0 - beta2)
@@ -163,7 +164,8 @@ def adamw(
 
     ``kernel``: "auto" (Triton on CUDA, else the fastest torch path by measurement),
     "triton", "torch_fused", "foreach" or "reference". torch's fused/foreach paths need state
-    in the param dtype, so they are offered for fp32 params only.
+    in the param dtype, so they are offered for fp32 and fp64 params only; Triton's state
+    is fp32, so it is offered for fp32/bf16/fp16 params only.
 
     Raises KernelUnavailable if the forced kernel cannot run on these tensors.
     """
@@ -173,9 +175,10 @@ def adamw(
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                  maximize=maximize)
     impls = {"reference": lambda ls: adamw_reference(*ls, **hyper)}
-    if HAS_TRITON:
+    if HAS_TRITON and exp_avgs[0].dtype == torch.float32:  # the kernel's state is fp32
         impls["triton"] = partial(_adamw_triton, chunk=chunk, **hyper)
-    if params[0].dtype == torch.float32 and all(m.dtype == torch.float32 for m in exp_avgs):
+    if (params[0].dtype in (torch.float32, torch.float64)
+            and all(m.dtype == params[0].dtype for m in exp_avgs)):
         impls["torch_fused"] = partial(_adamw_torch, fused=True, **hyper)
         impls["foreach"] = partial(_adamw_torch, fused=False, **hyper)
     return run("adamw", kernel, impls, lists)

@@ -128,13 +128,14 @@ def lamb_reference(
 ) -> None:
     """One LAMB step on each tensor, in place (the spec; see the module docstring).
 
-    ``excluded[i]`` True: tensor i gets no trust ratio and no weight decay. State fp32.
+    ``excluded[i]`` True: tensor i gets no trust ratio and no weight decay. State fp32
+    (fp64 for fp64 params), the dtype the maths runs in.
     """
     for p, g, m, v, step, excl in zip(params, grads, exp_avgs, exp_avg_sqs, steps, excluded,
                                       strict=True):
         step += 1
         t = float(step.item())
-        p32, g32 = p.float(), g.float()
+        p32, g32 = p.to(m.dtype), g.to(m.dtype)
         m.lerp_(g32, 1.0 - beta1)
         v.mul_(beta2).addcmul_(g32, g32, value=1.0 - beta2)
         bc1 = 1.0 - beta1**t if bias_correction else 1.0
@@ -213,15 +214,17 @@ def lamb(
 ) -> str:
     """One LAMB step over all tensors (same device and dtype), in place; returns the kernel.
 
-    ``kernel``: "auto", "triton", "foreach" (fp32 only) or "reference".
+    ``kernel``: "auto", "triton" (fp32 state: not for fp64), "foreach" (fp32 and fp64,
+    state in the param dtype) or "reference".
     """
     if not params:
         return kernel
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                  bias_correction=bias_correction)
     impls = {"reference": lambda ls: lamb_reference(*ls, **hyper)}
-    if HAS_TRITON:
+    if HAS_TRITON and exp_avgs[0].dtype == torch.float32:
         impls["triton"] = partial(_lamb_triton, chunk=chunk, **hyper)
-    if params[0].dtype == torch.float32:
+    if (params[0].dtype in (torch.float32, torch.float64)
+            and all(m.dtype == params[0].dtype for m in exp_avgs)):
         impls["foreach"] = partial(_lamb_foreach, **hyper)
     return run("lamb", kernel, impls, (params, grads, exp_avgs, exp_avg_sqs, steps, excluded))

@@ -128,12 +128,14 @@ def lars_reference(
 ) -> None:
     """One LARS step on each tensor, in place (the spec; see the module docstring).
 
-    ``momentum_buffers``: empty when ``momentum == 0``, else one fp32 buffer per param.
+    ``momentum_buffers``: empty when ``momentum == 0``, else one buffer per param (fp32,
+    or fp64 for fp64 params: the dtype the maths runs in).
     ``excluded[i]`` True: tensor i gets no trust ratio and no weight decay.
     """
     bufs: Sequence[torch.Tensor | None] = momentum_buffers or [None] * len(params)
     for p, g, buf, excl in zip(params, grads, bufs, excluded, strict=True):
-        p32, g32 = p.float(), g.float()
+        acc = torch.promote_types(p.dtype, torch.float32)
+        p32, g32 = p.to(acc), g.to(acc)
         wd = 0.0 if excl else weight_decay
         trust = _trust_ratio(p32.norm(), g32.norm(), torch.tensor(not excl), eta=eta,
                              weight_decay=wd, eps=eps)
@@ -203,15 +205,16 @@ def lars(
 ) -> str:
     """One LARS step over all tensors (same device and dtype), in place; returns the kernel.
 
-    ``kernel``: "auto", "triton", "foreach" (fp32 only) or "reference".
+    ``kernel``: "auto", "triton" (fp32 buffers: not for fp64), "foreach" (fp32 and fp64,
+    buffers in the param dtype) or "reference".
     """
     if not params:
         return kernel
     hyper = dict(first_step=first_step, lr=lr, momentum=momentum, dampening=dampening,
                  weight_decay=weight_decay, nesterov=nesterov, eta=eta, eps=eps)
     impls = {"reference": lambda ls: lars_reference(*ls, **hyper)}
-    if HAS_TRITON:
+    if HAS_TRITON and params[0].dtype != torch.float64:
         impls["triton"] = partial(_lars_triton, chunk=chunk, **hyper)
-    if params[0].dtype == torch.float32:
+    if params[0].dtype in (torch.float32, torch.float64):
         impls["foreach"] = partial(_lars_foreach, **hyper)
     return run("lars", kernel, impls, (params, grads, momentum_buffers, excluded))

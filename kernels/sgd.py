@@ -92,14 +92,16 @@ def sgd_reference(
 ) -> None:
     """One SGD step on each tensor, in place (the spec; see the module docstring).
 
-    ``momentum_buffers`` is empty when ``momentum == 0``; otherwise one fp32 buffer per
-    param, overwritten when ``first_step``. Same order of operations as
+    ``momentum_buffers`` is empty when ``momentum == 0``; otherwise one buffer per param
+    (fp32, or fp64 for fp64 params: the dtype the maths runs in), overwritten when
+    ``first_step``. Same order of operations as
     torch.optim.SGD(foreach=False), so fp32 results match it.
     """
     bufs: Sequence[torch.Tensor | None] = momentum_buffers or [None] * len(params)
     for p, g, buf in zip(params, grads, bufs, strict=True):
-        p32 = p.float()
-        d = -g.float() if maximize else g.float()
+        acc = torch.promote_types(p.dtype, torch.float32)
+        p32 = p.to(acc)
+        d = -g.to(acc) if maximize else g.to(acc)
         if weight_decay != 0:
             d = d.add(p32, alpha=weight_decay)
         if momentum != 0:
@@ -169,7 +171,8 @@ def sgd(
     """One SGD step over all tensors (same device and dtype), in place; returns the kernel.
 
     ``kernel`` as in :func:`autoscale.kernels.adamw.adamw`. torch's fused and foreach paths
-    need buffers in the param dtype, so they are offered for fp32 params only.
+    need buffers in the param dtype, so they are offered for fp32 and fp64 params only;
+    Triton's buffers are fp32, so it is not offered for fp64.
     """
     if not params:
         return kernel
@@ -177,9 +180,9 @@ def sgd(
                  weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
     lists = (params, grads, momentum_buffers)
     impls = {"reference": lambda ls: sgd_reference(*ls, **hyper)}
-    if HAS_TRITON:
+    if HAS_TRITON and params[0].dtype != torch.float64:
         impls["triton"] = partial(_sgd_triton, chunk=chunk, **hyper)
-    if params[0].dtype == torch.float32:
+    if params[0].dtype in (torch.float32, torch.float64):
         impls["foreach"] = partial(_sgd_foreach, **hyper)
         if hasattr(torch, "_fused_sgd_"):
             impls["torch_fused"] = partial(_sgd_fused, **hyper)

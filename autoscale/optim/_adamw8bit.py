@@ -111,10 +111,15 @@ class AdamW8bit(FusedOptimizer):
 
     kernels = IMPLS
 
+    def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
+        # Its update maths is fp32 on every path (the C and Triton kernels included), so
+        # fp64 params get fp32 moments here too: 8-bit state is lossy by design anyway.
+        return torch.float32
+
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
         state = self.state[p]
         if p.numel() < group["min_8bit_size"]:
-            state.update(adam_state(p))
+            state.update(adam_state(p, torch.float32))
             return
         state["step"] = host_step()
         block = group["block_size"]

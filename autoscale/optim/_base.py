@@ -5,7 +5,8 @@ Contract of every subclass:
 - It is a ``torch.optim.Optimizer``; constructor arguments and defaults match torch.optim
   where they overlap, plus keyword-only ``kernel``.
 - All state lives in ``optimizer.state`` (so its size can be counted); floating state is
-  fp32 whatever the param dtype, integer state (8-bit codes) keeps its dtype;
+  fp32 for fp32/bf16/fp16 params and fp64 for fp64 params (torch.optim keeps fp64 state
+  there, and a drop-in must not lose precision), integer state (8-bit codes) keeps its dtype;
   ``state_dict()``/``load_state_dict()`` round-trip exactly, so a resumed run takes
   bit-identical next steps.
 - ``step()`` runs one multi-tensor kernel call per (param group, device, dtype) bucket;
@@ -85,8 +86,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
+    def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
+        """The dtype of ``p``'s floating state: see :func:`state_dtype`."""
+        return state_dtype(p)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like torch.optim, but keep float state fp32 and never alias ``state_dict``.
+        """Load like torch.optim, but keep float state in :meth:`_state_dtype` (fp32 for
+        fp32/bf16 params) and never alias ``state_dict``.
 
         torch casts floating state to the param dtype (bf16 params would get bf16 moments,
         breaking the fp32-state contract and exact resume), so the saved tensors are put back
@@ -107,7 +113,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     # Host-side step count (torch.optim's non-fused layout) wherever it was.
                     self.state[p][key] = value.detach().to("cpu", torch.float32, copy=True)
                 elif value.is_floating_point():
-                    self.state[p][key] = value.detach().to(p.device, torch.float32, copy=True)
+                    self.state[p][key] = value.detach().to(p.device, self._state_dtype(p),
+                                                           copy=True)
                 else:  # integer state (8-bit codes): its own dtype, but never aliased either
                     self.state[p][key] = value.detach().to(p.device, copy=True)
 
@@ -163,14 +170,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                         ) -> list[tuple[list[torch.Tensor], bool]]:  # fmt: skip
         """Split ``params`` into (params, first_step) parts for the SGD-style kernels.
 
-        Params without a ``momentum_buffer`` get a zeroed fp32 one and ``first_step=True``
+        Params without a ``momentum_buffer`` get a zeroed one and ``first_step=True``
         (their first momentum step copies d into the buffer, no dampening, as torch does);
         the rest ``first_step=False``. Empty parts are left out.
         """
         new = [p for p in params if "momentum_buffer" not in self.state[p]]
         old = [p for p in params if "momentum_buffer" in self.state[p]]
         for p in new:
-            self.state[p]["momentum_buffer"] = fp32_zeros_like(p)
+            self.state[p]["momentum_buffer"] = state_zeros_like(p)
         return [(part, first) for part, first in ((new, True), (old, False)) if part]
 
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
@@ -180,9 +187,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
 
-def fp32_zeros_like(p: torch.Tensor) -> torch.Tensor:
-    """fp32 state buffer shaped like ``p``, contiguous (multi-tensor kernels need it)."""
-    return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+def state_dtype(p: torch.Tensor) -> torch.dtype:
+    """fp64 for fp64 params, else fp32: moments are never kept below fp32 (bf16 params get
+    fp32 state, the mixed-precision contract) nor below the param's own precision."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def state_zeros_like(p: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Zeroed state buffer shaped like ``p`` in ``dtype`` (default :func:`state_dtype`),
+    contiguous (multi-tensor kernels need it)."""
+    return torch.zeros(p.shape, dtype=dtype or state_dtype(p), device=p.device)
 
 
 def host_step() -> torch.Tensor:
@@ -190,11 +204,12 @@ def host_step() -> torch.Tensor:
     return torch.tensor(0.0, dtype=torch.float32)
 
 
-def adam_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
+def adam_state(p: torch.Tensor, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Fresh Adam-family state for ``p``, in torch.optim.AdamW's keys and layout: a host
-    ``step`` counter and fp32 ``exp_avg`` / ``exp_avg_sq`` (AdamW, LAMB, AdamW8bit's
-    small tensors)."""
-    return {"step": host_step(), "exp_avg": fp32_zeros_like(p), "exp_avg_sq": fp32_zeros_like(p)}
+    ``step`` counter and ``exp_avg`` / ``exp_avg_sq`` in ``dtype`` (default
+    :func:`state_dtype`) (AdamW, LAMB, AdamW8bit's small tensors)."""
+    return {"step": host_step(), "exp_avg": state_zeros_like(p, dtype),
+            "exp_avg_sq": state_zeros_like(p, dtype)}
 
 
 def excluded(group: dict[str, Any], p: torch.Tensor) -> bool:
