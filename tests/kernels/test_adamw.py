@@ -107,3 +107,29 @@ def test_auto_measures_once_and_caches() -> None:
     for gs, ws in zip(got, want, strict=True):
         for g, w in zip(gs, ws, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_rules_out_a_candidate_that_raises() -> None:
+    # A path that cannot run on these tensors must lose the choice, not fail the step.
+    _dispatch.clear_cache()
+
+    def broken(lists) -> None:
+        raise RuntimeError("no kernel for this layout")
+
+    got = _state(SHAPE_SETS["one_small"], torch.float32)
+    want = clone_all(got)
+    grads = randn_list(SHAPE_SETS["one_small"], torch.float32)
+
+    def reference(lists) -> None:
+        adamw_reference(*lists, **HYPERS[0])
+
+    with pytest.warns(RuntimeWarning, match="'broken' failed its check.*no kernel"):
+        name = _dispatch.run("adamw_test", "auto", {"reference": reference, "broken": broken},
+                             [got[0], grads, *got[1:]])
+    assert name == "reference"
+    assert set(_dispatch.TIMINGS[("adamw_test", "cpu", torch.float32)]) == {"reference"}
+    adamw_reference(want[0], grads, *want[1:], **HYPERS[0])
+    for gs, ws in zip(got, want, strict=True):
+        for g, w in zip(gs, ws, strict=True):
+            torch.testing.assert_close(g, w)
+    _dispatch.clear_cache()
