@@ -152,8 +152,32 @@ def run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists) -> str:
     ``kernel="auto"``: Triton on CUDA, else the fastest torch path that agrees with the
     reference (Note: [choosing the CPU path by measurement]).
 
+    Invariant: every path sees contiguous tensors. A strided one (a transposed Parameter)
+    is stepped as a contiguous copy and copied back, because the multi-tensor kernels
+    address memory linearly (Triton refuses strided tensors; torch's fused CPU kernels
+    pair elements in memory order, so a grad or state laid out unlike its param got the
+    wrong elements, and state kept in the param's memory order would not match the other
+    paths or torch.optim after a load).
+
     Raises KernelUnavailable when a forced kernel cannot run on these tensors.
     """
+    strided = [
+        (t, t.contiguous()) for ts in lists for t in ts
+        if isinstance(t, torch.Tensor) and not t.is_contiguous()
+    ]  # fmt: skip
+    if not strided:
+        return _run(op, kernel, impls, lists)
+    swap = {id(t): c for t, c in strided}
+    work = [[swap.get(id(t), t) if isinstance(t, torch.Tensor) else t for t in ts]
+            for ts in lists]  # fmt: skip
+    name = _run(op, kernel, impls, work)
+    # Read-only inputs (grads) are copied back too: unchanged, and strided ones are rare.
+    for t, c in strided:
+        t.copy_(c)
+    return name
+
+
+def _run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists) -> str:
     first = lists[0][0]
     device, dtype = first.device, first.dtype
     if kernel not in KERNELS:

@@ -113,8 +113,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                     # Host-side step count (torch.optim's non-fused layout) wherever it was.
                     self.state[p][key] = value.detach().to("cpu", torch.float32, copy=True)
                 elif value.is_floating_point():
-                    self.state[p][key] = value.detach().to(p.device, self._state_dtype(p),
-                                                           copy=True)
+                    # Contiguous too: torch.optim lays state out like a strided param.
+                    self.state[p][key] = value.detach().to(
+                        p.device, self._state_dtype(p), copy=True,
+                        memory_format=torch.contiguous_format,
+                    )
                 else:  # integer state (8-bit codes): its own dtype, but never aliased either
                     self.state[p][key] = value.detach().to(p.device, copy=True)
 
