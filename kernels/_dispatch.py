@@ -22,6 +22,7 @@ import torch
 
 from autoscale.errors import KernelUnavailable
 
+from ._dtensor import is_dtensor, local
 from ._triton_util import require_triton, triton_usable
 
 __all__ = ["KERNELS", "TIMINGS", "cached_choice", "choose", "clear_cache", "run", "scratch_prefix"]
@@ -144,7 +145,8 @@ def _agrees(impl: Impl, reference: Impl, lists: Lists, name: str = "") -> bool:
     )
 
 
-def run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists) -> str:
+def run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists, *,
+        probe_impls: Mapping[str, Impl] | None = None) -> str:
     """Run one step of ``op`` on ``lists`` with ``kernel`` (or the chosen one); return its name.
 
     ``impls`` maps kernel names to functions of the tensor lists (hyper-parameters bound);
@@ -152,32 +154,42 @@ def run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists) -> str:
     ``kernel="auto"``: Triton on CUDA, else the fastest torch path that agrees with the
     reference (Note: [choosing the CPU path by measurement]).
 
-    Invariant: every path sees contiguous tensors. A strided one (a transposed Parameter)
+    Invariant: every path sees plain contiguous tensors. DTensors (FSDP2's sharded
+    params, their grads and state) are replaced by their rank-local tensors, which share
+    their storage: the ops are elementwise, or (LAMB, LARS) reduce their norms through
+    ``kernels._dtensor``. A strided one (a transposed Parameter)
     is stepped as a contiguous copy and copied back, because the multi-tensor kernels
     address memory linearly (Triton refuses strided tensors; torch's fused CPU kernels
     pair elements in memory order, so a grad or state laid out unlike its param got the
     wrong elements, and state kept in the param's memory order would not match the other
     paths or torch.optim after a load).
 
+    ``probe_impls``: the same paths without collectives (LAMB/LARS on sharded params),
+    for the agreement check and the timing runs on samples and scratch copies, whose
+    sizes differ between ranks; default ``impls``.
+
     Raises KernelUnavailable when a forced kernel cannot run on these tensors.
     """
+    if any(is_dtensor(t) for ts in lists for t in ts):
+        lists = [[local(t) for t in ts] for ts in lists]
     strided = [
         (t, t.contiguous()) for ts in lists for t in ts
         if isinstance(t, torch.Tensor) and not t.is_contiguous()
     ]  # fmt: skip
     if not strided:
-        return _run(op, kernel, impls, lists)
+        return _run(op, kernel, impls, lists, probe_impls or impls)
     swap = {id(t): c for t, c in strided}
     work = [[swap.get(id(t), t) if isinstance(t, torch.Tensor) else t for t in ts]
             for ts in lists]  # fmt: skip
-    name = _run(op, kernel, impls, work)
+    name = _run(op, kernel, impls, work, probe_impls or impls)
     # Read-only inputs (grads) are copied back too: unchanged, and strided ones are rare.
     for t, c in strided:
         t.copy_(c)
     return name
 
 
-def _run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists) -> str:
+def _run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists,
+         probe: Mapping[str, Impl]) -> str:
     first = lists[0][0]
     device, dtype = first.device, first.dtype
     if kernel not in KERNELS:
@@ -202,8 +214,8 @@ def _run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists) -> str:
     name = cached_choice(op, device, dtype)
     if name is None or name not in impls:
         # The interpreter is a correctness tool, orders of magnitude slower: never a candidate.
-        candidates = {k: f for k, f in impls.items() if k != "triton"}
-        reference = impls["reference"]
+        candidates = {k: f for k, f in probe.items() if k != "triton"}
+        reference = probe["reference"]
         candidates = {
             k: f for k, f in candidates.items()
             if k == "reference" or _agrees(f, reference, lists, k)

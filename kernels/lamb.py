@@ -14,6 +14,10 @@ Two launches (Note: [two-phase per-tensor norms]): phase 1 updates m, v and writ
 chunk's partial sums of p^2 and u^2; a torch op sums them per tensor and forms r; phase 2
 recomputes u from the stored m, v and applies it. Recomputing u costs 4 bytes per element
 less than saving it (12 vs 16 of extra traffic) and leaves the gradients untouched.
+
+Every path computes all norms before any param moves, so sharded (DTensor) params can
+sum their shards' norms in one collective per step (``kernels._dtensor``), the same
+collectives whichever path a rank chose.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from functools import partial
 import torch
 
 from ._dispatch import run
+from ._dtensor import NormSqReducer, norm_sq_reducer, whole_norms
 from ._triton_util import (
     DEFAULT_CHUNK,
     HAS_TRITON,
@@ -125,25 +130,39 @@ def lamb_reference(
     exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
     steps: Sequence[torch.Tensor], excluded: Sequence[bool], *, lr: float, beta1: float,
     beta2: float, eps: float, weight_decay: float, bias_correction: bool = True,
+    reduce: NormSqReducer | None = None,
 ) -> None:
     """One LAMB step on each tensor, in place (the spec; see the module docstring).
 
     ``excluded[i]`` True: tensor i gets no trust ratio and no weight decay. State fp32
-    (fp64 for fp64 params), the dtype the maths runs in.
+    (fp64 for fp64 params), the dtype the maths runs in. ``reduce``: see
+    ``kernels._dtensor`` (None: each tensor is whole).
     """
-    for p, g, m, v, step, excl in zip(params, grads, exp_avgs, exp_avg_sqs, steps, excluded,
-                                      strict=True):
+    def update(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        p, m, v = params[i], exp_avgs[i], exp_avg_sqs[i]
+        bc1, bc2 = _bias_corrections(float(steps[i].item()), beta1, beta2, bias_correction)
+        u = (m / bc1) / ((v / bc2).sqrt() + eps)
+        p32 = p.to(m.dtype)  # p itself when p is in the state dtype
+        if not excluded[i] and weight_decay != 0:
+            u.add_(p32, alpha=weight_decay)
+        return p32, u
+
+    # Phase 1: moments, then the norms of p and u; u is recomputed in phase 2 rather
+    # than held for every tensor at once.
+    norms = []
+    for i, (g, m, v, step) in enumerate(zip(grads, exp_avgs, exp_avg_sqs, steps, strict=True)):
         step += 1
-        t = float(step.item())
-        p32, g32 = p.to(m.dtype), g.to(m.dtype)
+        g32 = g.to(m.dtype)
         m.lerp_(g32, 1.0 - beta1)
         v.mul_(beta2).addcmul_(g32, g32, value=1.0 - beta2)
-        bc1 = 1.0 - beta1**t if bias_correction else 1.0
-        bc2 = 1.0 - beta2**t if bias_correction else 1.0
-        u = (m / bc1) / ((v / bc2).sqrt() + eps)
-        if not excl and weight_decay != 0:
-            u.add_(p32, alpha=weight_decay)
-        trust = _trust_ratio(p32.norm(), u.norm(), torch.tensor(not excl))
+        p32, u = update(i)
+        norms.append(torch.stack([p32.norm(), u.norm()]))
+    if not norms:
+        return
+    norms_t = whole_norms(torch.stack(norms), range(len(norms)), reduce)
+    for i, p in enumerate(params):
+        p32, u = update(i)
+        trust = _trust_ratio(norms_t[i, 0], norms_t[i, 1], torch.tensor(not excluded[i]))
         p32.sub_(lr * trust * u)
         if p32 is not p:
             p.copy_(p32)
@@ -155,7 +174,7 @@ def _bias_corrections(step: float, beta1: float, beta2: float, on: bool) -> tupl
 
 def _lamb_triton(
     lists: Sequence[Sequence], *, lr: float, beta1: float, beta2: float, eps: float,
-    weight_decay: float, bias_correction: bool, chunk: int,
+    weight_decay: float, bias_correction: bool, chunk: int, reduce: NormSqReducer | None,
 ) -> None:
     params, grads, exp_avgs, exp_avg_sqs, steps, excluded = lists
     groups: dict[float, list[int]] = defaultdict(list)
@@ -163,6 +182,8 @@ def _lamb_triton(
         step += 1
         groups[float(step.item())].append(i)
     device, p_dtype = params[0].device, tl_dtype(params[0].dtype)
+    # Phase 1 of every step-count group, then all norms at once, then every phase 2.
+    phase1 = []
     for step_t, idx in groups.items():
         ps = [params[i] for i in idx]
         ms, vs = [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]
@@ -173,7 +194,13 @@ def _lamb_triton(
         partial_sums = torch.empty(table.n_chunks, 2, dtype=torch.float32, device=device)
         launch(_lamb_phase1_kernel, table, wd, partial_sums, beta1, beta2, eps, bc1, bc2,
                written=(2, 3), P_DTYPE=p_dtype)
-        norms = per_tensor_sum(table, partial_sums).sqrt()
+        phase1.append((idx, ps, ms, vs, bc1, bc2, adapt, wd, per_tensor_sum(table, partial_sums)))
+    order = [i for ph in phase1 for i in ph[0]]
+    sq = torch.cat([ph[-1] for ph in phase1])
+    if reduce is not None:
+        reduce(sq, order)
+    norms_all = sq.sqrt().split([len(ph[0]) for ph in phase1])
+    for (_, ps, ms, vs, bc1, bc2, adapt, wd, _), norms in zip(phase1, norms_all, strict=True):
         scale = (lr * _trust_ratio(norms[:, 0], norms[:, 1], adapt)).float()
         launch(_lamb_phase2_kernel, tensor_table([ps, ms, vs], chunk=chunk), wd, scale, eps,
                bc1, bc2, written=(0,), P_DTYPE=p_dtype)
@@ -181,7 +208,7 @@ def _lamb_triton(
 
 def _lamb_foreach(
     lists: Sequence[Sequence], *, lr: float, beta1: float, beta2: float, eps: float,
-    weight_decay: float, bias_correction: bool,
+    weight_decay: float, bias_correction: bool, reduce: NormSqReducer | None,
 ) -> None:
     params, grads, exp_avgs, exp_avg_sqs, steps, excluded = (list(x) for x in lists)
     torch._foreach_add_(steps, 1)
@@ -197,8 +224,9 @@ def _lamb_foreach(
     del denom
     wd = [0.0 if ex else weight_decay for ex in excluded]
     torch._foreach_add_(u, torch._foreach_mul(params, wd))
-    p_norm = torch.stack(torch._foreach_norm(params))
-    u_norm = torch.stack(torch._foreach_norm(u))
+    norms = torch.stack([torch.stack(torch._foreach_norm(params)),
+                         torch.stack(torch._foreach_norm(u))], dim=1)
+    p_norm, u_norm = whole_norms(norms, range(len(params)), reduce).unbind(1)
     adapt = torch.tensor([not ex for ex in excluded], device=p_norm.device)
     scale = (-lr * _trust_ratio(p_norm, u_norm, adapt)).tolist()
     torch._foreach_mul_(u, scale)
@@ -215,16 +243,22 @@ def lamb(
     """One LAMB step over all tensors (same device and dtype), in place; returns the kernel.
 
     ``kernel``: "auto", "triton" (fp32 state: not for fp64), "foreach" (fp32 and fp64,
-    state in the param dtype) or "reference".
+    state in the param dtype) or "reference". DTensor params: see ``kernels._dtensor``.
     """
     if not params:
         return kernel
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                 bias_correction=bias_correction)
-    impls = {"reference": lambda ls: lamb_reference(*ls, **hyper)}
-    if HAS_TRITON and exp_avgs[0].dtype == torch.float32:
-        impls["triton"] = partial(_lamb_triton, chunk=chunk, **hyper)
-    if (params[0].dtype in (torch.float32, torch.float64)
-            and all(m.dtype == params[0].dtype for m in exp_avgs)):
-        impls["foreach"] = partial(_lamb_foreach, **hyper)
-    return run("lamb", kernel, impls, (params, grads, exp_avgs, exp_avg_sqs, steps, excluded))
+
+    def impls(reduce: NormSqReducer | None) -> dict:
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                     bias_correction=bias_correction, reduce=reduce)
+        out = {"reference": lambda ls: lamb_reference(*ls, **hyper)}
+        if HAS_TRITON and exp_avgs[0].dtype == torch.float32:
+            out["triton"] = partial(_lamb_triton, chunk=chunk, **hyper)
+        if (params[0].dtype in (torch.float32, torch.float64)
+                and all(m.dtype == params[0].dtype for m in exp_avgs)):
+            out["foreach"] = partial(_lamb_foreach, **hyper)
+        return out
+
+    reduce = norm_sq_reducer(params)
+    return run("lamb", kernel, impls(reduce), (params, grads, exp_avgs, exp_avg_sqs, steps,
+               excluded), probe_impls=impls(None) if reduce else None)

@@ -11,6 +11,9 @@ Maths per tensor, in fp32, ``wd_i`` = 0 for excluded tensors (biases, norm weigh
 This is the trust-ratio-inside-momentum form used by MLPerf ResNet-50 and NVIDIA's LARC
 (``clip=False``). Two launches: phase 1 writes each chunk's partial sums of p^2 and g^2
 (read-only), a torch op forms r per tensor, phase 2 applies the momentum update.
+
+Every path computes all norms before any param moves, so sharded (DTensor) params can
+sum their shards' norms in one collective per step (``kernels._dtensor``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from functools import partial
 import torch
 
 from ._dispatch import run
+from ._dtensor import NormSqReducer, norm_sq_reducer, whole_norms
 from ._triton_util import (
     DEFAULT_CHUNK,
     HAS_TRITON,
@@ -124,20 +128,26 @@ def lars_reference(
     params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     momentum_buffers: Sequence[torch.Tensor], excluded: Sequence[bool], *, first_step: bool,
     lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-    eta: float, eps: float,
+    eta: float, eps: float, reduce: NormSqReducer | None = None,
 ) -> None:
     """One LARS step on each tensor, in place (the spec; see the module docstring).
 
     ``momentum_buffers``: empty when ``momentum == 0``, else one buffer per param (fp32,
     or fp64 for fp64 params: the dtype the maths runs in).
-    ``excluded[i]`` True: tensor i gets no trust ratio and no weight decay.
+    ``excluded[i]`` True: tensor i gets no trust ratio and no weight decay. ``reduce``:
+    see ``kernels._dtensor`` (None: each tensor is whole).
     """
+    if not params:
+        return
     bufs: Sequence[torch.Tensor | None] = momentum_buffers or [None] * len(params)
-    for p, g, buf, excl in zip(params, grads, bufs, excluded, strict=True):
-        acc = torch.promote_types(p.dtype, torch.float32)
+    acc = torch.promote_types(params[0].dtype, torch.float32)
+    norms = torch.stack([torch.stack([p.to(acc).norm(), g.to(acc).norm()])
+                         for p, g in zip(params, grads, strict=True)])  # fmt: skip
+    norms = whole_norms(norms, range(len(params)), reduce)
+    for i, (p, g, buf, excl) in enumerate(zip(params, grads, bufs, excluded, strict=True)):
         p32, g32 = p.to(acc), g.to(acc)
         wd = 0.0 if excl else weight_decay
-        trust = _trust_ratio(p32.norm(), g32.norm(), torch.tensor(not excl), eta=eta,
+        trust = _trust_ratio(norms[i, 0], norms[i, 1], torch.tensor(not excl), eta=eta,
                              weight_decay=wd, eps=eps)
         d = (g32 + wd * p32) * trust
         if momentum != 0:
@@ -155,6 +165,7 @@ def lars_reference(
 def _lars_triton(
     lists: Sequence[Sequence], *, first_step: bool, lr: float, momentum: float,
     dampening: float, weight_decay: float, nesterov: bool, eta: float, eps: float, chunk: int,
+    reduce: NormSqReducer | None,
 ) -> None:
     params, grads, bufs, excluded = lists
     device, p_dtype = params[0].device, tl_dtype(params[0].dtype)
@@ -163,7 +174,10 @@ def _lars_triton(
     norm_table = tensor_table([params, grads], chunk=chunk)
     partial_sums = torch.empty(norm_table.n_chunks, 2, dtype=torch.float32, device=device)
     launch(_lars_norms_kernel, norm_table, partial_sums, written=(), P_DTYPE=p_dtype)
-    norms = per_tensor_sum(norm_table, partial_sums).sqrt()
+    sq = per_tensor_sum(norm_table, partial_sums)
+    if reduce is not None:
+        reduce(sq, range(len(params)))
+    norms = sq.sqrt()
     trust = _trust_ratio(norms[:, 0], norms[:, 1], adapt, eta=eta, weight_decay=wd,
                          eps=eps).float()
     has_momentum = momentum != 0
@@ -176,12 +190,14 @@ def _lars_triton(
 def _lars_foreach(
     lists: Sequence[Sequence], *, first_step: bool, lr: float, momentum: float,
     dampening: float, weight_decay: float, nesterov: bool, eta: float, eps: float,
+    reduce: NormSqReducer | None,
 ) -> None:
     params, grads, bufs, excluded = (list(x) for x in lists)
     adapt = [not ex for ex in excluded]
     wd = [weight_decay if a else 0.0 for a in adapt]
-    p_norm = torch.stack(torch._foreach_norm(params))
-    g_norm = torch.stack(torch._foreach_norm(grads))
+    norms = torch.stack([torch.stack(torch._foreach_norm(params)),
+                         torch.stack(torch._foreach_norm(grads))], dim=1)
+    p_norm, g_norm = whole_norms(norms, range(len(params)), reduce).unbind(1)
     trust = _trust_ratio(p_norm, g_norm, torch.tensor(adapt, device=p_norm.device), eta=eta,
                          weight_decay=torch.tensor(wd, device=p_norm.device), eps=eps)
     d = torch._foreach_add(grads, torch._foreach_mul(params, wd))
@@ -206,15 +222,22 @@ def lars(
     """One LARS step over all tensors (same device and dtype), in place; returns the kernel.
 
     ``kernel``: "auto", "triton" (fp32 buffers: not for fp64), "foreach" (fp32 and fp64,
-    buffers in the param dtype) or "reference".
+    buffers in the param dtype) or "reference". DTensor params: see ``kernels._dtensor``.
     """
     if not params:
         return kernel
-    hyper = dict(first_step=first_step, lr=lr, momentum=momentum, dampening=dampening,
-                 weight_decay=weight_decay, nesterov=nesterov, eta=eta, eps=eps)
-    impls = {"reference": lambda ls: lars_reference(*ls, **hyper)}
-    if HAS_TRITON and params[0].dtype != torch.float64:
-        impls["triton"] = partial(_lars_triton, chunk=chunk, **hyper)
-    if params[0].dtype in (torch.float32, torch.float64):
-        impls["foreach"] = partial(_lars_foreach, **hyper)
-    return run("lars", kernel, impls, (params, grads, momentum_buffers, excluded))
+
+    def impls(reduce: NormSqReducer | None) -> dict:
+        hyper = dict(first_step=first_step, lr=lr, momentum=momentum, dampening=dampening,
+                     weight_decay=weight_decay, nesterov=nesterov, eta=eta, eps=eps,
+                     reduce=reduce)
+        out = {"reference": lambda ls: lars_reference(*ls, **hyper)}
+        if HAS_TRITON and params[0].dtype != torch.float64:
+            out["triton"] = partial(_lars_triton, chunk=chunk, **hyper)
+        if params[0].dtype in (torch.float32, torch.float64):
+            out["foreach"] = partial(_lars_foreach, **hyper)
+        return out
+
+    reduce = norm_sq_reducer(params)
+    return run("lars", kernel, impls(reduce), (params, grads, momentum_buffers, excluded),
+               probe_impls=impls(None) if reduce else None)

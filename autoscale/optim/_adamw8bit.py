@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from autoscale.kernels import _cpu_adamw8bit, _dispatch
+from autoscale.kernels._dtensor import is_dtensor, local
 from autoscale.kernels.adamw8bit import IMPLS, Impl, _hyper, adamw8bit_multi, state_numel
 
 from ._base import FusedOptimizer, adam_state, host_step
@@ -118,12 +119,15 @@ class AdamW8bit(FusedOptimizer):
 
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
         state = self.state[p]
+        # A DTensor param (FSDP2) gets plain rank-local state for its local shard: the
+        # update is elementwise and the codes' blocks are per shard anyway. The 8-bit-or-not
+        # choice uses the whole size, so every rank makes the same one.
         if p.numel() < group["min_8bit_size"]:
-            state.update(adam_state(p, torch.float32))
+            state.update(adam_state(local(p), torch.float32))
             return
         state["step"] = host_step()
         block = group["block_size"]
-        n = state_numel(p.numel(), block)
+        n = state_numel(local(p).numel(), block)
         state["exp_avg_q"] = torch.zeros(n, dtype=torch.int8, device=p.device)
         f32 = dict(dtype=torch.float32, device=p.device)
         state["exp_avg_scale"] = torch.zeros(n // block, **f32)
@@ -168,7 +172,7 @@ class AdamW8bit(FusedOptimizer):
         for p, state, step in zip(params, states, self._advance_steps(key, group, states),
                                   strict=True):  # fmt: skip
             if "exp_avg_q" not in state:
-                small.append((p, p.grad, state, step))
+                small.append((local(p), local(p.grad), state, step))
             else:
                 buckets.setdefault(step, []).append((p, state))
         # Once a bucket has run on the C kernel, its state stays bound to it (see
@@ -178,8 +182,8 @@ class AdamW8bit(FusedOptimizer):
         native = device.type == "cpu" and chosen == "native"
         name = kernel
         for i, (step, items) in enumerate(buckets.items()):
-            ps = [p for p, _ in items]
-            grads = [p.grad for p in ps]
+            ps = [local(p) for p, _ in items]
+            grads = [local(p.grad) for p, _ in items]
             state = _gather([st for _, st in items], _KEYS_8BIT)
             # block in the key: a group whose block_size changed must not reuse a binding
             bound = self._bound.get((key, i, block)) if native else None
@@ -209,7 +213,7 @@ class AdamW8bit(FusedOptimizer):
         plan = []
         for group in self.param_groups:
             params = group["params"]
-            if not params or any(p.grad is None for p in params):
+            if not params or any(p.grad is None or is_dtensor(p) for p in params):
                 return None
             device, dtype = params[0].device, params[0].dtype
             if (device.type != "cpu" or self.kernel_choices.get(f"cpu/{dtype}") != "native"

@@ -11,6 +11,9 @@ Contract of every subclass:
   bit-identical next steps.
 - ``step()`` runs one multi-tensor kernel call per (param group, device, dtype) bucket;
   ``kernel_choice`` says which kernel ran last (see autoscale.kernels._dispatch).
+- DTensor params (FSDP2's ``fully_shard``) work as with torch.optim: state is sharded
+  like its param (AdamW8bit: rank-local codes for the local shard), each rank steps its
+  shard, and LAMB/LARS take whole-tensor norms (see autoscale.kernels._dtensor).
 """
 
 from __future__ import annotations
@@ -198,8 +201,9 @@ def state_dtype(p: torch.Tensor) -> torch.dtype:
 
 def state_zeros_like(p: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Zeroed state buffer shaped like ``p`` in ``dtype`` (default :func:`state_dtype`),
-    contiguous (multi-tensor kernels need it)."""
-    return torch.zeros(p.shape, dtype=dtype or state_dtype(p), device=p.device)
+    contiguous (multi-tensor kernels need it); a DTensor with ``p``'s mesh and placements
+    when ``p`` is one (FSDP2), as torch.optim keeps it."""
+    return torch.zeros_like(p, dtype=dtype or state_dtype(p), memory_format=torch.contiguous_format)
 
 
 def host_step() -> torch.Tensor:
