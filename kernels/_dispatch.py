@@ -170,14 +170,17 @@ def run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists, *,
 
     Raises KernelUnavailable when a forced kernel cannot run on these tensors.
     """
-    if any(is_dtensor(t) for ts in lists for t in ts):
+    # Both checks run every step, so they are kept to C-level loops (~30 us for 5 lists of
+    # 136 tensors, against ~170 us for a per-tensor Python check). Params decide DTensor-ness:
+    # their grads and state follow them.
+    if any(map(is_dtensor, lists[0])):
         lists = [[local(t) for t in ts] for ts in lists]
+    if all(map(_all_contiguous, lists)):
+        return _run(op, kernel, impls, lists, probe_impls or impls)
     strided = [
         (t, t.contiguous()) for ts in lists for t in ts
         if isinstance(t, torch.Tensor) and not t.is_contiguous()
     ]  # fmt: skip
-    if not strided:
-        return _run(op, kernel, impls, lists, probe_impls or impls)
     swap = {id(t): c for t, c in strided}
     work = [[swap.get(id(t), t) if isinstance(t, torch.Tensor) else t for t in ts]
             for ts in lists]  # fmt: skip
@@ -186,6 +189,11 @@ def run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists, *,
     for t, c in strided:
         t.copy_(c)
     return name
+
+
+def _all_contiguous(ts: Sequence) -> bool:
+    # A list holds tensors, or per-tensor flags (LAMB/LARS's excluded) that need no check.
+    return not ts or not isinstance(ts[0], torch.Tensor) or all(map(torch.Tensor.is_contiguous, ts))
 
 
 def _run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists,
