@@ -22,7 +22,7 @@ import torch
 
 from autoscale.errors import KernelUnavailable
 
-from ._dtensor import is_dtensor, local
+from ._dtensor import any_dtensor, local
 from ._triton_util import require_triton, triton_usable
 
 __all__ = ["KERNELS", "TIMINGS", "cached_choice", "choose", "clear_cache", "run", "scratch_prefix"]
@@ -173,7 +173,7 @@ def run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists, *,
     # Both checks run every step, so they are kept to C-level loops (~30 us for 5 lists of
     # 136 tensors, against ~170 us for a per-tensor Python check). Params decide DTensor-ness:
     # their grads and state follow them.
-    if any(map(is_dtensor, lists[0])):
+    if any_dtensor(lists[0]):
         lists = [[local(t) for t in ts] for ts in lists]
     if all(map(_all_contiguous, lists)):
         return _run(op, kernel, impls, lists, probe_impls or impls)

@@ -24,7 +24,7 @@ try:
 except ImportError:  # torch built without distributed
     DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["NormSqReducer", "is_dtensor", "local", "norm_sq_reducer", "whole_norms"]
+__all__ = ["NormSqReducer", "any_dtensor", "is_dtensor", "local", "norm_sq_reducer", "whole_norms"]
 
 #: ``reduce(sq, idx)``: ``sq`` is a (len(idx), 2) float tensor of squared local norms of the
 #: tensors ``idx`` (indices into the list the reducer was made for); summed in place over
@@ -35,6 +35,12 @@ NormSqReducer = Callable[[torch.Tensor, Sequence[int]], None]
 def is_dtensor(t: Any) -> bool:
     """True for a DTensor (a sharded or replicated param, its grad or its state)."""
     return DTensor is not None and isinstance(t, DTensor)
+
+
+def any_dtensor(ts: Sequence[Any]) -> bool:
+    """True if any of ``ts`` is a DTensor; a C-level loop over their types (runs every
+    optimizer step)."""
+    return DTensor is not None and any(issubclass(t, DTensor) for t in set(map(type, ts)))
 
 
 def local(t: Any) -> Any:
