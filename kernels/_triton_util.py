@@ -14,6 +14,7 @@ Stable, small API (other kernel files import it; change it only with the lead):
 - ``per_tensor_sum(table, partial)``: reduce per-chunk partial results to per-tensor ones
   (the second phase of a two-phase norm).
 - ``RESTORE_HOOKS``: pass as ``@triton.autotune(..., **RESTORE_HOOKS)`` on an in-place kernel.
+- ``on_device(device)``: the context a launch on ``device``'s tensors runs in.
 
 Note: [multi-tensor launch]
 One launch covers every tensor of a parameter list. The host builds, per list (params,
@@ -35,6 +36,7 @@ tensors of the table being launched before each benchmark run and copies them ba
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -62,6 +64,7 @@ __all__ = [
     "RESTORE_HOOKS",
     "TensorTable",
     "launch",
+    "on_device",
     "per_tensor_sum",
     "require_triton",
     "tensor_table",
@@ -225,6 +228,16 @@ def _post_hook(kwargs: dict[str, Any], exception: BaseException | None) -> None:
 RESTORE_HOOKS: dict[str, Callable[..., None]] = {"pre_hook": _pre_hook, "post_hook": _post_hook}
 
 
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current for a launch on its tensors (a no-op off CUDA).
+
+    Triton launches on the current CUDA device and stream, whatever device the pointers
+    belong to, and the multi-tensor kernels receive raw addresses: params on cuda:1 in a
+    process whose current device is cuda:0 would be read through the wrong context.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def launch(
     kernel: Any, table: TensorTable, *args: Any, written: Sequence[int], **meta: Any
 ) -> None:
@@ -238,11 +251,12 @@ def launch(
     """
     _ACTIVE.update(table=table, written=tuple(written), saved=None)
     try:
-        kernel[(table.n_chunks,)](
-            table.addrs, table.numels, table.chunk_tensor, table.chunk_start, table.n_tensors,
-            *args,
-            CHUNK=table.chunk, **meta,
-        )
+        with on_device(table.addrs.device):
+            kernel[(table.n_chunks,)](
+                table.addrs, table.numels, table.chunk_tensor, table.chunk_start,
+                table.n_tensors, *args,
+                CHUNK=table.chunk, **meta,
+            )
     finally:
         _ACTIVE.update(table=None, written=(), saved=None)
 

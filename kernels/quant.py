@@ -24,6 +24,8 @@ from typing import Literal
 
 import torch
 
+from ._triton_util import on_device
+
 try:  # Triton installs on Linux only; CPU-only hosts still get the torch paths.
     import triton
     import triton.language as tl
@@ -264,7 +266,9 @@ def quantize_with_feedback(
     g = grad.contiguous()
     # Without a residual the kernel never reads r_ptr; pass grad as a placeholder.
     r = residual if residual is not None else g
-    _quantize_kernel[(nb,)](g, r, q, s, n, BLOCK_SIZE=block_size, HAS_RESIDUAL=residual is not None)
+    with on_device(g.device):
+        _quantize_kernel[(nb,)](g, r, q, s, n, BLOCK_SIZE=block_size,
+                                HAS_RESIDUAL=residual is not None)
     return q, s
 
 
