@@ -144,6 +144,8 @@ class TensorTable:
     n_tensors: int
     n_chunks: int
     chunk: int
+    chunk_pos: torch.Tensor  # (n_chunks,) int64: the chunk's index within its tensor
+    max_chunks: int  # the most chunks of one tensor
 
 
 # Building tables costs host work and a host-to-device copy; a training loop passes the same
@@ -182,10 +184,12 @@ def tensor_table(
     device = lists_t[0][0].device
     chunk_tensor: list[int] = []
     chunk_start: list[int] = []
+    chunk_pos: list[int] = []
     for i, numel in enumerate(numels):
-        for start in range(0, numel, chunk):
+        for j, start in enumerate(range(0, numel, chunk)):
             chunk_tensor.append(i)
             chunk_start.append(start)
+            chunk_pos.append(j)
     table = TensorTable(
         lists=lists_t,
         addrs=torch.tensor([[t.data_ptr() for t in ts] for ts in lists_t], dtype=torch.int64,
@@ -196,6 +200,8 @@ def tensor_table(
         n_tensors=n,
         n_chunks=len(chunk_tensor),
         chunk=chunk,
+        chunk_pos=torch.tensor(chunk_pos, dtype=torch.int64, device=device),
+        max_chunks=max(chunk_pos, default=-1) + 1,
     )
     _TABLES[key] = table
     if len(_TABLES) > _TABLE_CACHE_SIZE:
@@ -265,8 +271,12 @@ def per_tensor_sum(table: TensorTable, partial: torch.Tensor) -> torch.Tensor:
     """Sum per-chunk rows ``partial`` (n_chunks, k) into per-tensor rows (n_tensors, k), fp32.
 
     Used between the two launches of a per-tensor norm: each program writes its own row (no
-    atomics), then this one small torch op adds the rows of each tensor's chunks.
+    atomics), then the rows of each tensor's chunks are added. Deterministic: the rows are
+    scattered (to distinct places) into a (n_tensors, max_chunks, k) grid and summed along
+    the chunks, where ``index_add_`` would add with atomics on CUDA, in a varying order, and
+    break bit-identical resume of LAMB and LARS there.
     """
-    out = torch.zeros(table.n_tensors, partial.shape[1], dtype=torch.float32,
-                      device=partial.device)
-    return out.index_add_(0, table.chunk_tensor.long(), partial)
+    grid = torch.zeros(table.n_tensors, max(table.max_chunks, 1), partial.shape[1],
+                       dtype=torch.float32, device=partial.device)
+    grid[table.chunk_tensor.long(), table.chunk_pos] = partial.float()
+    return grid.sum(1)
