@@ -15,6 +15,11 @@ gradients by exactly the current residual, which stays within scale / 2 per elem
 
 Rounding is floor(|y| + 0.5) with the sign copied back, and y = x * (127 / absmax), so
 the reference, the compiled CPU path and the Triton kernel agree up to fp32 noise in y.
+
+A block holding an inf or NaN (a loss-scaled fp16/bf16 step that overflowed) gets q = 0
+and scale = NaN, so it dequantizes to NaN and the overflow reaches the loss scaler, which
+skips the step; its residual is left as it was, since error feedback would otherwise
+carry the NaN into every later step.
 """
 
 from __future__ import annotations
@@ -73,24 +78,33 @@ if HAS_TRITON:
         mask = offs < n_elements
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
-            x += tl.load(r_ptr + offs, mask=mask, other=0.0)
-        absmax = tl.max(tl.abs(x), axis=0)
-        inv = tl.where(absmax > 0, 127.0 / absmax, 0.0)
-        y = tl.minimum(tl.floor(tl.abs(x) * inv + 0.5), 127.0)
+            r = tl.load(r_ptr + offs, mask=mask, other=0.0)
+            x += r
+        # Counted, not taken from the max: tl.max may drop a NaN.
+        n_bad = tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=0)
+        finite = n_bad == 0
+        absmax = tl.max(tl.where(x == x, tl.abs(x), 0.0), axis=0)
+        inv = tl.where(finite & (absmax > 0), 127.0 / absmax, 0.0)
+        y = tl.minimum(tl.floor(tl.where(finite, tl.abs(x), 0.0) * inv + 0.5), 127.0)
         y = tl.where(x < 0, -y, y)
         tl.store(q_ptr + offs, y.to(tl.int8), mask=mask)
-        scale = absmax * (1.0 / 127.0)
+        scale = tl.where(finite, absmax * (1.0 / 127.0), float("nan"))
         tl.store(s_ptr + pid, scale)
         if HAS_RESIDUAL:
-            tl.store(r_ptr + offs, x - y * scale, mask=mask)
+            tl.store(r_ptr + offs, tl.where(finite, x - y * scale, r), mask=mask)
 
 
-def _quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nb, B) fp32 -> (levels as fp32 (nb, B), scales (nb, 1)). The maths of the spec."""
-    absmax = x.abs().amax(dim=1, keepdim=True)
+def _quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(nb, B) fp32 -> (levels as fp32 (nb, B), scales (nb, 1), finite (nb, 1) bool).
+
+    The maths of the spec; a block with a non-finite value gets levels 0 and scale NaN.
+    """
+    finite = torch.isfinite(x).all(dim=1, keepdim=True)
+    ax = torch.where(finite, x.abs(), 0.0)
+    absmax = ax.amax(dim=1, keepdim=True)
     inv = torch.where(absmax > 0, 127.0 / absmax, 0.0)
-    y = torch.copysign(torch.floor(x.abs() * inv + 0.5).clamp(max=127.0), x)
-    return y, absmax * (1.0 / 127.0)
+    y = torch.copysign(torch.floor(ax * inv + 0.5).clamp(max=127.0), x)
+    return y, torch.where(finite, absmax * (1.0 / 127.0), torch.nan), finite
 
 
 def _padded_blocks(t: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -131,10 +145,12 @@ def quantize_with_feedback_reference(
     n = grad.numel()
     x = _padded_blocks(grad, block_size, torch.float32)
     if residual is not None:
-        x += _padded_blocks(residual, block_size, torch.float32)
-    y, scale = _quantize_blocks(x)
+        r = _padded_blocks(residual, block_size, torch.float32)
+        x += r
+    y, scale, finite = _quantize_blocks(x)
     if residual is not None:
-        residual.copy_((x - y * scale).reshape(-1)[:n].view_as(residual))
+        new = torch.where(finite, x - y * scale, r)
+        residual.copy_(new.reshape(-1)[:n].view_as(residual))
     return y.to(torch.int8).reshape(-1)[:n], scale.squeeze(1)
 
 
@@ -161,14 +177,14 @@ def dequantize_blockwise(
 # kernels/adamw8bit.py the block count is dynamic so every tensor shape shares a graph.
 def _feedback_blocks(x: torch.Tensor, r: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
     xf = x.float() + r
-    y, scale = _quantize_blocks(xf)
+    y, scale, finite = _quantize_blocks(xf)
     q.copy_(y.to(torch.int8))
     s.copy_(scale.squeeze(1))
-    r.copy_(xf - y * scale)
+    r.copy_(torch.where(finite, xf - y * scale, r))
 
 
 def _plain_blocks(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
-    y, scale = _quantize_blocks(x.float())
+    y, scale, _ = _quantize_blocks(x.float())
     q.copy_(y.to(torch.int8))
     s.copy_(scale.squeeze(1))
 

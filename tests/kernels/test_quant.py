@@ -95,3 +95,37 @@ def test_feedback_tracks_sum_of_inputs(impl) -> None:
 def test_bad_residual_is_refused() -> None:
     with pytest.raises(ValueError, match="residual must be"):
         quant.quantize_with_feedback(torch.zeros(10), torch.zeros(10, dtype=torch.float16), 4)
+
+
+@pytest.mark.parametrize("feedback", [True, False], ids=["feedback", "plain"])
+@pytest.mark.parametrize("impl", ["reference", "compiled", "triton"])
+def test_overflowed_blocks_send_nan_and_keep_their_residual(impl, feedback, request) -> None:
+    # A loss-scaled step that overflowed: an inf in block 0, a NaN in block 2 and one in
+    # the trailing partial block. The overflow must reach the loss scaler (those blocks
+    # dequantize to NaN: Triton's max had dropped a NaN and sent a finite block), and
+    # error feedback must not absorb it (the residual had become NaN for good).
+    if impl == "triton":
+        request.getfixturevalue("interpret")
+    if impl == "compiled" and quant._get_compiled("feedback") is None:
+        pytest.skip("torch.compile is unavailable on this host")
+    block, n = 256, 4 * 256 + 100
+    gen = torch.Generator().manual_seed(1)
+    grad = torch.randn(n, generator=gen)
+    grad[5], grad[600], grad[n - 3] = float("inf"), float("nan"), float("nan")
+    residual = torch.randn(n, generator=gen) * 1e-2 if feedback else None
+    before = residual.clone() if feedback else None
+    q, s = quant.quantize_with_feedback(grad, residual, block, impl=impl)
+    sent = quant.dequantize_blockwise(q, s, block)
+    bad, good = [0, 2, 4], [1, 3]
+    assert torch.isnan(s[bad]).all() and torch.isfinite(s[good]).all()
+    for b in bad:
+        part = slice(b * block, min((b + 1) * block, n))
+        assert (q[part] == 0).all() and torch.isnan(sent[part]).all()
+        if feedback:
+            assert torch.equal(residual[part], before[part])
+    for b in good:  # untouched by the overflow next door
+        part = slice(b * block, (b + 1) * block)
+        want = grad[part] + (before[part] if feedback else 0.0)
+        assert (sent[part] - want).abs().max() <= s[b] / 2 + 1e-6
+        if feedback:
+            torch.testing.assert_close(residual[part], want - sent[part], rtol=0, atol=1e-6)
