@@ -28,7 +28,7 @@ from ._triton_util import require_triton, triton_usable
 __all__ = ["KERNELS", "TIMINGS", "cached_choice", "choose", "clear_cache", "run", "scratch_prefix"]
 
 #: Every kernel name a caller may force; "auto" chooses.
-KERNELS = ("auto", "triton", "torch_fused", "foreach", "reference")
+KERNELS = ("auto", "triton", "torch_fused", "foreach", "native", "reference")
 
 _CHOICES: dict[tuple[str, str, torch.dtype], str] = {}
 #: Timings behind each cached choice (seconds per step, median), for benchmarks and logs.

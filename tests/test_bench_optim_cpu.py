@@ -24,8 +24,11 @@ def test_small_run_prints_every_row_and_the_goals(capsys) -> None:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(("AdamW ", "SGD momentum "))]
-    assert len(rows) == 10  # 5 implementations x 2 optimizers
+    assert len(rows) == 15  # 5 implementations x 3 tables (AdamW, SGD, AdamW bf16)
     # the kernel the dispatcher measured and picked (which one depends on the machine)
-    assert sum("autoscale auto" in r and r.split()[-1] != "-" for r in rows) == 2
-    assert out.count("(stream)") == 2
+    assert sum("autoscale auto" in r and r.split()[-1] != "-" for r in rows) == 3
+    assert any(r.startswith("AdamW bf16") and "autoscale ref" in r and r.endswith("reference")
+               for r in rows)
+    assert out.count("(stream)") == 3
     assert out.count("goal: autoscale") == 2
+    assert out.count("claim: autoscale AdamW on bf16 params") == 1

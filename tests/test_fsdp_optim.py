@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).parent / "distributed" / "fsdp_optim_worker.py"
-CASES = [f"{n}-{k}" for n, ks in (("AdamW", ("reference", "foreach", "torch_fused", "triton")),
-                                   ("SGD", ("reference", "foreach", "torch_fused", "triton")),
-                                   ("LAMB", ("reference", "foreach", "auto", "triton")),
-                                   ("LARS", ("reference", "foreach", "auto", "triton")),
-                                   ("AdamW8bit", ("reference", "native", "compiled", "triton")))
-         for k in ks]  # fmt: skip
+CASES = [f"{n}-{k}" for n, ks in (
+    ("AdamW", ("reference", "foreach", "torch_fused", "native", "triton")),
+    ("SGD", ("reference", "foreach", "torch_fused", "triton")),
+    ("LAMB", ("reference", "foreach", "auto", "triton")),
+    ("LARS", ("reference", "foreach", "auto", "triton")),
+    ("AdamW8bit", ("reference", "native", "compiled", "triton")),
+) for k in ks]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

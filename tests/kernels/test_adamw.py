@@ -7,7 +7,7 @@ import torch
 from _optim_lists import CHUNK, SHAPE_SETS, clone_all, randn_list, zeros_list
 
 from autoscale.errors import KernelUnavailable
-from autoscale.kernels import _dispatch, _triton_util
+from autoscale.kernels import _cpu_adamw8bit, _dispatch, _triton_util
 from autoscale.kernels.adamw import adamw, adamw_reference
 
 HYPERS = [
@@ -78,6 +78,39 @@ def test_triton_bf16_params_fp32_state(interpret, shapes, hyper: dict) -> None:
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+# The C loop has no maximize; HYPERS[1] with maximize off still varies every other knob.
+NATIVE_HYPERS = [HYPERS[0], {**HYPERS[1], "maximize": False}]
+
+
+@pytest.mark.parametrize("hyper", NATIVE_HYPERS)
+@pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_native_matches_reference(dtype, shapes, hyper: dict) -> None:
+    if not _cpu_adamw8bit.available():
+        pytest.skip(f"the C kernel did not build: {_cpu_adamw8bit.load_error()}")
+    got = _state(shapes, dtype)
+    want = clone_all(got)
+    for _ in range(3):
+        grads = randn_list(shapes, dtype)
+        assert adamw(got[0], grads, *got[1:], **hyper, kernel="native") == "native"
+        adamw_reference(want[0], grads, *want[1:], **hyper)
+    # Another fp32 op order (see _cpu_adamw8bit): a few fp32 ulps on the state; for bf16
+    # params a rounding to bf16 may flip by one ulp (2^-8 relative) and carry on.
+    p_tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(got[0], want[0], **p_tol)
+    for gs, ws in zip(got[1:3], want[1:3], strict=True):
+        for g, w in zip(gs, ws, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert [s.item() for s in got[3]] == [3.0] * len(shapes)
+
+
+def test_native_refuses_maximize() -> None:
+    got = _state(SHAPE_SETS["one_small"], torch.float32)
+    with pytest.raises(KernelUnavailable, match="native"):
+        adamw(got[0], randn_list(SHAPE_SETS["one_small"], torch.float32), *got[1:],
+              **HYPERS[1], kernel="native")
+
+
 def test_forcing_triton_on_cpu_without_interpreter_raises(monkeypatch) -> None:
     monkeypatch.setattr(_triton_util, "INTERPRET", False)
     got = _state(SHAPE_SETS["one_small"], torch.float32)
@@ -100,7 +133,8 @@ def test_auto_measures_once_and_caches() -> None:
     grads = randn_list(SHAPE_SETS["mixed"], torch.float32)
     name = adamw(got[0], grads, *got[1:], **HYPERS[0], kernel="auto")
     adamw_reference(want[0], grads, *want[1:], **HYPERS[0])
-    assert name in ("torch_fused", "foreach", "reference")  # the interpreter never competes
+    # the interpreter never competes
+    assert name in ("torch_fused", "foreach", "native", "reference")
     assert _dispatch.cached_choice("adamw", torch.device("cpu"), torch.float32) == name
     assert set(_dispatch.TIMINGS[("adamw", "cpu", torch.float32)]) >= {"reference", "foreach"}
     # Measuring ran on scratch copies: the real tensors took exactly one step.
