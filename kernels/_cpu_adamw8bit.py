@@ -46,6 +46,7 @@ _SOURCE = r"""
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_BLOCK 4096
@@ -306,14 +307,14 @@ void adamw8bit_step(int64_t ntensors, const int64_t *numel, void **p, void **g,
     }
 }
 
-#define ADAMW32_BODY(PT, LOAD, STORE)                                                   \
+#define ADAMW32_RANGE(PT, LOAD, STORE)                                                  \
     {                                                                                   \
-        PT *P = (PT *)p[t];                                                             \
-        const PT *G = (const PT *)g[t];                                                 \
-        float *M = m[t], *V = v[t];                                                     \
+        PT *P = (PT *)p[t] + start;                                                     \
+        const PT *G = (const PT *)g[t] + start;                                         \
+        float *M = m[t] + start, *V = v[t] + start;                                     \
         const float ss = step_size[t], ib = ibc2[t];                                    \
         _Pragma("omp simd")                                                             \
-        for (int64_t i = 0; i < numel[t]; i++) {                                        \
+        for (int64_t i = 0; i < len; i++) {                                             \
             float gi = LOAD(G, i);                                                      \
             float mi = b1 * M[i] + (1.0f - b1) * gi;                                    \
             float vi = b2 * V[i] + (1.0f - b2) * gi * gi;                               \
@@ -323,23 +324,46 @@ void adamw8bit_step(int64_t ntensors, const int64_t *numel, void **p, void **g,
         }                                                                               \
     }
 
-/* torch.optim.AdamW for the small tensors that keep fp32 moments (biases, norms): one
-   parallel region for all of them, where torch's fused kernel opens one per tensor (~4 us
-   each: ~0.4 ms for the ~100 small tensors of a transformer). hp: beta1, beta2, eps,
-   decay; step_size and ibc2 per tensor (their step counts may differ). */
+#define ADAMW32_CHUNK 16384
+
+/* torch.optim.AdamW for tensors that keep fp32 moments: AdamW8bit's small tensors
+   (biases, norms), and autoscale's AdamW on the CPU ("native": bf16 params have no torch
+   fused kernel with fp32 moments). One parallel region for all tensors, where torch's
+   fused kernel opens one per tensor (~4 us each: ~0.4 ms for the ~100 small tensors of a
+   transformer). Work is split into chunks of ADAMW32_CHUNK elements over all tensors,
+   statically: by tensor, one huge tensor (an embedding) ran on one thread. hp: beta1,
+   beta2, eps, decay; step_size and ibc2 per tensor (their step counts may differ). */
 void adamw32_step(int64_t ntensors, const int64_t *numel, void **p, void **g, float **m,
                   float **v, int32_t is_bf16, const float *hp, const float *step_size,
                   const float *ibc2, int32_t nthreads) {
     const float b1 = hp[0], b2 = hp[1], eps = hp[2], decay = hp[3];
+    /* first[t]: index of tensor t's first chunk; first[ntensors]: the chunk count */
+    int64_t *first = (int64_t *)malloc((size_t)(ntensors + 1) * sizeof(int64_t));
+    if (first == NULL) return;
     int64_t total = 0;
-    for (int64_t t = 0; t < ntensors; t++) total += numel[t];
-    #pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (total > 65536)
+    first[0] = 0;
     for (int64_t t = 0; t < ntensors; t++) {
-        if (is_bf16)
-            ADAMW32_BODY(uint16_t, BF16_LOAD, BF16_STORE)
-        else
-            ADAMW32_BODY(float, F32_LOAD, F32_STORE)
+        total += numel[t];
+        first[t + 1] = first[t] + (numel[t] + ADAMW32_CHUNK - 1) / ADAMW32_CHUNK;
     }
+    const int64_t nchunks = first[ntensors];
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (total > 65536)
+    for (int64_t c = 0; c < nchunks; c++) {
+        /* the last tensor whose first chunk is <= c (empty tensors own no chunk) */
+        int64_t lo = 0, hi = ntensors;
+        while (hi - lo > 1) {
+            const int64_t mid = (lo + hi) / 2;
+            if (first[mid] <= c) lo = mid; else hi = mid;
+        }
+        const int64_t t = lo;
+        const int64_t start = (c - first[t]) * ADAMW32_CHUNK;
+        const int64_t len = numel[t] - start < ADAMW32_CHUNK ? numel[t] - start : ADAMW32_CHUNK;
+        if (is_bf16)
+            ADAMW32_RANGE(uint16_t, BF16_LOAD, BF16_STORE)
+        else
+            ADAMW32_RANGE(float, F32_LOAD, F32_STORE)
+    }
+    free(first);
 }
 """
 

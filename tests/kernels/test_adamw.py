@@ -104,6 +104,25 @@ def test_native_matches_reference(dtype, shapes, hyper: dict) -> None:
     assert [s.item() for s in got[3]] == [3.0] * len(shapes)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_native_splits_large_tensors_across_threads(dtype) -> None:
+    # Chunks of 16384 elements over all tensors (the C loop's ADAMW32_CHUNK): tensors
+    # spanning several chunks, exactly one, one more than one, and empty ones between.
+    if not _cpu_adamw8bit.available():
+        pytest.skip(f"the C kernel did not build: {_cpu_adamw8bit.load_error()}")
+    shapes = [(70000,), (0,), (5,), (16384,), (3, 16385), (0, 4)]
+    got = _state(shapes, dtype)
+    want = clone_all(got)
+    for _ in range(2):
+        grads = randn_list(shapes, dtype)
+        adamw(got[0], grads, *got[1:], **HYPERS[0], kernel="native")
+        adamw_reference(want[0], grads, *want[1:], **HYPERS[0])
+    p_tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(got[0], want[0], **p_tol)
+    for gs, ws in zip(got[1:3], want[1:3], strict=True):
+        torch.testing.assert_close(gs, ws, rtol=1e-4, atol=1e-6)
+
+
 def test_native_refuses_maximize() -> None:
     got = _state(SHAPE_SETS["one_small"], torch.float32)
     with pytest.raises(KernelUnavailable, match="native"):
