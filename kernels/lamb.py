@@ -28,6 +28,7 @@ from functools import partial
 
 import torch
 
+from . import _cpu_optim
 from ._dispatch import run
 from ._dtensor import NormSqReducer, norm_sq_reducer, whole_norms
 from ._triton_util import (
@@ -233,6 +234,28 @@ def _lamb_foreach(
     torch._foreach_add_(params, u)
 
 
+def _lamb_native(
+    lists: Sequence[Sequence], *, lr: float, beta1: float, beta2: float, eps: float,
+    weight_decay: float, bias_correction: bool, reduce: NormSqReducer | None,
+) -> None:
+    params, grads, exp_avgs, exp_avg_sqs, steps, excluded = lists
+    bcs = []
+    for step in steps:
+        step += 1
+        bcs.append(_bias_corrections(float(step.item()), beta1, beta2, bias_correction))
+    bc1, bc2 = [b[0] for b in bcs], [b[1] for b in bcs]
+    wd = [0.0 if ex else weight_decay for ex in excluded]
+    sq = _cpu_optim.lamb_phase1(params, grads, exp_avgs, exp_avg_sqs, beta1=beta1,
+                                beta2=beta2, eps=eps, bc1=bc1, bc2=bc2, wd=wd)
+    if reduce is not None:
+        reduce(sq, range(len(params)))
+    norms = sq.sqrt()
+    adapt = torch.tensor([not ex for ex in excluded])
+    scale = (lr * _trust_ratio(norms[:, 0], norms[:, 1], adapt)).tolist()
+    _cpu_optim.lamb_phase2(params, exp_avgs, exp_avg_sqs, eps=eps, bc1=bc1, bc2=bc2, wd=wd,
+                           scale=scale)
+
+
 def lamb(
     params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
@@ -257,6 +280,8 @@ def lamb(
         if (params[0].dtype in (torch.float32, torch.float64)
                 and all(m.dtype == params[0].dtype for m in exp_avgs)):
             out["foreach"] = partial(_lamb_foreach, **hyper)
+        if _cpu_optim.takes(params, grads, [exp_avgs, exp_avg_sqs]):
+            out["native"] = partial(_lamb_native, **hyper)
         return out
 
     reduce = norm_sq_reducer(params)

@@ -23,6 +23,7 @@ from functools import partial
 
 import torch
 
+from . import _cpu_optim
 from ._dispatch import run
 from ._dtensor import NormSqReducer, norm_sq_reducer, whole_norms
 from ._triton_util import (
@@ -212,6 +213,25 @@ def _lars_foreach(
     torch._foreach_add_(params, d, alpha=-lr)
 
 
+def _lars_native(
+    lists: Sequence[Sequence], *, first_step: bool, lr: float, momentum: float,
+    dampening: float, weight_decay: float, nesterov: bool, eta: float, eps: float,
+    reduce: NormSqReducer | None,
+) -> None:
+    params, grads, bufs, excluded = lists
+    sq = _cpu_optim.sq_norms(params, grads)
+    if reduce is not None:
+        reduce(sq, range(len(params)))
+    norms = sq.sqrt()
+    adapt = torch.tensor([not ex for ex in excluded])
+    wd = [0.0 if ex else weight_decay for ex in excluded]
+    trust = _trust_ratio(norms[:, 0], norms[:, 1], adapt, eta=eta,
+                         weight_decay=torch.tensor(wd), eps=eps)
+    _cpu_optim.sgd_apply(params, grads, bufs if momentum != 0 else None, wd=wd,
+                         scale=trust.tolist(), lr=lr, momentum=momentum, dampening=dampening,
+                         nesterov=nesterov, maximize=False, first_step=first_step)
+
+
 def lars(
     params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     momentum_buffers: Sequence[torch.Tensor], excluded: Sequence[bool], *, first_step: bool,
@@ -236,6 +256,8 @@ def lars(
             out["triton"] = partial(_lars_triton, chunk=chunk, **hyper)
         if params[0].dtype in (torch.float32, torch.float64):
             out["foreach"] = partial(_lars_foreach, **hyper)
+        if _cpu_optim.takes(params, grads, [momentum_buffers] if momentum != 0 else []):
+            out["native"] = partial(_lars_native, **hyper)
         return out
 
     reduce = norm_sq_reducer(params)

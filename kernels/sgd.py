@@ -19,6 +19,7 @@ from functools import partial
 
 import torch
 
+from . import _cpu_optim
 from ._dispatch import run
 from ._triton_util import (
     DEFAULT_CHUNK,
@@ -162,6 +163,17 @@ def _sgd_fused(
     )
 
 
+def _sgd_native(
+    lists: Sequence[Sequence[torch.Tensor]], *, first_step: bool, lr: float, momentum: float,
+    dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+) -> None:
+    params, grads, bufs = lists
+    n = len(params)
+    _cpu_optim.sgd_apply(params, grads, bufs if momentum != 0 else None, wd=[weight_decay] * n,
+                         scale=[1.0] * n, lr=lr, momentum=momentum, dampening=dampening,
+                         nesterov=nesterov, maximize=maximize, first_step=first_step)
+
+
 def sgd(
     params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     momentum_buffers: Sequence[torch.Tensor], *, first_step: bool, lr: float, momentum: float = 0.0,
@@ -186,4 +198,6 @@ def sgd(
         impls["foreach"] = partial(_sgd_foreach, **hyper)
         if hasattr(torch, "_fused_sgd_"):
             impls["torch_fused"] = partial(_sgd_fused, **hyper)
+    if _cpu_optim.takes(params, grads, [momentum_buffers] if momentum != 0 else []):
+        impls["native"] = partial(_sgd_native, **hyper)
     return run("sgd", kernel, impls, lists)

@@ -40,7 +40,7 @@ def _assert_lists_close(got, want, *, rtol: float, atol: float) -> None:
 
 @pytest.mark.parametrize("hyper", LAMB_HYPERS)
 @pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
-@pytest.mark.parametrize("kernel", ["triton", "foreach"])
+@pytest.mark.parametrize("kernel", ["triton", "foreach", "native"])
 def test_lamb_fp32_matches_reference(kernel: str, shapes, hyper: dict, request) -> None:
     if kernel == "triton":
         request.getfixturevalue("interpret")
@@ -58,7 +58,7 @@ def test_lamb_fp32_matches_reference(kernel: str, shapes, hyper: dict, request) 
 
 @pytest.mark.parametrize("hyper", LARS_HYPERS)
 @pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
-@pytest.mark.parametrize("kernel", ["triton", "foreach"])
+@pytest.mark.parametrize("kernel", ["triton", "foreach", "native"])
 def test_lars_fp32_matches_reference(kernel: str, shapes, hyper: dict, request) -> None:
     if kernel == "triton":
         request.getfixturevalue("interpret")
