@@ -23,12 +23,16 @@ def test_small_run_prints_every_row_and_the_goals(capsys) -> None:
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith(("AdamW ", "SGD momentum "))]
-    assert len(rows) == 15  # 5 implementations x 3 tables (AdamW, SGD, AdamW bf16)
+    tables = ("AdamW ", "SGD momentum ", "AdamW bf16 ", "SGD bf16 ", "LAMB ", "LARS ")
+    rows = [line for line in out.splitlines() if line.startswith(tables)]
+    assert len(rows) == 5 + 5 + 5 + 4 + 3 + 3
     # the kernel the dispatcher measured and picked (which one depends on the machine)
-    assert sum("autoscale auto" in r and r.split()[-1] != "-" for r in rows) == 3
-    assert any(r.startswith("AdamW bf16") and "autoscale ref" in r and r.endswith("reference")
-               for r in rows)
-    assert out.count("(stream)") == 3
+    assert sum("autoscale auto" in r and r.split()[-1] != "-" for r in rows) == 6
+    for table in ("AdamW bf16", "SGD bf16"):
+        assert any(r.startswith(table) and "autoscale ref" in r and r.endswith("reference")
+                   for r in rows)
+    assert sum(r.startswith(("LAMB", "LARS")) and "foreach" in r and r.endswith("foreach")
+               for r in rows) == 4
+    assert out.count("(stream)") == 6
     assert out.count("goal: autoscale") == 2
-    assert out.count("claim: autoscale AdamW on bf16 params") == 1
+    assert out.count("claim: autoscale") == 4
