@@ -266,7 +266,8 @@ def lamb(
     """One LAMB step over all tensors (same device and dtype), in place; returns the kernel.
 
     ``kernel``: "auto", "triton" (fp32 state: not for fp64), "foreach" (fp32 and fp64,
-    state in the param dtype) or "reference". DTensor params: see ``kernels._dtensor``.
+    state in the param dtype), "native" (the CPU C loops of ``kernels._cpu_optim``: fp32 or
+    bf16 params, fp32 state) or "reference". DTensor params: see ``kernels._dtensor``.
     """
     if not params:
         return kernel

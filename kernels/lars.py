@@ -242,7 +242,8 @@ def lars(
     """One LARS step over all tensors (same device and dtype), in place; returns the kernel.
 
     ``kernel``: "auto", "triton" (fp32 buffers: not for fp64), "foreach" (fp32 and fp64,
-    buffers in the param dtype) or "reference". DTensor params: see ``kernels._dtensor``.
+    buffers in the param dtype), "native" (the CPU C loop of ``kernels._cpu_optim``: fp32
+    or bf16 params, fp32 buffers) or "reference". DTensor params: see ``kernels._dtensor``.
     """
     if not params:
         return kernel

@@ -184,7 +184,8 @@ def sgd(
 
     ``kernel`` as in :func:`autoscale.kernels.adamw.adamw`. torch's fused and foreach paths
     need buffers in the param dtype, so they are offered for fp32 and fp64 params only;
-    Triton's buffers are fp32, so it is not offered for fp64.
+    Triton's buffers are fp32, so it is not offered for fp64; "native" (the CPU C loop of
+    ``kernels._cpu_optim``) takes fp32 or bf16 params with fp32 buffers.
     """
     if not params:
         return kernel
