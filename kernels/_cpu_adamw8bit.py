@@ -42,29 +42,8 @@ __all__ = [
 _NAME = "adamw8bit_cpu"
 MAX_BLOCK = 4096  # stack buffers per thread: 2 pairs of 4096 fp32 = 64 KiB
 
-_SOURCE = r"""
-#include <math.h>
-#include <omp.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
+_SOURCE = _native.C_PRELUDE + r"""
 #define MAX_BLOCK 4096
-
-static inline float bf16_load(const uint16_t *x, int64_t i) {
-    uint32_t u = (uint32_t)x[i] << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t bf16_round(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
 
 /* Generic block, any length <= block: gcc vectorizes it (-ffast-math gives reciprocal
    estimates refined by one Newton step). PT is the param/grad element type. */
@@ -109,11 +88,6 @@ static inline uint16_t bf16_round(float f) {
         ms[t][b] = mmax;                                                                \
         vs[t][b] = smax;                                                                \
     }
-
-#define F32_LOAD(X, i) ((X)[i])
-#define F32_STORE(X, i, v) ((X)[i] = (v))
-#define BF16_LOAD(X, i) bf16_load((X), (i))
-#define BF16_STORE(X, i, v) ((X)[i] = bf16_round(v))
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 #include <immintrin.h>

@@ -31,34 +31,8 @@ __all__ = ["available", "lamb_phase1", "lamb_phase2", "load_error", "sgd_apply",
 
 _NAME = "optim_cpu"
 
-_SOURCE = r"""
-#include <math.h>
-#include <omp.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
+_SOURCE = _native.C_PRELUDE + r"""
 #define CHUNK 16384
-
-static inline float bf16_load(const uint16_t *x, int64_t i) {
-    uint32_t u = (uint32_t)x[i] << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t bf16_round(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
-
-#define F32_LOAD(X, i) ((X)[i])
-#define F32_STORE(X, i, v) ((X)[i] = (v))
-#define BF16_LOAD(X, i) bf16_load((X), (i))
-#define BF16_STORE(X, i, v) ((X)[i] = bf16_round(v))
 
 /* first[t]: index of tensor t's first chunk; first[n]: the chunk count. NULL if out of
    memory (callers then do nothing and report it). */
@@ -97,6 +71,16 @@ static inline int64_t owner(const int64_t *first, int64_t n, int64_t c) {
         BODY                                                                            \
     }
 
+/* Room for two partial sums (double) per chunk; NULL if out of memory. */
+static double *alloc_parts(int64_t n, const int64_t *numel) {
+    int64_t total;
+    int64_t *first = chunk_index(n, numel, &total);
+    if (first == NULL) return NULL;
+    double *part = (double *)malloc((size_t)(first[n] * 2 + 1) * sizeof(double));
+    free(first);
+    return part;
+}
+
 /* Per-chunk partial sums (double) into part[2 * c], then per tensor in chunk order. */
 static void sum_parts(int64_t n, const int64_t *first, const double *part, float *out) {
     for (int64_t t = 0; t < n; t++) {
@@ -127,11 +111,7 @@ static void sum_parts(int64_t n, const int64_t *first, const double *part, float
 
 int sq_norms(int64_t n, const int64_t *numel, void **a, void **b, int32_t is_bf16,
              float *out, int32_t nthreads) {
-    int64_t total0;
-    int64_t *first0 = chunk_index(n, numel, &total0);
-    if (first0 == NULL) return -1;
-    double *part = (double *)malloc((size_t)(first0[n] * 2 + 1) * sizeof(double));
-    free(first0);
+    double *part = alloc_parts(n, numel);
     if (part == NULL) return -1;
     FOR_CHUNKS(if (is_bf16) SQ_BODY(uint16_t, BF16_LOAD) else SQ_BODY(float, F32_LOAD))
     sum_parts(n, first, part, out);
@@ -217,11 +197,7 @@ int sgd_apply(int64_t n, const int64_t *numel, void **p, void **g, float **buf,
 int lamb_phase1(int64_t n, const int64_t *numel, void **p, void **g, float **m, float **v,
                 int32_t is_bf16, float b1, float b2, float eps, const float *bc1,
                 const float *bc2, const float *wd, float *out, int32_t nthreads) {
-    int64_t total0;
-    int64_t *first0 = chunk_index(n, numel, &total0);
-    if (first0 == NULL) return -1;
-    double *part = (double *)malloc((size_t)(first0[n] * 2 + 1) * sizeof(double));
-    free(first0);
+    double *part = alloc_parts(n, numel);
     if (part == NULL) return -1;
     FOR_CHUNKS(if (is_bf16) LAMB1_BODY(uint16_t, BF16_LOAD) else LAMB1_BODY(float, F32_LOAD))
     sum_parts(n, first, part, out);

@@ -29,7 +29,38 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["cache_dir", "load", "load_error"]
+__all__ = ["C_PRELUDE", "cache_dir", "load", "load_error"]
+
+#: What every kernel source starts with: headers, and fp32/bf16 element access (PT the
+#: param element type: float, or uint16_t holding bf16). bf16 stores round to nearest
+#: even, as torch's ``.to(torch.bfloat16)``.
+C_PRELUDE = r"""
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_load(const uint16_t *x, int64_t i) {
+    uint32_t u = (uint32_t)x[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t bf16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+#define F32_LOAD(X, i) ((X)[i])
+#define F32_STORE(X, i, v) ((X)[i] = (v))
+#define BF16_LOAD(X, i) bf16_load((X), (i))
+#define BF16_STORE(X, i, v) ((X)[i] = bf16_round(v))
+"""
 
 # -ffast-math lets gcc vectorize sqrt and division as reciprocal estimates refined by a
 # Newton step (~1 ulp): the kernels then run at memory speed instead of at the divider's.
