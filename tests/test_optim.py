@@ -219,3 +219,24 @@ def test_fp64_lamb_lars_paths_agree(name: str) -> None:
     # Reordered fp64 ops, amplified by 10 trust-ratio steps: measured 4e-12 (fp32: ~1e-6).
     for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("flags", [dict(fused=True), dict(foreach=True)], ids=["fused", "foreach"])
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_torch_flags_fall_back_where_torch_paths_do_not_apply(name: str, flags: dict) -> None:
+    # torch.optim.AdamW(bf16_params, fused=True) steps; the swapped import must too (it
+    # raised KernelUnavailable: autoscale's torch paths need fp32/fp64 params), and match
+    # the reference. On fp32 the flags still pick torch's path.
+    cls = AdamW if name == "AdamW" else SGD
+    hyper = dict(lr=1e-2) if name == "AdamW" else dict(lr=0.1, momentum=0.9)
+    a, b = _model(torch.bfloat16), _model(torch.bfloat16)
+    opt = cls(a.parameters(), **flags, **hyper)
+    _train(a, opt, 3, seed=9)
+    _train(b, cls(b.parameters(), kernel="reference", **hyper), 3, seed=9)
+    assert opt.kernel_choice not in ("torch_fused", "foreach")
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=2**-6, atol=1e-3)
+    model = _model()
+    fp32 = cls(model.parameters(), **flags, **hyper)
+    _train(model, fp32, 1, seed=9)
+    assert fp32.kernel_choice == ("torch_fused" if "fused" in flags else "foreach")

@@ -274,7 +274,7 @@ class AdamW8bit(FusedOptimizer):
                         or len(params) != sg.n or group["block_size"] != sg.block
                         or self._bound.get(sg.small_key) is not sg.bound_small):  # fmt: skip
                     return False
-                kernel = self._kernel_for(group, params[0].device)
+                kernel = self._kernel_for(group, params[0].device, sg.dtype)
                 if kernel == "auto":
                     kernel = _dispatch.cached_choice("adamw8bit", params[0].device, sg.dtype)
                 if kernel != "native":

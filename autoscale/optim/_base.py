@@ -125,14 +125,25 @@ class FusedOptimizer(torch.optim.Optimizer):
                 else:  # integer state (8-bit codes): its own dtype, but never aliased either
                     self.state[p][key] = value.detach().to(p.device, copy=True)
 
-    def _kernel_for(self, group: dict[str, Any], device: torch.device) -> str:
-        """The kernel to use: ``kernel=`` wins, then torch's fused/foreach flags, else auto."""
+    def _kernel_for(self, group: dict[str, Any], device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> str:  # fmt: skip
+        """The kernel to use: ``kernel=`` wins, then torch's fused/foreach flags, else auto.
+
+        The flags are torch.optim's, so they ask for torch's kind of path where autoscale
+        has one for these tensors, and fall back to auto where it has not (torch's fused
+        and foreach paths keep state in the param dtype, so autoscale offers them for
+        fp32/fp64 params only): ``AdamW(bf16_params, fused=True)`` steps, as it does in
+        torch.optim, rather than failing. ``kernel=`` is taken strictly.
+        """
         if self.kernel != "auto":
             return self.kernel
+        torch_path = dtype in (torch.float32, torch.float64)
         if group.get("fused"):
-            return "triton" if device.type == "cuda" else "torch_fused"
+            if device.type == "cuda":
+                return "triton" if dtype != torch.float64 else "auto"
+            return "torch_fused" if torch_path else "auto"
         if group.get("foreach"):
-            return "foreach"
+            return "foreach" if torch_path else "auto"
         return "auto"
 
     @torch.no_grad()
@@ -156,7 +167,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     self._init_state(group, p)
                 buckets[(p.device, p.dtype)].append(p)
             for (device, dtype), params in buckets.items():
-                name = self._step_bucket(group, params, self._kernel_for(group, device))
+                name = self._step_bucket(group, params, self._kernel_for(group, device, dtype))
                 self.kernel_choices[f"{device.type}/{dtype}"] = name
         return loss
 
