@@ -107,3 +107,23 @@ def test_native_is_not_offered_for_what_it_cannot_take() -> None:
     # bf16 params with fp32 grads (a grad_dtype override): one dtype per call only.
     assert not _cpu_optim.takes(randn_list(SHAPES, torch.bfloat16),
                                 randn_list(SHAPES, torch.float32))
+
+
+def test_without_a_c_compiler_the_torch_paths_step(monkeypatch) -> None:
+    # No compiler (or a failed build): native is never offered, forcing it says why, and
+    # auto steps on a torch path. The real build is skipped here, not broken.
+    from autoscale.errors import KernelUnavailable
+    from autoscale.kernels import _dispatch
+
+    monkeypatch.setattr(_cpu_optim, "available", lambda: False)
+    _dispatch.clear_cache()
+    try:
+        p, g = randn_list(SHAPES, torch.float32), randn_list(SHAPES, torch.float32)
+        state = [zeros_list(SHAPES), zeros_list(SHAPES), [torch.tensor(0.0) for _ in SHAPES]]
+        excluded = [len(s) == 1 for s in SHAPES]
+        hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0)
+        with pytest.raises(KernelUnavailable, match="native"):
+            lamb(p, g, *state, excluded, **hyper, kernel="native")
+        assert lamb(p, g, *state, excluded, **hyper, kernel="auto") in ("foreach", "reference")
+    finally:
+        _dispatch.clear_cache()
