@@ -12,6 +12,7 @@ isolation of each measured trial.
 from __future__ import annotations
 
 import gc
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,11 +248,27 @@ def best_feasible(study: optuna.Study, budget: int | None) -> optuna.trial.Froze
     Judged on the stored peak, not the stored constraint, so a study resumed with another
     budget is judged by the budget of this run.
     """
+    top = top_feasible(study, budget, 1)
+    return top[0] if top else None
+
+
+def top_feasible(study: optuna.Study, budget: int | None, k: int
+                 ) -> list[optuna.trial.FrozenTrial]:  # fmt: skip
+    """Up to ``k`` measured trials of distinct plans whose peak fits ``budget``, fastest
+    first (as :func:`best_feasible` judges them)."""
     done = [t for t in study.trials
             if t.state == optuna.trial.TrialState.COMPLETE and t.value and t.value > 0
             and "peak_memory_bytes" in t.user_attrs
             and (budget is None or t.user_attrs["peak_memory_bytes"] <= budget)]
-    return max(done, key=lambda t: t.value, default=None)
+    out, seen = [], set()
+    for t in sorted(done, key=lambda t: t.value, reverse=True):
+        key = json.dumps(t.user_attrs.get("plan"), sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+        if len(out) == k:
+            break
+    return out
 
 
 def closest_miss(study: optuna.Study) -> int | None:

@@ -116,7 +116,12 @@ def _trials_table(report) -> Table:
 def _comparison_table(report) -> Table:
     base, best = report.baseline, report.best
     budget = format_bytes(report.memory_budget) if report.memory_budget else "none"
-    table = Table(title=f"best plan vs untouched baseline (budget {budget})")
+    from autoscale._api import _CONFIRM_ROUNDS, _FINALISTS
+
+    # See Note: [confirming the winner] in autoscale/_api.py.
+    table = Table(title=f"best plan vs untouched baseline (budget {budget}); the {_FINALISTS} "
+                        f"fastest trials and the baseline re-measured in turn, median of "
+                        f"{_CONFIRM_ROUNDS} rounds")
     for col in ("", "samples/s", "step ms", "peak memory", "fits budget"):
         table.add_column(col, justify="left" if not col else "right")
 
