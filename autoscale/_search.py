@@ -242,20 +242,14 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def best_feasible(study: optuna.Study, budget: int | None) -> optuna.trial.FrozenTrial | None:
-    """The measured trial with the highest throughput whose peak fits ``budget``.
+def top_feasible(study: optuna.Study, budget: int | None, k: int
+                 ) -> list[optuna.trial.FrozenTrial]:  # fmt: skip
+    """Up to ``k`` measured trials of distinct plans whose peak fits ``budget``, highest
+    throughput first.
 
     Judged on the stored peak, not the stored constraint, so a study resumed with another
     budget is judged by the budget of this run.
     """
-    top = top_feasible(study, budget, 1)
-    return top[0] if top else None
-
-
-def top_feasible(study: optuna.Study, budget: int | None, k: int
-                 ) -> list[optuna.trial.FrozenTrial]:  # fmt: skip
-    """Up to ``k`` measured trials of distinct plans whose peak fits ``budget``, fastest
-    first (as :func:`best_feasible` judges them)."""
     done = [t for t in study.trials
             if t.state == optuna.trial.TrialState.COMPLETE and t.value and t.value > 0
             and "peak_memory_bytes" in t.user_attrs

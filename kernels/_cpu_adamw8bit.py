@@ -414,8 +414,9 @@ def adamw32_step(
 ) -> None:
     """torch.optim.AdamW's step, in place, for tensors that keep fp32 moments, in one call.
 
-    For AdamW8bit's small tensors on the CPU: one parallel region for all of them (torch's
-    fused kernel opens one per tensor). ``steps`` are the 1-based counts after this step.
+    For AdamW8bit's small tensors, and autoscale's AdamW on the CPU ("native"): one parallel
+    region for all tensors (torch's fused kernel opens one per tensor). ``steps`` are the
+    1-based counts after this step.
     Params and grads: CPU, contiguous, all fp32 or all bf16; moments: contiguous fp32.
     Matches torch.optim.AdamW to fp32 rounding (another op order), not bit for bit.
     """

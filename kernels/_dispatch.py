@@ -25,7 +25,10 @@ from autoscale.errors import KernelUnavailable
 from ._dtensor import any_dtensor, local
 from ._triton_util import require_triton, triton_usable
 
-__all__ = ["KERNELS", "TIMINGS", "cached_choice", "choose", "clear_cache", "run", "scratch_prefix"]
+__all__ = [
+    "KERNELS", "TIMINGS", "cached_choice", "choose", "clear_cache", "passes_check", "run",
+    "scratch_prefix",
+]  # fmt: skip
 
 #: Every kernel name a caller may force; "auto" chooses.
 KERNELS = ("auto", "triton", "torch_fused", "foreach", "native", "reference")
@@ -126,17 +129,24 @@ def _clone_lists(lists: Lists, n: int, max_elements: int | None = None) -> list[
     return out
 
 
-def _agrees(impl: Impl, reference: Impl, lists: Lists, name: str = "") -> bool:
+def passes_check(op: str, name: str, check: Callable[[], bool]) -> bool:
+    """``check()`` (does path ``name`` of ``op`` agree with the reference?), where a path
+    whose check raises is ruled out with a warning: choosing among paths must never fail a
+    step that the reference can take."""
+    try:
+        return check()
+    except Exception as err:  # any failure disqualifies the path
+        warnings.warn(f"{op}: kernel {name!r} failed its check and is not used "
+                      f"({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=3)
+        return False
+
+
+def _agrees(impl: Impl, reference: Impl, lists: Lists) -> bool:
     n = min(len(lists[0]), 4)
     ref_lists = _clone_lists(lists, n, _CHECK_ELEMENTS)
     got_lists = _clone_lists(ref_lists, n)
     reference(ref_lists)
-    try:
-        impl(got_lists)
-    except Exception as err:  # a candidate that cannot run here is ruled out, not fatal
-        warnings.warn(f"kernel {name!r} failed its check and is not used "
-                      f"({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=3)
-        return False
+    impl(got_lists)
     return all(
         torch.allclose(g.float(), r.float(), rtol=_CHECK_RTOL, atol=_CHECK_ATOL)
         for gs, rs in zip(got_lists, ref_lists, strict=True)
@@ -226,7 +236,8 @@ def _run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists,
         reference = probe["reference"]
         candidates = {
             k: f for k, f in candidates.items()
-            if k == "reference" or _agrees(f, reference, lists, k)
+            if k == "reference"
+            or passes_check(op, k, lambda f=f: _agrees(f, reference, lists))
         }
         k = scratch_prefix([t.numel() for t in lists[0]])
         # One scratch copy shared by all candidates: its values drift step by step, which does

@@ -32,7 +32,6 @@ compiled CPU path and the Triton kernel round identically up to fp32 noise in y.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -497,17 +496,6 @@ def _agrees(name: str, lists: Lists, hyper: tuple[float, ...], block_size: int) 
     return scales_ok and all(_codes_agree(sample[k], want[k]) for k in (2, 4))
 
 
-def _agrees_or_warn(name: str, lists: Lists, hyper: tuple[float, ...], block_size: int) -> bool:
-    """:func:`_agrees`, but a path that raises is left out with a warning: choosing among
-    paths must never fail a step that the reference can take."""
-    try:
-        return _agrees(name, lists, hyper, block_size)
-    except Exception as err:  # any failure disqualifies the path
-        warnings.warn(f"adamw8bit: the {name!r} path failed its check and is not used "
-                      f"({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=3)
-        return False
-
-
 def _pick(impl: str, device: torch.device, dtype: torch.dtype, lists: Lists,
           hyper: tuple[float, ...], block_size: int) -> str:  # fmt: skip
     if impl != "auto":
@@ -523,7 +511,8 @@ def _pick(impl: str, device: torch.device, dtype: torch.dtype, lists: Lists,
     candidates = [
         name for name in ("native", "compiled")
         if _available(name, device, dtype) is None
-        and _agrees_or_warn(name, lists, hyper, block_size)
+        and _dispatch.passes_check(
+            "adamw8bit", name, lambda name=name: _agrees(name, lists, hyper, block_size))
     ]  # fmt: skip
     # Scratch copies of a prefix of the tensors: timing must not step the real state.
     k = _dispatch.scratch_prefix([p.numel() for p in lists[0]])
