@@ -12,10 +12,21 @@ Everything public is re-exported here; names not in ``__all__`` may change witho
 __version__ = "0.1.0"
 
 from autoscale._api import Report, apply, optimize
-from autoscale._capture import BlockInfo, ModelGraph, NodeMeta, capture
-from autoscale._cost import MemoryEstimate, estimate
-from autoscale._measure import Measurement, measure
-from autoscale._plan import (
+from autoscale._units import parse_bytes
+from autoscale.capture import BlockInfo, ModelGraph, NodeMeta, capture
+from autoscale.cost import MemoryEstimate, estimate
+from autoscale.errors import (
+    AutoscaleError,
+    CaptureError,
+    InfeasibleError,
+    KernelUnavailable,
+    PassError,
+    PlanError,
+    PlanMismatchError,
+    TunerError,
+)
+from autoscale.measure import Measurement, measure
+from autoscale.plan import (
     BatchPlan,
     CheckpointPlan,
     Environment,
@@ -27,18 +38,7 @@ from autoscale._plan import (
     SchedulePlan,
     plan_section,
 )
-from autoscale._runtime import Result
-from autoscale._units import parse_bytes
-from autoscale.errors import (
-    AutoscaleError,
-    CaptureError,
-    InfeasibleError,
-    KernelUnavailable,
-    PassError,
-    PlanError,
-    PlanMismatchError,
-    TunerError,
-)
+from autoscale.runtime import Result
 
 __all__ = [
     "AutoscaleError",

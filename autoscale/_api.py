@@ -12,7 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoscale._batch import (
+from autoscale._units import format_bytes, parse_bytes
+from autoscale.capture._capture import capture
+from autoscale.cost._cost import calibrate, static_bytes
+from autoscale.errors import InfeasibleError, TunerError
+from autoscale.measure._measure import Measurement, measure
+from autoscale.plan._plan import Environment, Fingerprint, Measured, OptimizerPlan, Plan
+from autoscale.runtime._batch import (
     Batch,
     LossFn,
     call_model,
@@ -21,13 +27,9 @@ from autoscale._batch import (
     default_loss,
     to_device,
 )
-from autoscale._capture import capture
-from autoscale._cost import calibrate, static_bytes
-from autoscale._measure import Measurement, measure
-from autoscale._optimizers import build_optimizer, optimizer_plan
-from autoscale._plan import Environment, Fingerprint, Measured, OptimizerPlan, Plan
-from autoscale._runtime import Result, build_result
-from autoscale._search import (
+from autoscale.runtime._optimizers import build_optimizer, optimizer_plan
+from autoscale.runtime._result import Result, build_result
+from autoscale.search._study import (
     SearchSpace,
     TrialRecord,
     closest_miss,
@@ -35,8 +37,6 @@ from autoscale._search import (
     run_search,
     top_feasible,
 )
-from autoscale._units import format_bytes, parse_bytes
-from autoscale.errors import InfeasibleError, TunerError
 
 __all__ = ["Report", "apply", "measure_baseline", "optimize"]
 

@@ -68,7 +68,7 @@ def tune(
 ) -> None:
     """Search for the fastest plan that fits the budget and write it to OUT."""
     import autoscale
-    from autoscale._workload import load_workload
+    from autoscale.search._workload import load_workload
 
     work = load_workload(script)
     progress = Progress(TextColumn("[bold]tuning"), BarColumn(), MofNCompleteColumn(),
@@ -184,7 +184,7 @@ def estimate(
 ) -> None:
     """Print the cost model's memory breakdown for a plan, without running it."""
     import autoscale
-    from autoscale._workload import load_workload
+    from autoscale.search._workload import load_workload
 
     work = load_workload(script)
     plan = autoscale.Plan.load(plan_path) if plan_path else autoscale.Plan()
@@ -210,7 +210,7 @@ def bench(
 
     import autoscale
     from autoscale._api import measure_baseline
-    from autoscale._workload import load_workload
+    from autoscale.search._workload import load_workload
 
     work = load_workload(script)
     plan = autoscale.Plan.load(plan_path)

@@ -8,8 +8,8 @@ from typing import Any
 import torch.utils.checkpoint
 from torch import nn
 
-from autoscale._plan import CheckpointPlan
 from autoscale.errors import PassError
+from autoscale.plan._plan import CheckpointPlan
 
 __all__ = ["checkpoint_blocks"]
 

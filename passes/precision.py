@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoscale._plan import PrecisionPlan
 from autoscale.errors import PassError
+from autoscale.plan._plan import PrecisionPlan
 
 __all__ = ["autocast_forward"]
 

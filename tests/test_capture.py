@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoscale._capture import capture, find_blocks
-from autoscale._flops import fake_mode, is_data_dependent
+from autoscale.capture._capture import capture, find_blocks
+from autoscale.capture._fake import fake_mode, is_data_dependent
 from autoscale.errors import CaptureError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -174,7 +174,7 @@ def test_model_unchanged_batchnorm_train_mode() -> None:
 
 def test_export_strategy_leaves_batchnorm_alone() -> None:
     """The export strategy on a train-mode BatchNorm model: buffers and flags unchanged."""
-    from autoscale._capture import _by_export
+    from autoscale.capture._capture import _by_export
 
     model, inputs = _example("cnn", batch_size=2)
     before = _snapshot(model)

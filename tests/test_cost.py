@@ -40,7 +40,7 @@ def test_calibrated_estimate_is_close_to_measurement() -> None:
     from tests_helpers import tiny_gpt
 
     from autoscale._api import measure_baseline
-    from autoscale._cost import calibrate, estimate_graph
+    from autoscale.cost._cost import calibrate, estimate_graph
 
     model, batch = tiny_gpt(batch_size=8)
     graph = autoscale.capture(model, batch)

@@ -1,4 +1,4 @@
-"""Tests of autoscale/_memory.py (peak-memory tracker) and autoscale/_measure.py.
+"""Tests of autoscale/measure/_memory.py (peak-memory tracker) and autoscale/measure/_measure.py.
 
 The CPU peaks below are checked exactly against hand counts: the tracker sees every
 aten op, so a small enough program has one right answer.
@@ -12,8 +12,8 @@ import weakref
 import pytest
 import torch
 
-from autoscale._measure import Measurement, measure
-from autoscale._memory import PeakMemoryTracker, live_bytes
+from autoscale.measure._measure import Measurement, measure
+from autoscale.measure._memory import PeakMemoryTracker, live_bytes
 
 F32 = 4  # bytes per float32 element
 
@@ -43,7 +43,7 @@ def _linear_setup(opt_cls: type[torch.optim.Optimizer], **opt_kwargs: object):
 
 
 def test_torch_behaviours_the_cpu_tracker_relies_on() -> None:
-    # If this fails, torch changed a private behaviour autoscale/_memory.py builds on
+    # If this fails, torch changed a private behaviour autoscale/measure/_memory.py builds on
     # (see its module docstring): the CPU peak numbers can no longer be trusted.
     from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -20,7 +20,7 @@ from autoscale import (
     PlanMismatchError,
     PrecisionPlan,
 )
-from autoscale._plan import SCHEMA_VERSION
+from autoscale.plan._plan import SCHEMA_VERSION
 
 
 def full_plan() -> Plan:

@@ -9,7 +9,7 @@ import torch
 from tests_helpers import params_of
 
 from autoscale import AutoscaleError, BatchPlan, OptimizerPlan, Plan, PrecisionPlan
-from autoscale._runtime import build_result
+from autoscale.runtime._result import build_result
 
 SGD = OptimizerPlan(kind="sgd", kernel="torch", kwargs={"lr": 0.1})
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from autoscale import AutoscaleError
-from autoscale._workload import load_workload
+from autoscale.search._workload import load_workload
 
 
 def test_every_example_builds() -> None:

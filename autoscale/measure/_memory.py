@@ -154,7 +154,7 @@ def _check_storage_identity() -> None:
             f"torch {torch.__version__} returns a new Python object from "
             "Tensor.untyped_storage() on every call, so autoscale's CPU memory tracker "
             "cannot tell storages apart and would report a wrong peak. Update "
-            "autoscale/_memory.py (see its module docstring) or measure on CUDA."
+            "autoscale/measure/_memory.py (see its module docstring) or measure on CUDA."
         )
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from autoscale._plan import OptimizerPlan
 from autoscale.errors import PlanError
+from autoscale.plan._plan import OptimizerPlan
 
 __all__ = ["OPTIMIZER_KINDS", "build_optimizer", "optimizer_plan"]
 

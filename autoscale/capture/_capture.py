@@ -8,7 +8,7 @@
 3. ``blocks``: run the whole model once on fake tensors, record each repeated block's
    inputs, and capture each block on its own (symbolic_trace, then export).
 
-Metadata comes from FakeTensor propagation (autoscale._flops): no real compute and no
+Metadata comes from FakeTensor propagation (autoscale.capture._fake): no real compute and no
 real activation memory. Capture never changes the user's model: parameters, buffers,
 training flags, hooks and identity are as before, and so is the global RNG state.
 """
@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from autoscale._flops import (
+from autoscale.capture._fake import (
     OpStats,
     RunRecorder,
     export_stats,

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoscale._batch import (
+from autoscale.passes import autocast_forward, checkpoint_blocks
+from autoscale.plan._plan import Plan, SchedulePlan
+from autoscale.runtime._batch import (
     Batch,
     LossFn,
     batch_size,
@@ -20,9 +22,7 @@ from autoscale._batch import (
     split_batch,
     to_device,
 )
-from autoscale._optimizers import build_optimizer
-from autoscale._plan import Plan, SchedulePlan
-from autoscale.passes import autocast_forward, checkpoint_blocks
+from autoscale.runtime._optimizers import build_optimizer
 
 __all__ = ["Result", "build_result"]
 

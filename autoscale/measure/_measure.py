@@ -4,7 +4,7 @@ Note: [timing is honest]
 The CPU memory tracker runs Python on every aten op, which slows a step several times
 over, so no timed step runs under it. :func:`measure` runs ``warmup`` steps (optimizer
 state gets created, allocator caches and lazy inits settle), then ONE extra step under
-:class:`~autoscale._memory.PeakMemoryTracker`, then ``iters`` timed steps with nothing
+:class:`~autoscale.measure._memory.PeakMemoryTracker`, then ``iters`` timed steps with nothing
 else running. The tracked step comes before the timed ones so that any one-off cost it
 leaves (e.g. freeing its ledger) is not charged to them. Hence the parameters are
 updated exactly ``warmup + 1 + iters`` times by one call.
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from autoscale._memory import PeakMemoryTracker
+from autoscale.measure._memory import PeakMemoryTracker
 
 __all__ = ["Measurement", "measure"]
 
@@ -42,7 +42,7 @@ class Measurement:
     step_times_s: tuple[float, ...]
     """Each timed step, in order (``iters`` of them)."""
     peak_memory_bytes: int
-    """Peak bytes of live tensor storage during one step (see autoscale/_memory.py)."""
+    """Peak bytes of live tensor storage during one step (see autoscale/measure/_memory.py)."""
     baseline_bytes: int
     """Live bytes before that step: params, grads, optimizer state, batch (on CUDA:
     everything the allocator held)."""

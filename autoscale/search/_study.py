@@ -22,9 +22,9 @@ import optuna
 import torch
 from torch import nn
 
-from autoscale._cost import Calibration, estimate_graph
-from autoscale._plan import BatchPlan, CheckpointPlan, OptimizerPlan, Plan, PrecisionPlan
+from autoscale.cost._cost import Calibration, estimate_graph
 from autoscale.errors import TunerError
+from autoscale.plan._plan import BatchPlan, CheckpointPlan, OptimizerPlan, Plan, PrecisionPlan
 
 __all__ = ["SearchSpace", "TrialRecord", "open_study", "run_search"]
 

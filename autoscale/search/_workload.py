@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoscale._batch import Batch, LossFn, check_batch
 from autoscale.errors import AutoscaleError
+from autoscale.runtime._batch import Batch, LossFn, check_batch
 
 __all__ = ["Workload", "load_workload"]
 

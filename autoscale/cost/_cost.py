@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from autoscale._plan import Plan
+from autoscale.plan._plan import Plan
 
 __all__ = [
     "Calibration", "MemoryEstimate", "calibrate", "estimate", "estimate_graph", "static_bytes",
@@ -88,7 +88,7 @@ def estimate(model: nn.Module, example_inputs: Any, plan: Plan, *, graph: Any = 
     activation term is the graph's raw count (an over-estimate) and there is no time.
     """
     if graph is None:
-        from autoscale._capture import capture
+        from autoscale.capture._capture import capture
 
         graph = capture(model, example_inputs)
     return estimate_graph(model, graph, plan, calibration=calibration)

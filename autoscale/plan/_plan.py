@@ -27,8 +27,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from autoscale._fields import from_json_dataclass, to_json_value
 from autoscale.errors import PlanError, PlanMismatchError
+from autoscale.plan._fields import from_json_dataclass, to_json_value
 
 __all__ = [
     "SCHEMA_VERSION",

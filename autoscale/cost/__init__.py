@@ -1,0 +1,9 @@
+"""A plan's memory and time, predicted on fake tensors without running it.
+
+The tuner asks it first, so that a plan that cannot fit is rejected before a worker
+spends a measurement on it. Each pass reports its own contribution (passes/base.py).
+"""
+
+from autoscale.cost._cost import MemoryEstimate, estimate
+
+__all__ = ["MemoryEstimate", "estimate"]
