@@ -1,17 +1,27 @@
-"""Rewrite passes: each module exports one function that keeps a stated invariant.
+"""Rewrite passes, and the one ordered list the runtime applies.
 
-Note: [passes rewrite modules, named by the captured graph]
-DESIGN.md describes passes as graph rewrites. The graph that capture produces for a
-HuggingFace model is a functional export graph (parameters lifted to inputs, kwargs
-flattened); training that graph instead of the user's module would change what runs in
-production and break the user's own forward (generation, data-dependent branches). So a
-pass rewrites the runtime's private copy of the module tree, at the places the captured
-ModelGraph names (block FQNs, per-node metadata), and keeps the state_dict keys of the
-user's model unchanged so checkpoints stay interchangeable. Passes never copy the model
-themselves; the runtime hands them a copy it owns.
+The contract every pass keeps (what it receives and returns, its invariant, its memory
+report to the cost model) is in :mod:`autoscale.passes.base`, with the note on why
+passes rewrite the module tree at the places the captured graph names.
 """
 
-from autoscale.passes.checkpoint import checkpoint_blocks
-from autoscale.passes.precision import autocast_forward
+from autoscale.passes.base import MemoryTerms, Pass, PassContext
+from autoscale.passes.checkpoint import CheckpointPass, checkpoint_blocks
+from autoscale.passes.precision import PrecisionPass, autocast_forward
 
-__all__ = ["autocast_forward", "checkpoint_blocks"]
+#: The passes in the order the runtime applies them. Checkpointing wraps block forwards
+#: first; autocast then wraps the root's forward, so recomputed blocks run under the
+#: same autocast state as their first forward (checkpoint replays it). Sharding and
+#: compression go after both, as torchtitan orders AC before FSDP wrapping.
+PIPELINE: tuple[Pass, ...] = (CheckpointPass(), PrecisionPass())
+
+__all__ = [
+    "PIPELINE",
+    "CheckpointPass",
+    "MemoryTerms",
+    "Pass",
+    "PassContext",
+    "PrecisionPass",
+    "autocast_forward",
+    "checkpoint_blocks",
+]

@@ -8,10 +8,12 @@ from typing import Any
 import torch.utils.checkpoint
 from torch import nn
 
+from autoscale.capture import ModelGraph
 from autoscale.errors import PassError
-from autoscale.plan._plan import CheckpointPlan
+from autoscale.passes.base import MemoryTerms, PassContext
+from autoscale.plan import CheckpointPlan
 
-__all__ = ["checkpoint_blocks"]
+__all__ = ["CheckpointPass", "checkpoint_blocks"]
 
 _MARK = "_autoscale_checkpointed"
 
@@ -50,3 +52,31 @@ def _checkpointed_forward(forward: Any, *args: Any, **kwargs: Any) -> Any:
     return torch.utils.checkpoint.checkpoint(
         forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs
     )
+
+
+class CheckpointPass:
+    """The pipeline entry for :func:`checkpoint_blocks` (plan section ``checkpoint``)."""
+
+    section = "checkpoint"
+    invariant = ("outputs and gradients equal the unrewritten model's (RNG replayed); only "
+                 "the set of tensors saved for backward changes")
+
+    def enabled(self, section: CheckpointPlan) -> bool:
+        return bool(section.blocks)
+
+    def apply(self, model: nn.Module, section: CheckpointPlan, ctx: PassContext) -> nn.Module:
+        return checkpoint_blocks(model, plan=section)
+
+    def memory(self, section: CheckpointPlan, graph: ModelGraph,
+               terms: MemoryTerms) -> MemoryTerms:
+        """A checkpointed block keeps only its inputs; while it is recomputed in backward
+        its own activations are live again, one block at a time (the largest counts)."""
+        by_fqn = {b.fqn: b for b in graph.blocks}
+        saved, recompute = dict(terms.saved), terms.recompute
+        for fqn in section.blocks:
+            block = by_fqn.get(fqn)
+            if block is None:
+                continue
+            saved[fqn] = block.input_bytes
+            recompute = max(recompute, block.activation_bytes)
+        return terms.replace(saved=saved, recompute=recompute)

@@ -8,10 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoscale.capture import ModelGraph
 from autoscale.errors import PassError
-from autoscale.plan._plan import PrecisionPlan
+from autoscale.passes.base import MemoryTerms, PassContext
+from autoscale.plan import PrecisionPlan
 
-__all__ = ["autocast_forward"]
+__all__ = ["PrecisionPass", "autocast_forward"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,3 +48,33 @@ def _autocast_call(forward: Any, device_type: str, dtype: torch.dtype, *args: An
 
 def _cpu_supports_fp16() -> bool:
     return torch.amp.autocast_mode.is_autocast_available("cpu")
+
+
+# Autocast stores most forward outputs at 2 bytes instead of 4; norms, softmax and the
+# loss stay fp32, hence not 0.5 (fitted on examples/gpt.py and tests' tiny GPT).
+_ACTIVATION_FACTOR = {"fp32": 1.0, "bf16": 0.6, "fp16": 0.6}
+
+
+class PrecisionPass:
+    """The pipeline entry for :func:`autocast_forward` (plan section ``precision``)."""
+
+    section = "precision"
+    invariant = ("parameters, gradients and optimizer state keep their dtype; the loss "
+                 "differs from fp32 by low-precision rounding only")
+
+    def enabled(self, section: PrecisionPlan) -> bool:
+        return section.mode != "fp32"
+
+    def apply(self, model: nn.Module, section: PrecisionPlan, ctx: PassContext) -> nn.Module:
+        return autocast_forward(model, plan=section, device_type=ctx.device.type)
+
+    def memory(self, section: PrecisionPlan, graph: ModelGraph,
+               terms: MemoryTerms) -> MemoryTerms:
+        """Low-precision activations, plus autocast's cached low-precision weight copy
+        (half the fp32 parameters) among the temporaries."""
+        if section.mode == "fp32":
+            return terms
+        factor = _ACTIVATION_FACTOR[section.mode]
+        return terms.replace(activation_factor=terms.activation_factor * factor,
+                             temporaries=int(terms.temporaries * factor)
+                             + terms.parameters // 2)

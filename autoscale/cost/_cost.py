@@ -4,8 +4,10 @@ Note: [how the estimate is built]
 Static memory (parameters, buffers, gradients, optimizer state) is counted exactly
 from the model. Activation memory comes from the captured graph's FakeTensor metadata:
 the bytes each block produces in forward for the example batch, scaled by the
-micro-batch's share of the batch; a checkpointed block keeps only its input plus, while
-one block is recomputed in backward, that block's activations. The graph counts every
+micro-batch's share of the batch; then each pass of the pipeline applies its own effect
+(passes/base.py, ``Pass.memory``): a checkpointed block keeps only its input plus, while
+one block is recomputed in backward, that block's activations; autocast shrinks
+activations and caches low-precision weights. The graph counts every
 tensor forward produces, an over-estimate of what autograd saves, so the tuner
 calibrates the activation term by one real measurement (``calibrate``) and compares
 estimates with a margin: the estimate only prunes, the measurement decides.
@@ -18,7 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from autoscale.plan._plan import Plan
+from autoscale.passes import PIPELINE, MemoryTerms
+from autoscale.plan import Plan
 
 __all__ = [
     "Calibration", "MemoryEstimate", "calibrate", "estimate", "estimate_graph", "static_bytes",
@@ -27,8 +30,6 @@ __all__ = [
 # Bytes of optimizer state per fp32 byte of trainable parameter; 8-bit AdamW keeps two
 # 1-byte codes plus an fp32 scale per 256-element block (2.03 B/param, bench_adamw8bit).
 _STATE_FACTOR = {"adamw": 2.0, "adam": 2.0, "lamb": 2.0, "lars": 1.0, "adamw8bit": 0.51}
-# Low-precision autocast stores most forward outputs at 2 bytes instead of 4.
-_ACTIVATION_FACTOR = {"fp32": 1.0, "bf16": 0.6, "fp16": 0.6}
 
 
 @dataclass(frozen=True)
@@ -105,23 +106,16 @@ def estimate_graph(model: nn.Module, graph: Any, plan: Plan, *,
     params, grads, state = static_bytes(model, plan)
     batch = max(graph.batch_size, 1)
     micro = plan.batch.micro_batch_size or batch
-    share = min(micro, batch) / batch
-    checkpointed = set(plan.checkpoint.blocks)
-    block_bytes = sum(b.activation_bytes for b in graph.blocks)
-    outside = max(graph.activation_bytes - block_bytes, 0)
-    kept, recompute = outside, 0
-    for block in graph.blocks:
-        if block.fqn in checkpointed:
-            kept += block.input_bytes
-            recompute = max(recompute, block.activation_bytes)
-        else:
-            kept += block.activation_bytes
-    factor = _ACTIVATION_FACTOR[plan.precision.mode] * share * calibration.activation_scale
-    activations = int((kept + recompute) * factor)
-    temporaries = int(_largest_node_bytes(graph) * factor)
-    if plan.precision.mode != "fp32":
-        temporaries += params // 2  # autocast caches a low-precision copy of the weights
-    return MemoryEstimate(params, grads, state, activations, temporaries,
+    scale = min(micro, batch) / batch * calibration.activation_scale
+    saved = {b.fqn: b.activation_bytes for b in graph.blocks}
+    terms = MemoryTerms(
+        parameters=params, gradients=grads, optimizer_state=state, saved=saved,
+        outside=max(graph.activation_bytes - sum(saved.values()), 0),
+        activation_factor=scale, temporaries=int(_largest_node_bytes(graph) * scale))
+    for rewrite in PIPELINE:  # each pass reports its own effect: passes/base.py
+        terms = rewrite.memory(plan.sections[rewrite.section], graph, terms)
+    return MemoryEstimate(terms.parameters, terms.gradients, terms.optimizer_state,
+                          terms.activations, terms.temporaries,
                           step_time_s=_step_time(graph, plan, calibration))
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoscale.passes import autocast_forward, checkpoint_blocks
+from autoscale.passes import PIPELINE, PassContext
 from autoscale.plan._plan import Plan, SchedulePlan
 from autoscale.runtime._batch import (
     Batch,
@@ -95,12 +95,23 @@ class Result:
 
 
 def build_result(plan: Plan, model: nn.Module, *, loss_fn: LossFn | None = None,
-                 inplace: bool = False, graph: Any = None) -> Result:
-    """Apply ``plan``'s passes to a copy of ``model`` (or to ``model`` if ``inplace``)."""
+                 inplace: bool = False, graph: Any = None,
+                 device: torch.device | str | None = None) -> Result:
+    """Apply ``plan``'s passes to a copy of ``model`` (or to ``model`` if ``inplace``).
+
+    The passes run in PIPELINE order (autoscale/passes/__init__.py); a pass whose section
+    asks for nothing is skipped. With ``device`` the copy is moved there first (the tuner's
+    workers keep the pristine model on the CPU so that it is not part of a trial's peak).
+    """
     model = model if inplace else copy.deepcopy(model)
+    if device is not None:
+        model.to(device)
     device = next(model.parameters()).device
-    checkpoint_blocks(model, plan=plan.checkpoint)
-    autocast_forward(model, plan=plan.precision, device_type=device.type)
+    ctx = PassContext(graph=graph, device=device)
+    for rewrite in PIPELINE:
+        section = plan.sections[rewrite.section]
+        if rewrite.enabled(section):
+            model = rewrite.apply(model, section, ctx)
     optimizer = build_optimizer(plan.optimizer, model.parameters())
     scheduler = _build_schedule(plan.schedule, optimizer)
     scaler = None
