@@ -11,13 +11,23 @@
 Metadata comes from FakeTensor propagation (autoscale.capture._fake): no real compute and no
 real activation memory. Capture never changes the user's model: parameters, buffers,
 training flags, hooks and identity are as before, and so is the global RNG state.
+
+Note: [one source for block figures]
+Every capture starts with one fake eager run of the whole model (``_check_run``) with
+hooks on the repeated blocks; it counts each aten op the forward dispatches. The totals and
+every BlockInfo come from that run whatever the strategy, so they agree across strategies
+and see inside modules the graph keeps whole: symbolic_trace leaves torch.nn's own layers
+(nn.TransformerEncoder, nn.MultiheadAttention, nn.Dropout's mask) as one call_module node
+whose internals it never shows, and a block inside such a leaf has no node at all. The graph
+gives ``nodes``, the per-node view. Only when the fake run stops on a value-dependent op
+and a tracer still captures the model do the figures come from the graph's nodes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -25,8 +35,15 @@ from typing import Any, Literal
 
 import torch
 from torch import fx, nn
-from torch.utils import _pytree as pytree
 
+from autoscale.capture._blocks import (
+    BlockInfo,
+    BlockRun,
+    block_infos,
+    find_blocks,
+    record_blocks,
+    unique_bytes,
+)
 from autoscale.capture._fake import (
     OpStats,
     RunRecorder,
@@ -35,7 +52,6 @@ from autoscale.capture._fake import (
     fake_run,
     interpret_stats,
     is_data_dependent,
-    tensor_bytes,
     to_fake,
 )
 from autoscale.errors import CaptureError
@@ -75,46 +91,30 @@ class NodeMeta:
     """FQN of the repeated block the node belongs to, or None."""
 
 
-@dataclass(frozen=True, slots=True)
-class BlockInfo:
-    """One repeated block: a child of a ModuleList/Sequential with siblings of its structure.
-
-    Invariant: ``model.get_submodule(fqn)`` is the block; blocks never nest.
-    """
-
-    fqn: str
-    """Fully qualified module name, e.g. "transformer.h.0"."""
-    class_name: str
-    param_bytes: int
-    """Bytes of the block's own parameters (tied ones counted once)."""
-    activation_bytes: int
-    """Bytes newly produced in the block's forward: an upper bound of what backward saves."""
-    input_bytes: int
-    """Bytes of the block's input activations: what a checkpointed block keeps."""
-    flops: int
-    """Forward FLOPs of the block on the example batch."""
-
-
 @dataclass(frozen=True, slots=True, eq=False)
 class ModelGraph:
     """A captured model: graph, per-node metadata, repeated blocks and totals.
 
     Invariants: ``strategy`` is the first strategy that worked and ``failures`` holds one
     short reason per strategy tried before it; ``activation_bytes >= sum of the blocks'``;
-    for strategy "blocks", ``gm`` is the first block's graph, ``block_graphs`` holds every
-    captured block and node names in ``nodes`` are "<block fqn>/<node>".
+    ``blocks``, ``activation_bytes`` and ``flops`` are the same for every strategy that
+    captures the model (see Note: [one source for block figures]); for strategy "blocks",
+    ``gm`` is the first block's graph, ``block_graphs`` holds every captured block and node
+    names in ``nodes`` are "<block fqn>/<node>".
     """
 
     gm: fx.GraphModule
     strategy: Strategy
     failures: Mapping[str, str]
     nodes: Mapping[str, NodeMeta]
+    """Per-node view of ``gm``; a leaf module's call is one node holding only its outputs."""
     blocks: tuple[BlockInfo, ...]
+    """Every repeated block the forward called, in module order."""
     param_bytes: int
     """Unique parameters of the model, numel * element_size."""
     buffer_bytes: int
     activation_bytes: int
-    """All tensor bytes the forward produces on the example batch."""
+    """All tensor bytes the forward produces on the example batch, inside leaf modules too."""
     flops: int
     """Forward FLOPs on the example batch."""
     batch_size: int
@@ -147,13 +147,15 @@ def capture(model: nn.Module,
     with _unchanged(model):
         run = _check_run(model, args, kwargs, blocks)
         failures: dict[str, str] = {}
-        for name, strategy in (("symbolic_trace", _by_symbolic_trace), ("export", _by_export)):
+        tracers: tuple[tuple[Strategy, _Tracer], ...] = (
+            ("symbolic_trace", _by_symbolic_trace), ("export", _by_export))
+        for name, strategy in tracers:
             try:
                 gm, stats = strategy(model, args, kwargs)
             except Exception as err:  # any tracer failure means: try the next strategy
                 failures[name] = _reason(err)
                 continue
-            return _from_graph(model, gm, stats, name, failures, blocks, args, kwargs)
+            return _from_graph(model, gm, stats, name, failures, blocks, run, args, kwargs)
         try:
             return _by_blocks(model, run, blocks, failures, args, kwargs)
         except _Failed as err:
@@ -229,56 +231,12 @@ def _unchanged(model: nn.Module) -> Iterator[None]:
                 m.training = training
 
 
-def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The repeated blocks of ``model`` as (fqn, module), in module order.
-
-    A block is a child of an nn.ModuleList or nn.Sequential that has children of its own
-    and at least one sibling of the same class; siblings of a class must agree on the shape
-    of every parameter name they share. One may hold extra parameters: T5's first block
-    alone holds the relative position bias and is still a block. Blocks inside blocks are
-    dropped: the outermost win.
-    """
-    found: list[tuple[str, nn.Module]] = []
-    for prefix, container in model.named_modules():
-        if not isinstance(container, nn.ModuleList | nn.Sequential):
-            continue
-        by_class: dict[type, list[tuple[str, nn.Module]]] = {}
-        for key, child in container.named_children():
-            if any(child.children()):  # a lone Linear or ReLU is a layer, not a block
-                fqn = f"{prefix}.{key}" if prefix else key
-                by_class.setdefault(type(child), []).append((fqn, child))
-        for group in by_class.values():
-            if len(group) >= 2 and _shapes_agree([m for _, m in group]):
-                found.extend(group)
-    names = [fqn for fqn, _ in found]
-    return [(fqn, m) for fqn, m in found
-            if not any(fqn.startswith(other + ".") for other in names)]
-
-
-def _shapes_agree(modules: list[nn.Module]) -> bool:
-    shapes: dict[str, tuple[int, ...]] = {}
-    for module in modules:
-        for name, p in module.named_parameters():
-            if shapes.setdefault(name, tuple(p.shape)) != tuple(p.shape):
-                return False
-    return True
-
-
-@dataclass
-class _BlockRun:
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    input_bytes: int
-    bytes: int = 0
-    flops: int = 0
-
-
 @dataclass
 class _Run:
     """What one fake forward of the whole model did; ``error`` when it could not finish."""
 
     recorder: RunRecorder
-    blocks: dict[str, _BlockRun]
+    blocks: dict[str, BlockRun]
     mode: Any
     error: str | None = None
 
@@ -290,45 +248,21 @@ def _check_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
     Raises CaptureError when the inputs do not fit; a model that branches on tensor
     values cannot run on fake tensors, which is "untraceable", not a bad input.
     """
-    mode, recorder, records = fake_mode(), RunRecorder(), {}
-    handles = []
-    for fqn, block in blocks:
-        handles.append(block.register_forward_pre_hook(
-            _pre_hook(fqn, recorder, records), with_kwargs=True))
-        handles.append(block.register_forward_hook(_post_hook(fqn, recorder, records)))
-    try:
-        with fake_run(model, mode) as call, recorder:
-            call(args, kwargs)
-    except Exception as err:
-        if not is_data_dependent(err):
-            raise CaptureError(f"example_inputs do not match {type(model).__name__}.forward:"
-                               f" {_reason(err)}. {_FIX}") from err
-        return _Run(recorder, records, mode, error=_reason(err))
-    finally:
-        for handle in handles:
-            handle.remove()
+    mode, recorder = fake_mode(), RunRecorder()
+    with record_blocks(blocks, recorder) as records:
+        try:
+            with fake_run(model, mode) as call, recorder:
+                call(args, kwargs)
+        except Exception as err:
+            if not is_data_dependent(err):
+                raise CaptureError(f"example_inputs do not match {type(model).__name__}"
+                                   f".forward: {_reason(err)}. {_FIX}") from err
+            return _Run(recorder, records, mode, error=_reason(err))
     return _Run(recorder, records, mode)
 
 
-def _pre_hook(fqn: str, recorder: RunRecorder, records: dict[str, _BlockRun]) -> Any:
-    def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
-        if fqn not in records:  # a block called twice keeps its first inputs
-            leaves = [t for t in pytree.tree_leaves((args, kwargs))
-                      if isinstance(t, torch.Tensor)]
-            records[fqn] = _BlockRun(args, dict(kwargs), sum(map(tensor_bytes, leaves)))
-        rec = records[fqn]
-        rec.bytes -= recorder.bytes
-        rec.flops -= recorder.flops
-
-    return hook
-
-
-def _post_hook(fqn: str, recorder: RunRecorder, records: dict[str, _BlockRun]) -> Any:
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        records[fqn].bytes += recorder.bytes
-        records[fqn].flops += recorder.flops
-
-    return hook
+_Tracer = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]],
+                   tuple[fx.GraphModule, dict[str, OpStats]]]
 
 
 def _by_symbolic_trace(model: nn.Module, args: tuple[Any, ...],
@@ -402,6 +336,11 @@ def _structure(gm: fx.GraphModule) -> tuple[str, ...]:
 
 def _block_infos_from_graph(gm: fx.GraphModule, nodes: Mapping[str, NodeMeta],
                             blocks: list[tuple[str, nn.Module]]) -> tuple[BlockInfo, ...]:
+    """BlockInfo of each block from the graph's nodes tagged with it (used without a fake run).
+
+    A block's inputs are the nodes outside it that its nodes read; a leaf module's
+    internals are not nodes, so what they allocate is missing here.
+    """
     members: dict[str, list[fx.Node]] = {fqn: [] for fqn, _ in blocks}
     for node in gm.graph.nodes:
         meta = nodes.get(node.name)
@@ -413,16 +352,12 @@ def _block_infos_from_graph(gm: fx.GraphModule, nodes: Mapping[str, NodeMeta],
         outside = {a for n in inside for a in n.all_input_nodes
                    if a not in inside and a.op != "get_attr" and a.name in nodes}
         infos.append(BlockInfo(
-            fqn=fqn, class_name=type(module).__name__, param_bytes=_unique_bytes(
+            fqn=fqn, class_name=type(module).__name__, param_bytes=unique_bytes(
                 module.parameters()),
             activation_bytes=sum(nodes[n.name].bytes for n in inside),
             input_bytes=sum(nodes[a.name].output_bytes for a in outside),
             flops=sum(nodes[n.name].flops for n in inside)))
     return tuple(infos)
-
-
-def _unique_bytes(tensors: Iterator[torch.Tensor]) -> int:
-    return sum(tensor_bytes(t) for t in {id(t): t for t in tensors}.values())
 
 
 def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
@@ -432,21 +367,32 @@ def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
 
 def _from_graph(model: nn.Module, gm: fx.GraphModule, stats: Mapping[str, OpStats],
                 strategy: Strategy, failures: dict[str, str],
-                blocks: list[tuple[str, nn.Module]], args: tuple[Any, ...],
+                blocks: list[tuple[str, nn.Module]], run: _Run, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> ModelGraph:
+    """A ModelGraph of ``gm``; blocks and totals from ``run`` when it finished.
+
+    See Note: [one source for block figures].
+    """
     nodes = _node_metas(gm, stats, {fqn for fqn, _ in blocks})
-    called = [(fqn, m) for fqn, m in blocks if any(n.block == fqn for n in nodes.values())]
+    if run.error is None:
+        infos = block_infos(run.blocks, blocks)
+        activation_bytes, flops = run.recorder.bytes, run.recorder.flops
+    else:
+        called = [(fqn, m) for fqn, m in blocks
+                  if any(n.block == fqn for n in nodes.values())]
+        infos = _block_infos_from_graph(gm, nodes, called)
+        activation_bytes = sum(m.bytes for m in nodes.values())
+        flops = sum(m.flops for m in nodes.values())
     return ModelGraph(
         gm=gm, strategy=strategy, failures=MappingProxyType(dict(failures)),
-        nodes=MappingProxyType(nodes), blocks=_block_infos_from_graph(gm, nodes, called),
-        param_bytes=_unique_bytes(model.parameters()),
-        buffer_bytes=_unique_bytes(model.buffers()),
-        activation_bytes=sum(m.bytes for m in nodes.values()),
-        flops=sum(m.flops for m in nodes.values()), batch_size=_batch_size(args, kwargs),
+        nodes=MappingProxyType(nodes), blocks=infos,
+        param_bytes=unique_bytes(model.parameters()),
+        buffer_bytes=unique_bytes(model.buffers()),
+        activation_bytes=activation_bytes, flops=flops, batch_size=_batch_size(args, kwargs),
         structure=_structure(gm))
 
 
-def _capture_block(block: nn.Module, rec: _BlockRun,
+def _capture_block(block: nn.Module, rec: BlockRun,
                    mode: Any) -> tuple[fx.GraphModule, dict[str, OpStats]]:
     """One block's graph on its recorded (fake) inputs: symbolic_trace, then export."""
     try:
@@ -472,7 +418,9 @@ def _by_blocks(model: nn.Module, run: _Run, blocks: list[tuple[str, nn.Module]],
         raise _Failed("no repeated blocks (same-structure children of an nn.ModuleList or "
                       "nn.Sequential) to capture one by one")
     fqns = {fqn for fqn, _ in blocks}
-    graphs, nodes, infos, reasons = {}, {}, [], []
+    graphs: dict[str, fx.GraphModule] = {}
+    nodes: dict[str, NodeMeta] = {}
+    reasons: list[str] = []
     for fqn, block in blocks:
         rec = run.blocks.get(fqn)
         if rec is None:  # never called in forward: nothing to measure
@@ -484,17 +432,14 @@ def _by_blocks(model: nn.Module, run: _Run, blocks: list[tuple[str, nn.Module]],
             continue
         graphs[fqn] = gm
         nodes.update({f"{fqn}/{k}": v for k, v in _node_metas(gm, stats, fqns, fqn).items()})
-        infos.append(BlockInfo(fqn=fqn, class_name=type(block).__name__,
-                               param_bytes=_unique_bytes(block.parameters()),
-                               activation_bytes=rec.bytes, input_bytes=rec.input_bytes,
-                               flops=rec.flops))
     if not graphs:
         raise _Failed("no block could be captured on its own: " + "; ".join(reasons[:2]))
     first = next(iter(graphs.values()))
     return ModelGraph(
         gm=first, strategy="blocks", failures=MappingProxyType(dict(failures)),
-        nodes=MappingProxyType(nodes), blocks=tuple(infos),
-        param_bytes=_unique_bytes(model.parameters()),
-        buffer_bytes=_unique_bytes(model.buffers()), activation_bytes=run.recorder.bytes,
+        nodes=MappingProxyType(nodes),
+        blocks=block_infos(run.blocks, [(f, b) for f, b in blocks if f in graphs]),
+        param_bytes=unique_bytes(model.parameters()),
+        buffer_bytes=unique_bytes(model.buffers()), activation_bytes=run.recorder.bytes,
         flops=run.recorder.flops, batch_size=_batch_size(args, kwargs),
         block_graphs=MappingProxyType(graphs), structure=tuple(run.recorder.ops))

@@ -24,7 +24,7 @@ from torch import fx, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
 __all__ = ["OpStats", "RunRecorder", "export_stats", "fake_mode", "fake_run", "fake_state",
            "interpret_stats", "is_data_dependent", "tensor_bytes", "to_fake"]
@@ -150,15 +150,43 @@ def interpret_stats(gm: fx.GraphModule, args: tuple[Any, ...],
     """
     mode = mode or fake_mode()
     fake_args = to_fake(mode, args)
-    with mode, FlopCounterMode(display=False) as counter:
+    with mode, _flop_counter() as counter:
         interp = _FakeInterpreter(gm, mode, counter)
         interp.run(*fake_args)
     return interp.stats
 
 
-def _registry_flops(target: Any, args: Any, kwargs: Any, out: Any) -> int:
+def _cpu_flash_attention_flops(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """FLOPs of aten._scaled_dot_product_flash_attention_for_cpu (Q @ K^T, then @ V).
+
+    It is the kernel F.scaled_dot_product_attention runs on CPU, fake tensors included;
+    torch's flop registry has the CUDA flash kernel's formula only, and the maths is the same.
+    """
+    return int(sdpa_flop_count(query.shape, key.shape, value.shape))
+
+
+# FlopCounterMode's custom_mapping passes tensors, not shapes, to formulas marked raw.
+_cpu_flash_attention_flops._get_raw = True  # type: ignore[attr-defined]
+_EXTRA_FLOPS: dict[Any, Callable[..., int]] = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops,
+}
+
+
+def _flop_counter() -> FlopCounterMode:
+    """A silent FlopCounterMode that also counts the ops in ``_EXTRA_FLOPS``."""
+    return FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
+
+
+def _formula(target: Any) -> Callable[..., Any] | None:
     packet = getattr(target, "overloadpacket", None)
-    formula = flop_registry.get(packet) if packet is not None else None
+    if packet is None:
+        return None
+    return _EXTRA_FLOPS.get(packet) or flop_registry.get(packet)
+
+
+def _registry_flops(target: Any, args: Any, kwargs: Any, out: Any) -> int:
+    formula = _formula(target)
     if formula is None:
         return 0
     return int(formula(*args, **kwargs, out_val=out))
@@ -182,7 +210,7 @@ def export_stats(gm: fx.GraphModule) -> dict[str, OpStats]:
     """
     vals = {n: n.meta.get("val") for n in gm.graph.nodes}
     stats = {}
-    with _detect_mode(list(vals.values())), FlopCounterMode(display=False) as counter:
+    with _detect_mode(list(vals.values())), _flop_counter() as counter:
         for n in gm.graph.nodes:
             if n.op == "placeholder":
                 stats[n.name] = _stats(vals[n], vals[n], 0)
@@ -197,7 +225,7 @@ def export_stats(gm: fx.GraphModule) -> dict[str, OpStats]:
 
 def _meta_flops(target: Any, args: Any, kwargs: Any, out: Any, counter: FlopCounterMode) -> int:
     try:
-        if getattr(target, "overloadpacket", None) in flop_registry:
+        if _formula(target) is not None:
             return _registry_flops(target, args, kwargs, out)
         schema = getattr(target, "_schema", None)
         if schema is None or schema.is_mutable:  # not aten, or would mutate the meta values
