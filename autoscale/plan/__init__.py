@@ -2,9 +2,12 @@
 
 Frozen sections (one per pass), JSON with a schema version, the model fingerprint and
 the environment it was measured on; one validation place for cross-field rules
-(``_plan.Plan.__post_init__``). A plan file reproduces a run.
+(``_rules``: functions registered with ``plan_rule``, run whenever a Plan is built).
+Immutable all the way down (``FrozenDict``, tuples), so it pickles, deep-copies and
+round-trips through JSON unchanged. A plan file reproduces a run.
 """
 
+from autoscale.plan._frozen import FrozenDict
 from autoscale.plan._plan import (
     SCHEMA_VERSION,
     BatchPlan,
@@ -18,17 +21,21 @@ from autoscale.plan._plan import (
     SchedulePlan,
     plan_section,
 )
+from autoscale.plan._rules import OPTIMIZER_TABLE, plan_rule
 
 __all__ = [
+    "OPTIMIZER_TABLE",
     "SCHEMA_VERSION",
     "BatchPlan",
     "CheckpointPlan",
     "Environment",
     "Fingerprint",
+    "FrozenDict",
     "Measured",
     "OptimizerPlan",
     "Plan",
     "PrecisionPlan",
     "SchedulePlan",
+    "plan_rule",
     "plan_section",
 ]

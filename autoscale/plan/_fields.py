@@ -10,20 +10,21 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin
 
 from autoscale.errors import PlanError
-
-_JSON_SCALAR = (str, int, float, bool, type(None))
+from autoscale.plan._frozen import FrozenDict, freeze_json
 
 
 def to_json_value(value: Any) -> Any:
-    """A dataclass, tuple or mapping as plain JSON-able lists/dicts (tuples become lists)."""
+    """A dataclass, tuple or mapping as plain JSON-able lists/dicts (tuples become lists,
+    FrozenDicts dicts, in their order)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_json_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (tuple, list)):
         return [to_json_value(v) for v in value]
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return {str(k): to_json_value(v) for k, v in value.items()}
     return value
 
@@ -59,11 +60,11 @@ def from_json_dataclass(cls: type, data: Any, path: str) -> Any:
 
 
 def convert(hint: Any, value: Any, path: str) -> Any:
-    """Check ``value`` against the type ``hint`` and convert JSON lists to tuples."""
+    """Check ``value`` against the type ``hint``; JSON lists become tuples and JSON objects
+    FrozenDicts, so the result holds nothing mutable."""
     origin = get_origin(hint)
     if hint is Any:
-        _check_json(value, path)
-        return value
+        return freeze_json(value, path)
     if origin is Literal:
         if value not in get_args(hint) or isinstance(value, bool) != isinstance(
             get_args(hint)[0], bool
@@ -88,13 +89,13 @@ def convert(hint: Any, value: Any, path: str) -> Any:
             raise PlanError(f"{path} must have {len(args)} items, got {len(value)}.")
         pairs = enumerate(zip(args, value, strict=True))
         return tuple(convert(a, v, f"{path}[{i}]") for i, (a, v) in pairs)
-    if origin is dict:
+    if origin is Mapping:
         key_hint, value_hint = get_args(hint)
         if not isinstance(value, dict):
             raise PlanError(f"{path} must be a JSON object, got {type(value).__name__}.")
-        return {convert(key_hint, k, path): convert(value_hint, v, f"{path}.{k}")
-                for k, v in value.items()}
-    if dataclasses.is_dataclass(hint):
+        return FrozenDict((convert(key_hint, k, path), convert(value_hint, v, f"{path}.{k}"))
+                          for k, v in value.items())
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return from_json_dataclass(hint, value, path)
     return _convert_scalar(hint, value, path)
 
@@ -120,21 +121,8 @@ def _convert_scalar(hint: Any, value: Any, path: str) -> Any:
         if not isinstance(value, str):
             raise PlanError(f"{path} must be a string, got {value!r}.")
         return value
+    # dict, list and set land here too: plan fields are immutable (Mapping, tuple).
     raise TypeError(f"unsupported plan field type {hint!r} at {path}")
-
-
-def _check_json(value: Any, path: str) -> None:
-    if isinstance(value, _JSON_SCALAR):
-        return
-    if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_json(v, f"{path}[{i}]")
-        return
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _check_json(v, f"{path}.{k}")
-        return
-    raise PlanError(f"{path} holds {type(value).__name__}, which a plan file cannot store.")
 
 
 def _name(hint: Any) -> str:

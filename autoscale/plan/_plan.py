@@ -9,6 +9,11 @@ read as attributes: ``plan.batch.micro_batch_size``.
 Besides the knobs, a plan carries the fingerprint of the model it was made for, the
 environment it was measured on and the measured figures, so that a plan is refused on
 another model and its numbers can be checked.
+
+A plan is immutable all the way down (sections are frozen dataclasses, mappings
+are FrozenDicts, lists are tuples), so its digest names it for good; it pickles (the
+tuner sends plans to worker processes), deep-copies and round-trips through JSON, equal
+after each. Rules across fields and sections live in :mod:`autoscale.plan._rules`.
 """
 
 from __future__ import annotations
@@ -19,16 +24,19 @@ import json
 import os
 import platform
 import tempfile
-from collections.abc import Mapping
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 import torch
 from torch import nn
 
 from autoscale.errors import PlanError, PlanMismatchError
 from autoscale.plan._fields import from_json_dataclass, to_json_value
+from autoscale.plan._frozen import FrozenDict, freeze_json, is_frozen
+from autoscale.plan._rules import check_plan
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -48,30 +56,62 @@ SCHEMA_VERSION = 1
 """Bumped when a plan file's meaning changes; files with a newer version are refused."""
 
 _SECTIONS: dict[str, type] = {}
+"""Section name -> its class; the one registry of sections (a Plan holds one of each)."""
+
+_T = TypeVar("_T")
+_MUTABLE = (dict, list, set)
 
 
-def plan_section(name: str):
+def plan_section(name: str) -> Callable[[type[_T]], type[_T]]:
     """Register a frozen dataclass as the plan section ``name``.
 
     Every field needs a default, so that a plan written before the section existed
-    still loads (with the section at its defaults, i.e. the pass switched off).
+    still loads (with the section at its defaults, i.e. the pass switched off). Field
+    types name immutable containers only (``tuple[...]``, ``Mapping[...]``, which the
+    section freezes in ``__post_init__`` with :func:`freeze_json`), so a plan stays
+    immutable and hashable.
     """
 
-    def register(cls: type) -> type:
+    def register(cls: type[_T]) -> type[_T]:
         if name in _SECTIONS and _SECTIONS[name] is not cls:
             raise ValueError(f"plan section {name!r} is already registered by {_SECTIONS[name]}")
+        if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):  # type: ignore[attr-defined]
+            raise TypeError(f"plan section {name!r} must be a @dataclass(frozen=True)")
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise TypeError(f"plan section {name}.{f.name} needs a default")
+            if _names_mutable(hints[f.name]):
+                raise TypeError(f"plan section {name}.{f.name} is typed {hints[f.name]}; plans "
+                                "are immutable: use tuple[...] or Mapping[...] and freeze it in "
+                                "__post_init__ (autoscale.plan._frozen.freeze_json).")
         _SECTIONS[name] = cls
-        cls.section_name = name
         return cls
 
     return register
 
 
+# Note: [sections are not slotted]
+# STYLE.md asks for slots=True, and the registry works with it (the name lives in
+# _SECTIONS, not on the class), but `autoscale show` (autoscale/cli.py) lists a section's
+# fields with vars(section), which a slotted instance lacks: it would print no knobs.
+# Sections are frozen and hold only frozen values (checked in Plan.__post_init__), so
+# immutability does not depend on slots; the other plan dataclasses are slotted.
+
+
+def _names_mutable(hint: Any) -> bool:
+    if hint in _MUTABLE or get_origin(hint) in _MUTABLE:
+        return True
+    return any(_names_mutable(arg) for arg in get_args(hint))
+
+
+def _freeze_field(obj: Any, name: str, path: str) -> None:
+    # object.__setattr__: the dataclass is frozen; this runs once, in __post_init__.
+    object.__setattr__(obj, name, freeze_json(getattr(obj, name), path))
+
+
 @plan_section("batch")
-@dataclass(frozen=True)
+@dataclass(frozen=True)  # Note: [sections are not slotted]
 class BatchPlan:
     """How one optimizer step's batch is split into micro-batches."""
 
@@ -97,7 +137,7 @@ class BatchPlan:
 
 
 @plan_section("precision")
-@dataclass(frozen=True)
+@dataclass(frozen=True)  # Note: [sections are not slotted]
 class PrecisionPlan:
     """Mixed precision: parameters and optimizer state stay fp32 in every mode."""
 
@@ -113,7 +153,7 @@ class PrecisionPlan:
 
 
 @plan_section("checkpoint")
-@dataclass(frozen=True)
+@dataclass(frozen=True)  # Note: [sections are not slotted]
 class CheckpointPlan:
     """Full activation checkpointing of whole blocks (recompute in backward)."""
 
@@ -121,6 +161,13 @@ class CheckpointPlan:
     """Fully qualified names of the blocks to checkpoint, e.g. ("h.0", "h.1")."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.blocks, str):
+            raise PlanError(f"checkpoint.blocks must be a list of block names, got the string "
+                            f"{self.blocks!r}; use ({self.blocks!r},).")
+        _freeze_field(self, "blocks", "checkpoint.blocks")
+        if not all(isinstance(name, str) for name in self.blocks):
+            raise PlanError(f"checkpoint.blocks must hold block names (strings), got "
+                            f"{list(self.blocks)}.")
         if len(set(self.blocks)) != len(self.blocks):
             raise PlanError(f"checkpoint.blocks lists a block twice: {list(self.blocks)}.")
         for name in self.blocks:
@@ -129,7 +176,7 @@ class CheckpointPlan:
 
 
 @plan_section("optimizer")
-@dataclass(frozen=True)
+@dataclass(frozen=True)  # Note: [sections are not slotted]
 class OptimizerPlan:
     """Which optimizer runs the step, with which kernel and state precision."""
 
@@ -138,26 +185,22 @@ class OptimizerPlan:
     kernel: Literal[
         "auto", "torch", "triton", "torch_fused", "foreach", "native", "compiled", "reference"
     ] = "auto"
-    """'torch' uses torch.optim; the others use autoscale.optim with that kernel choice."""
+    """'torch' uses torch.optim; the others use autoscale.optim with that kernel choice
+    (kind 'adam' has only torch.optim.Adam, which 'auto' builds too). Which kernels go with
+    which kind: autoscale.plan._rules.OPTIMIZER_TABLE."""
     state_precision: Literal["fp32", "int8"] = "fp32"
     """int8 stores both Adam moments block-quantized (kind 'adamw8bit' only)."""
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    """Constructor arguments (lr, weight_decay, betas, ...), as JSON values."""
+    kwargs: Mapping[str, Any] = field(default_factory=FrozenDict)
+    """Constructor arguments (lr, weight_decay, betas, ...), as JSON values, frozen: a
+    FrozenDict whose lists are tuples (torch.optim takes tuples for betas)."""
 
     def __post_init__(self) -> None:
-        if (self.state_precision == "int8") != (self.kind == "adamw8bit"):
-            raise PlanError(
-                f"optimizer.state_precision={self.state_precision!r} does not go with "
-                f"kind={self.kind!r}: int8 state is kind 'adamw8bit', every other kind is fp32."
-            )
-        if self.kernel == "torch" and self.kind in ("lamb", "lars", "adamw8bit"):
-            raise PlanError(
-                f"optimizer.kernel='torch' has no {self.kind!r}; use kernel='auto'."
-            )
+        # kind x kernel x state_precision is a cross-field rule: autoscale.plan._rules.
+        _freeze_field(self, "kwargs", "optimizer.kwargs")
 
 
 @plan_section("schedule")
-@dataclass(frozen=True)
+@dataclass(frozen=True)  # Note: [sections are not slotted]
 class SchedulePlan:
     """Large-batch learning-rate rules (survey section 3): scaling and warm-up.
 
@@ -207,14 +250,17 @@ class SchedulePlan:
         return self.warmup_steps > 0 or self.decay != "constant"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Fingerprint:
     """What identifies the model a plan was made for (not its values)."""
 
-    parameters: dict[str, str]
-    """Parameter FQN -> 'dtype[shape]' for every parameter (tied weights once)."""
+    parameters: Mapping[str, str]
+    """Parameter FQN -> 'dtype[shape]' for every parameter (tied weights once), frozen."""
     graph: str
     """Hash of the captured graph's structure (op sequence), independent of batch values."""
+
+    def __post_init__(self) -> None:
+        _freeze_field(self, "parameters", "fingerprint.parameters")
 
     @classmethod
     def of(cls, model: nn.Module, graph_structure: str) -> Fingerprint:
@@ -243,18 +289,27 @@ class Fingerprint:
         return diffs[:limit] + ([f"... and {more} more"] if more > 0 else [])
 
 
-@dataclass(frozen=True)
+# The field Environment.torch hides the module in that class's annotations.
+_TorchDevice = torch.device
+
+
+@dataclass(frozen=True, slots=True)
 class Environment:
     """Where the plan's figures were measured."""
 
     torch: str = ""
+    """torch.__version__."""
     device: str = ""
+    """The CUDA device's name, or 'cpu: <processor> x<cores>'."""
     world_size: int = 1
+    """Ranks of the run (1 without torch.distributed)."""
     python: str = ""
+    """platform.python_version()."""
     autoscale: str = ""
+    """autoscale.__version__."""
 
     @classmethod
-    def current(cls, device: torch.device | str = "cpu") -> Environment:
+    def current(cls, device: _TorchDevice | str = "cpu") -> Environment:
         from autoscale import __version__
 
         device = torch.device(device)
@@ -268,17 +323,24 @@ class Environment:
                    python=platform.python_version(), autoscale=__version__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Measured:
     """Figures measured for this plan (and for the untouched baseline) in one run."""
 
     samples_per_s: float
+    """Training throughput of the plan."""
     step_time_s: float
+    """Seconds per optimizer step."""
     peak_memory_bytes: int
+    """Peak memory of a step (CUDA allocator, or the CPU live-tensor tracker)."""
     memory_budget_bytes: int | None = None
+    """The budget the plan was tuned for; None without one."""
     baseline_samples_per_s: float | None = None
+    """Throughput of the untouched model in the same run."""
     baseline_peak_memory_bytes: int | None = None
+    """Peak memory of the untouched model in the same run."""
     batch_size: int | None = None
+    """Samples per step the figures were measured with."""
 
     def __post_init__(self) -> None:
         if self.samples_per_s < 0 or self.step_time_s < 0 or self.peak_memory_bytes < 0:
@@ -289,15 +351,18 @@ def _default_sections() -> dict[str, Any]:
     return {name: cls() for name, cls in _SECTIONS.items()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Plan:
     """An immutable training plan; ``plan.<section>`` reads a section.
 
-    Invariant: holds exactly one instance of every registered section, each valid on its
-    own. ``to_json``/``from_json`` round-trip to an equal plan.
+    Invariants: holds exactly one instance of every registered section, each valid on its
+    own, and satisfies every rule of autoscale.plan._rules; nothing reachable from it can
+    change (so ``digest()`` never does); ``to_json``/``from_json``, pickle and deepcopy
+    each give an equal plan with the same digest.
     """
 
     sections: Mapping[str, Any] = field(default_factory=_default_sections)
+    """Section name -> section; missing sections take their defaults (a FrozenDict)."""
     fingerprint: Fingerprint | None = None
     environment: Environment | None = None
     measured: Measured | None = None
@@ -316,13 +381,26 @@ class Plan:
             if not isinstance(section, _SECTIONS[name]):
                 raise PlanError(f"plan section {name!r} must be a {_SECTIONS[name].__name__}.")
             filled[name] = section
-        object.__setattr__(self, "sections", types_mapping(filled))
+        for name, section in filled.items():
+            if not is_frozen(section):
+                # A section class that does not freeze its containers: a bug in that class.
+                raise TypeError(f"plan section {name!r} holds a mutable value ({section!r}); "
+                                "its __post_init__ must freeze it with freeze_json.")
+        object.__setattr__(self, "sections", FrozenDict(filled))
+        check_plan(self)
 
     def __getattr__(self, name: str) -> Any:
-        sections = object.__getattribute__(self, "sections")
+        # Only called when normal lookup fails. pickle and copy probe names (__setstate__,
+        # __deepcopy__, ...) on instances whose slots are not set yet; object.__getattribute__
+        # reads the slot without coming back here (self.sections would recurse).
+        try:
+            sections = object.__getattribute__(self, "sections")
+        except AttributeError:
+            sections = {}
         if name in sections:
             return sections[name]
-        raise AttributeError(f"Plan has no section or attribute {name!r}")
+        raise AttributeError(f"Plan has no section or attribute {name!r}; sections are "
+                             f"{sorted(_SECTIONS)}.")
 
     def replace(self, **changes: Any) -> Plan:
         """A copy with some sections (by name) or top-level fields replaced."""
@@ -453,10 +531,3 @@ class Plan:
 
 def _optional(cls: type, raw: Any, path: str) -> Any:
     return None if raw is None else from_json_dataclass(cls, raw, path)
-
-
-def types_mapping(d: dict[str, Any]) -> Mapping[str, Any]:
-    """A read-only view, so a frozen plan's sections cannot be swapped in place."""
-    import types
-
-    return types.MappingProxyType(d)
