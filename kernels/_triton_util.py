@@ -133,7 +133,8 @@ class TensorTable:
     Invariant: tensor ``i`` of every list has the same numel and is contiguous; ``addrs`` is
     (n_lists, n_tensors) int64 on the tensors' device; ``chunk_tensor``/``chunk_start`` have
     one row per ``chunk`` elements of each tensor, ordered by tensor. ``lists`` keeps the
-    tensors alive (and lets the autotune hooks find them) while the table is in use.
+    tensors alive (and lets the autotune hooks find them) while the table is in use; a
+    table is built per call and never cached, so it holds no tensor past its launch.
     """
 
     lists: tuple[tuple[torch.Tensor, ...], ...]
@@ -148,16 +149,68 @@ class TensorTable:
     max_chunks: int  # the most chunks of one tensor
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """The part of a table that depends on tensor sizes only (see TensorTable)."""
+
+    numels: torch.Tensor
+    chunk_tensor: torch.Tensor
+    chunk_start: torch.Tensor
+    chunk_pos: torch.Tensor
+    n_chunks: int
+    max_chunks: int
+
+
+# Note: [table cache]
 # Building tables costs host work and a host-to-device copy; a training loop passes the same
-# tensors each step, so keep the last few tables keyed by addresses and sizes.
-_TABLES: OrderedDict[tuple, TensorTable] = OrderedDict()
+# tensors each step, so the device tables of the last few calls are kept. Only device
+# tables of integers are kept, never the tensors they describe: gradients are new tensors
+# every step under zero_grad(set_to_none=True), and holding them would keep up to
+# _TABLE_CACHE_SIZE steps of gradients alive, in a tool whose job is a memory budget. The
+# chunk tables are keyed by sizes; the address table by the addresses themselves, so a hit
+# is always the right table, even when a freed tensor's memory went to another tensor (the
+# caching allocator hands a new step's grads the old addresses, so hits stay the rule).
+_LAYOUTS: OrderedDict[tuple[Any, ...], _Layout] = OrderedDict()
+_ADDRS: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
 _TABLE_CACHE_SIZE = 16
+
+
+def _cached(cache: OrderedDict[tuple[Any, ...], Any], key: tuple[Any, ...],
+            build: Callable[[], Any]) -> Any:  # fmt: skip
+    hit = cache.get(key)
+    if hit is not None:
+        cache.move_to_end(key)
+        return hit
+    value = cache[key] = build()
+    if len(cache) > _TABLE_CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
+
+
+def _layout(numels: list[int], chunk: int, device: torch.device) -> _Layout:
+    chunk_tensor: list[int] = []
+    chunk_start: list[int] = []
+    chunk_pos: list[int] = []
+    for i, numel in enumerate(numels):
+        for j, start in enumerate(range(0, numel, chunk)):
+            chunk_tensor.append(i)
+            chunk_start.append(start)
+            chunk_pos.append(j)
+    return _Layout(
+        numels=torch.tensor(numels, dtype=torch.int64, device=device),
+        chunk_tensor=torch.tensor(chunk_tensor, dtype=torch.int32, device=device),
+        chunk_start=torch.tensor(chunk_start, dtype=torch.int64, device=device),
+        chunk_pos=torch.tensor(chunk_pos, dtype=torch.int64, device=device),
+        n_chunks=len(chunk_tensor),
+        max_chunks=max(chunk_pos, default=-1) + 1,
+    )
 
 
 def tensor_table(
     lists: Sequence[Sequence[torch.Tensor]], *, chunk: int = DEFAULT_CHUNK
 ) -> TensorTable:
-    """Build (or reuse) the tables for ``lists``; see Note: [multi-tensor launch].
+    """The tables for ``lists`` (device parts reused, Note: [table cache]); see Note:
+    [multi-tensor launch].
 
     Raises ValueError if the lists differ in length, a tensor is not contiguous, or tensor
     ``i`` has different numels across lists.
@@ -176,37 +229,17 @@ def tensor_table(
     for ts in lists_t[1:]:
         if [t.numel() for t in ts] != numels:
             raise ValueError("tensor_table: tensor sizes differ between lists (param vs state).")
-    key = (chunk, tuple(tuple(t.data_ptr() for t in ts) for ts in lists_t), tuple(numels))
-    hit = _TABLES.get(key)
-    if hit is not None:
-        _TABLES.move_to_end(key)
-        return hit
     device = lists_t[0][0].device
-    chunk_tensor: list[int] = []
-    chunk_start: list[int] = []
-    chunk_pos: list[int] = []
-    for i, numel in enumerate(numels):
-        for j, start in enumerate(range(0, numel, chunk)):
-            chunk_tensor.append(i)
-            chunk_start.append(start)
-            chunk_pos.append(j)
-    table = TensorTable(
-        lists=lists_t,
-        addrs=torch.tensor([[t.data_ptr() for t in ts] for ts in lists_t], dtype=torch.int64,
-                           device=device),
-        numels=torch.tensor(numels, dtype=torch.int64, device=device),
-        chunk_tensor=torch.tensor(chunk_tensor, dtype=torch.int32, device=device),
-        chunk_start=torch.tensor(chunk_start, dtype=torch.int64, device=device),
-        n_tensors=n,
-        n_chunks=len(chunk_tensor),
-        chunk=chunk,
-        chunk_pos=torch.tensor(chunk_pos, dtype=torch.int64, device=device),
-        max_chunks=max(chunk_pos, default=-1) + 1,
+    layout = _cached(_LAYOUTS, (str(device), chunk, tuple(numels)),
+                     lambda: _layout(numels, chunk, device))  # fmt: skip
+    ptrs = [[t.data_ptr() for t in ts] for ts in lists_t]
+    addrs = _cached(_ADDRS, (str(device), tuple(map(tuple, ptrs))),
+                    lambda: torch.tensor(ptrs, dtype=torch.int64, device=device))  # fmt: skip
+    return TensorTable(
+        lists=lists_t, addrs=addrs, numels=layout.numels, chunk_tensor=layout.chunk_tensor,
+        chunk_start=layout.chunk_start, n_tensors=n, n_chunks=layout.n_chunks, chunk=chunk,
+        chunk_pos=layout.chunk_pos, max_chunks=layout.max_chunks,
     )
-    _TABLES[key] = table
-    if len(_TABLES) > _TABLE_CACHE_SIZE:
-        _TABLES.popitem(last=False)
-    return table
 
 
 # The table being launched and which of its lists the kernel writes; read by RESTORE_HOOKS.
