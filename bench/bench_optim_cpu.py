@@ -11,7 +11,7 @@ momentum 20 (read p, g, buf; write p, buf); the ceiling is the in-place streamin
 Tables "AdamW bf16" and "SGD bf16" step bf16 copies of the params: torch.optim keeps
 bf16 state for them (AdamW 14 bytes per param, SGD 10), autoscale fp32 state (22, 14).
 Their "autoscale ref" row is the reference path that auto took for bf16 params before
-the one-pass C loops (kernels/_cpu_adamw8bit.py, kernels/_cpu_optim.py) became
+the one-pass C loops (kernels/csrc/optim.c, run by kernels/_cpu_optim.py) became
 candidates; a claim line prints auto's speed-up over it. vs_base there compares against
 torch's fused kernel with bf16 state, which is less work and less precise. Tables "LAMB"
 and "LARS" (no torch.optim counterpart) compare auto with autoscale's foreach path, the

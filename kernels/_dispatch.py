@@ -1,4 +1,7 @@
-"""Pick an optimizer kernel by measurement, once per (op, device type, dtype) per process.
+"""The one dispatcher of autoscale's kernels: every op (AdamW, SGD, LAMB, LARS, 8-bit
+AdamW, block-wise quantization) hands :func:`run` its paths, and ``kernel=`` names one of
+:data:`KERNELS`. With "auto" it takes Triton on CUDA, else picks by measurement, once per
+(op, device type, dtype) per process.
 
 Note: [choosing the CPU path by measurement]
 Which torch path is fastest on CPU (``torch._fused_adamw_``, the ``torch._foreach_*`` ops,
@@ -17,6 +20,8 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 
@@ -30,10 +35,12 @@ __all__ = [
     "scratch_prefix",
 ]  # fmt: skip
 
-#: Every kernel name a caller may force; "auto" chooses.
-KERNELS = ("auto", "triton", "torch_fused", "foreach", "native", "reference")
+#: Every kernel name a caller may force; "auto" chooses. Which op offers which path, and the
+#: machine that needs it, is in each op's module docstring.
+KERNELS = ("auto", "triton", "torch_fused", "foreach", "native", "compiled", "reference")
 
 _CHOICES: dict[tuple[str, str, torch.dtype], str] = {}
+_BY_OFFER: dict[tuple[str, str, torch.dtype, tuple[str, ...]], str] = {}
 #: Timings behind each cached choice (seconds per step, median), for benchmarks and logs.
 TIMINGS: dict[tuple[str, str, torch.dtype], dict[str, float]] = {}
 
@@ -45,6 +52,7 @@ _SCRATCH_ELEMENTS = 4_000_000
 def clear_cache() -> None:
     """Forget every cached choice (tests use this to force a new measurement)."""
     _CHOICES.clear()
+    _BY_OFFER.clear()
     TIMINGS.clear()
 
 
@@ -75,16 +83,22 @@ def choose(
     dtype: torch.dtype,
     runners: Mapping[str, Callable[[], None]],
     *,
+    offered: tuple[str, ...] = (),
     repeats: int = 3,
 ) -> str:
     """Return the fastest of ``runners`` (name -> one scratch step), measured and cached.
+
+    The cache key is (op, device type, dtype, ``offered``): the paths the op offered for
+    these tensors (before the agreement check), so tensors offered fewer paths (say, no C
+    loop for ``maximize=True``) get their own choice instead of another's winner.
+    :func:`cached_choice` reads the latest choice per (op, device type, dtype).
 
     Invariant: every runner computes the same maths as the reference (the caller filters
     them); runners only touch scratch tensors, never the user's parameters.
     """
     key = (op, device.type, dtype)
-    if key in _CHOICES:
-        return _CHOICES[key]
+    if (*key, offered) in _BY_OFFER:
+        return _BY_OFFER[(*key, offered)]
     if not runners:
         raise ValueError(f"choose({op!r}): no candidate kernels for {device.type}/{dtype}.")
     timings: dict[str, float] = {}
@@ -99,13 +113,16 @@ def choose(
             samples.append(time.perf_counter() - t0)
         timings[name] = statistics.median(samples)
     best = min(timings, key=timings.__getitem__)
-    _CHOICES[key] = best
+    _BY_OFFER[(*key, offered)] = _CHOICES[key] = best
     TIMINGS[key] = timings
     return best
 
 
-Lists = Sequence[Sequence[torch.Tensor]]
+Lists = Sequence[Sequence[Any]]
 Impl = Callable[[Lists], None]
+#: ``agrees(impl, reference, lists)``: does ``impl`` compute what ``reference`` does, judged
+#: on clones of a sample of ``lists``?
+Agrees = Callable[[Impl, Impl, Lists], bool]
 
 # Sample size for the agreement check: small enough to cost nothing, big enough to catch a
 # path that computes different maths. Tolerance: the torch fused/foreach kernels reorder
@@ -142,13 +159,15 @@ def passes_check(op: str, name: str, check: Callable[[], bool]) -> bool:
 
 
 def _agrees(impl: Impl, reference: Impl, lists: Lists) -> bool:
+    """The default check: every output within fp32 reordering noise of the reference, and
+    non-finite exactly where the reference's is (Note: [non-finite gradients])."""
     n = min(len(lists[0]), 4)
     ref_lists = _clone_lists(lists, n, _CHECK_ELEMENTS)
     got_lists = _clone_lists(ref_lists, n)
     reference(ref_lists)
     impl(got_lists)
     return all(
-        torch.allclose(g.float(), r.float(), rtol=_CHECK_RTOL, atol=_CHECK_ATOL)
+        torch.allclose(g.float(), r.float(), rtol=_CHECK_RTOL, atol=_CHECK_ATOL, equal_nan=True)
         for gs, rs in zip(got_lists, ref_lists, strict=True)
         for g, r in zip(gs, rs, strict=True)
         if isinstance(g, torch.Tensor)
@@ -156,7 +175,8 @@ def _agrees(impl: Impl, reference: Impl, lists: Lists) -> bool:
 
 
 def run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists, *,
-        probe_impls: Mapping[str, Impl] | None = None) -> str:
+        probe_impls: Mapping[str, Impl] | None = None, agrees: Agrees | None = None,
+        why_not: Mapping[str, str] | None = None) -> str:
     """Run one step of ``op`` on ``lists`` with ``kernel`` (or the chosen one); return its name.
 
     ``impls`` maps kernel names to functions of the tensor lists (hyper-parameters bound);
@@ -176,9 +196,13 @@ def run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists, *,
 
     ``probe_impls``: the same paths without collectives (LAMB/LARS on sharded params),
     for the agreement check and the timing runs on samples and scratch copies, whose
-    sizes differ between ranks; default ``impls``.
+    sizes differ between ranks; default ``impls``. ``agrees``: the op's agreement check
+    (default: every output close to the reference's, on up to 4096 elements of each
+    tensor). ``why_not``: for paths the op knows but cannot offer here, why not; the
+    error for a forced one says it.
 
-    Raises KernelUnavailable when a forced kernel cannot run on these tensors.
+    Raises ValueError for an unknown kernel name, KernelUnavailable when a forced kernel
+    cannot run on these tensors.
     """
     # Both checks run every step, so they are kept to C-level loops (~30 us for 5 lists of
     # 136 tensors, against ~170 us for a per-tensor Python check). Params decide DTensor-ness:
@@ -186,7 +210,8 @@ def run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists, *,
     if any_dtensor(lists[0]):
         lists = [[local(t) for t in ts] for ts in lists]
     if all(map(_all_contiguous, lists)):
-        return _run(op, kernel, impls, lists, probe_impls or impls)
+        return _run(op, kernel, impls, lists, probe_impls or impls, agrees or _agrees,
+                    why_not or {})
     strided = [
         (t, t.contiguous()) for ts in lists for t in ts
         if isinstance(t, torch.Tensor) and not t.is_contiguous()
@@ -194,7 +219,7 @@ def run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists, *,
     swap = {id(t): c for t, c in strided}
     work = [[swap.get(id(t), t) if isinstance(t, torch.Tensor) else t for t in ts]
             for ts in lists]  # fmt: skip
-    name = _run(op, kernel, impls, work, probe_impls or impls)
+    name = _run(op, kernel, impls, work, probe_impls or impls, agrees or _agrees, why_not or {})
     # Read-only inputs (grads) are copied back too: unchanged, and strided ones are rare.
     for t, c in strided:
         t.copy_(c)
@@ -207,44 +232,42 @@ def _all_contiguous(ts: Sequence) -> bool:
 
 
 def _run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists,
-         probe: Mapping[str, Impl]) -> str:
+         probe: Mapping[str, Impl], agrees: Agrees, why_not: Mapping[str, str]) -> str:
     first = lists[0][0]
     device, dtype = first.device, first.dtype
     if kernel not in KERNELS:
         raise ValueError(f"{op}: kernel={kernel!r} is not one of {KERNELS}.")
+    if kernel != "auto" and kernel not in impls:
+        why = f" ({why_not[kernel]})" if kernel in why_not else ""
+        raise KernelUnavailable(
+            f"{op}: kernel={kernel!r} is not available for {device.type}/{dtype} tensors{why}; "
+            f"use kernel='auto' or one of {sorted(impls)}."
+        )
     if kernel == "triton":
-        if "triton" not in impls:
-            raise KernelUnavailable(
-                f"{op}: no Triton kernel for {dtype} tensors; use kernel='auto'."
-            )
         require_triton(device, op)
     if kernel != "auto":
-        if kernel not in impls:
-            raise KernelUnavailable(
-                f"{op}: kernel={kernel!r} is not available for {device.type}/{dtype} tensors "
-                f"(available: {sorted(impls)}); use kernel='auto' or one of those."
-            )
         impls[kernel](lists)
         return kernel
     if device.type == "cuda" and "triton" in impls and triton_usable(device):
         impls["triton"](lists)
         return "triton"
-    name = cached_choice(op, device, dtype)
-    if name is None or name not in impls:
-        # The interpreter is a correctness tool, orders of magnitude slower: never a candidate.
+    # The interpreter is a correctness tool, orders of magnitude slower: never a candidate.
+    offered = tuple(sorted(k for k in probe if k != "triton"))
+    name = _BY_OFFER.get((op, device.type, dtype, offered))
+    if name is None:
         candidates = {k: f for k, f in probe.items() if k != "triton"}
         reference = probe["reference"]
         candidates = {
             k: f for k, f in candidates.items()
             if k == "reference"
-            or passes_check(op, k, lambda f=f: _agrees(f, reference, lists))
+            or passes_check(op, k, partial(agrees, f, reference, lists))
         }
         k = scratch_prefix([t.numel() for t in lists[0]])
         # One scratch copy shared by all candidates: its values drift step by step, which does
         # not change the cost of elementwise maths.
         scratch = _clone_lists(lists, k)
         runners = {name_: (lambda f=f: f(scratch)) for name_, f in candidates.items()}
-        name = choose(op, device, dtype, runners)
+        name = choose(op, device, dtype, runners, offered=offered)
         del scratch, runners
     impls[name](lists)
     return name

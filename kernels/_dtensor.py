@@ -73,9 +73,10 @@ def norm_sq_reducer(params: Sequence[torch.Tensor]) -> NormSqReducer | None:
     """
     groups: dict[tuple[int, tuple[int, ...]], tuple[Any, list[int]]] = {}
     member: dict[int, tuple[int, tuple[int, ...]]] = {}
-    for i, p in enumerate(params):
-        if not is_dtensor(p):
+    for i, param in enumerate(params):
+        if not is_dtensor(param):
             continue
+        p: Any = param  # a DTensor: placements, device_mesh
         if any(pl.is_partial() for pl in p.placements):
             raise ValueError(
                 f"param {i} is a DTensor with a Partial placement {p.placements}; LAMB/LARS "

@@ -1,8 +1,8 @@
 """Multi-tensor 8-bit AdamW: one Triton launch steps every parameter of a list.
 
-Same maths, state layout, quantization maps and rounding as
-:func:`autoscale.kernels.adamw8bit.adamw8bit_reference` (the spec); it replaced a kernel
-with one launch per tensor, and computes each block exactly as that one did. Per
+The "triton" path of ``kernels.adamw8bit``, needed by CUDA GPUs. Same maths, state layout,
+quantization maps, rounding and non-finite rule as
+:func:`autoscale.kernels.adamw8bit.adamw8bit_reference` (the spec). Per
 parameter of n elements and nb = ceil(n / block_size) blocks, the state is
 
   m_q (nb * block_size,) int8,  m_scale (nb,) fp32,
@@ -33,8 +33,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._adamw8bit_layout import check as _check
 from ._triton_util import DEFAULT_CHUNK, HAS_TRITON, launch, require_triton, tensor_table, tl_dtype
-from .adamw8bit import _check
 
 __all__ = ["adamw8bit_triton_multi"]
 
@@ -81,18 +81,26 @@ if HAS_TRITON:
             p = p * decay - step_size * m / (sv * inv_bc2_sqrt + eps)
             tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
 
+            # A block with an inf or NaN moment: codes 0, scales NaN (Note: [non-finite
+            # gradients]). Counted, not read from the maxima: tl.max may drop a NaN.
+            inf = float("inf")
+            n_bad = tl.sum(((m != m) | (tl.abs(m) == inf) | (sv != sv) | (sv == inf))
+                           .to(tl.int32), axis=0)  # fmt: skip
+            ok = n_bad == 0
             m_max = tl.max(tl.abs(m), axis=0)
             sv_max = tl.max(sv, axis=0)
-            m_inv = tl.where(m_max > 0, 1.0 / m_max, 0.0)
-            sv_inv = tl.where(sv_max > 0, 1.0 / sv_max, 0.0)
-            yv = tl.minimum(tl.floor(tl.sqrt(sv * sv_inv) * 255.0 + 0.5), 255.0)
-            ym = tl.minimum(tl.floor(tl.sqrt(tl.abs(m) * m_inv) * 127.0 + 0.5), 127.0)
+            m_inv = tl.where(ok & (m_max > 0), 1.0 / m_max, 0.0)
+            sv_inv = tl.where(ok & (sv_max > 0), 1.0 / sv_max, 0.0)
+            yv = tl.minimum(tl.floor(tl.sqrt(tl.where(ok, sv, 0.0) * sv_inv) * 255.0 + 0.5),
+                            255.0)  # fmt: skip
+            ym = tl.minimum(tl.floor(tl.sqrt(tl.where(ok, tl.abs(m), 0.0) * m_inv) * 127.0
+                                     + 0.5), 127.0)  # fmt: skip
             ym = tl.where(m < 0, -ym, ym)
             ym = tl.where(yv == 0.0, 0.0, ym)  # guard: no m where v is 0 (adamw8bit note)
             tl.store(mq_ptr + offs, ym.to(tl.int8))
             tl.store(vq_ptr + offs, yv.to(tl.uint8))
-            tl.store(ms_ptr + blk, m_max)
-            tl.store(vs_ptr + blk, sv_max)
+            tl.store(ms_ptr + blk, tl.where(ok, m_max, float("nan")))
+            tl.store(vs_ptr + blk, tl.where(ok, sv_max, float("nan")))
 
 
 # The state address table costs host work and a host-to-device copy per build; a training
@@ -148,7 +156,7 @@ def adamw8bit_triton_multi(
 ) -> None:
     """One 8-bit AdamW step in place over every tensor of the lists, in one Triton launch.
 
-    ``hyper`` is the 6-tuple of ``adamw8bit._hyper`` (beta1, beta2, eps, 1 - lr*wd,
+    ``hyper`` is the 6-tuple of ``_adamw8bit_layout.hyper`` (beta1, beta2, eps, 1 - lr*wd,
     lr/bc1, 1/sqrt(bc2)), shared by all tensors. Params (and grads, same dtype) are fp32 or
     bf16 on one device; the state of each follows the layout in the module docstring.
     ``chunk`` (elements per program, a multiple of ``block_size``) defaults to the largest
@@ -173,8 +181,8 @@ def adamw8bit_triton_multi(
         )
     if len(hyper) != 6:
         raise ValueError(
-            "adamw8bit_triton_multi: hyper must be the 6 scalars of adamw8bit._hyper (beta1, "
-            f"beta2, eps, decay, step_size, inv_bc2_sqrt), got {len(hyper)}."
+            "adamw8bit_triton_multi: hyper must be the 6 scalars of _adamw8bit_layout.hyper "
+            f"(beta1, beta2, eps, decay, step_size, inv_bc2_sqrt), got {len(hyper)}."
         )
     if not params:
         return

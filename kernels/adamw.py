@@ -11,24 +11,32 @@ per element, in fp32, with ``t`` the tensor's step after increment:
 Params and grads are fp32, bf16 or fp16; ``m`` and ``v`` are always fp32 (bf16 state loses
 small updates to rounding).
 
-On the CPU, one more candidate: "native", the one-pass C loop of ``_cpu_adamw8bit``
-(``adamw32_step``, written for 8-bit AdamW's small tensors) for fp32 or bf16 params with
-fp32 moments. torch's fused kernel needs state in the param dtype, so bf16 params were
-left to the reference's chain of ops: ~10x slower (163 vs 15 ms over 38M bf16 params on
-the 2-core VM). For fp32 it runs at the fused kernel's speed; measurement picks.
+Paths (``kernel=``), and the machines that need them:
+  "triton":      CUDA GPUs (fp32/bf16/fp16 params, fp32 state).
+  "native":      CPUs with a C compiler (``kernels._cpu_optim.adamw32_step``; fp32/bf16 params,
+                 fp32 state). torch's fused kernel needs state in the param dtype, so bf16
+                 params had only the reference's chain of ops: ~10x slower (163 vs 15 ms
+                 over 38M bf16 params on the 2-core VM).
+  "torch_fused": CPUs without a C compiler, and fp64 params on CUDA or CPU (state in the
+                 param dtype): torch's one-kernel AdamW.
+  "foreach":     where torch's fused kernel loses to its foreach ops (measured per machine;
+                 both need state in the param dtype), and what ``foreach=True`` asks for.
+  "reference":   the spec, and fp16 params on the CPU.
+Non-finite gradients propagate as in torch.optim (Note: [non-finite gradients]).
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from torch.optim.adam import adam as _torch_adam
 
-from . import _cpu_adamw8bit
+from . import _cpu_optim
 from ._dispatch import run
 from ._triton_util import (
     DEFAULT_CHUNK,
@@ -39,6 +47,8 @@ from ._triton_util import (
     tl_dtype,
     tuning_configs,
 )
+
+_Impl = Callable[[Sequence[Any]], None]  # one path: a step on the tensor lists
 
 __all__ = ["adamw", "adamw_reference"]
 
@@ -169,9 +179,9 @@ def _adamw_native(
     for step in steps:
         step += 1
         counts.append(int(step.item()))
-    _cpu_adamw8bit.adamw32_step(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
-                                counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                weight_decay=weight_decay)  # fmt: skip
+    _cpu_optim.adamw32_step(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+                            counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                            weight_decay=weight_decay)  # fmt: skip
 
 
 def _native_takes(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -181,7 +191,7 @@ def _native_takes(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             and dtype in (torch.float32, torch.bfloat16)
             and all(g.dtype == dtype for g in grads)
             and all(m.dtype == torch.float32 for m in exp_avgs)
-            and _cpu_adamw8bit.available())  # fmt: skip
+            and _cpu_optim.available())  # fmt: skip
 
 
 def adamw(
@@ -204,9 +214,10 @@ def adamw(
     lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
     if not params:
         return kernel
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                 maximize=maximize)
-    impls = {"reference": lambda ls: adamw_reference(*ls, **hyper)}
+    hyper: dict[str, Any] = dict(
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        maximize=maximize)
+    impls: dict[str, _Impl] = {"reference": lambda ls: adamw_reference(*ls, **hyper)}
     if HAS_TRITON and exp_avgs[0].dtype == torch.float32:  # the kernel's state is fp32
         impls["triton"] = partial(_adamw_triton, chunk=chunk, **hyper)
     if (params[0].dtype in (torch.float32, torch.float64)

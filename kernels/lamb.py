@@ -18,13 +18,22 @@ less than saving it (12 vs 16 of extra traffic) and leaves the gradients untouch
 Every path computes all norms before any param moves, so sharded (DTensor) params can
 sum their shards' norms in one collective per step (``kernels._dtensor``), the same
 collectives whichever path a rank chose.
+
+Paths (``kernel=``), and the machines that need them:
+  "triton":    CUDA GPUs (fp32/bf16/fp16 params, fp32 state).
+  "native":    CPUs with a C compiler (``kernels._cpu_optim``; fp32/bf16 params).
+  "foreach":   CPUs without a C compiler, and fp64 params anywhere (torch has no LAMB).
+  "reference": the spec, and fp16 params on the CPU.
+A NaN in a tensor's grad makes its whole update NaN through the trust ratio (Note:
+[non-finite gradients]).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -41,6 +50,8 @@ from ._triton_util import (
     tl_dtype,
     tuning_configs,
 )
+
+_Impl = Callable[[Sequence[Any]], None]  # one path: a step on the tensor lists
 
 __all__ = ["lamb", "lamb_reference"]
 
@@ -120,10 +131,11 @@ if HAS_TRITON:
 
 
 def _trust_ratio(p_norm: torch.Tensor, u_norm: torch.Tensor, adapt: torch.Tensor) -> torch.Tensor:
-    """||p|| / ||u|| where adapted and both norms are positive, else 1 (a zero-initialised or
-    converged tensor must still move)."""
-    ok = adapt & (p_norm > 0) & (u_norm > 0)
-    return torch.where(ok, p_norm / torch.where(ok, u_norm, 1.0), torch.ones_like(p_norm))
+    """||p|| / ||u|| where adapted and neither norm is 0, else 1 (a zero-initialised or
+    converged tensor must still move). A NaN norm gives a NaN ratio (Note: [non-finite
+    gradients]): the test is ``== 0``, which NaN fails, not ``> 0``, which it would pass."""
+    one = ~adapt | (p_norm == 0) | (u_norm == 0)
+    return torch.where(one, torch.ones_like(p_norm), p_norm / torch.where(one, 1.0, u_norm))
 
 
 def lamb_reference(
@@ -272,10 +284,11 @@ def lamb(
     if not params:
         return kernel
 
-    def impls(reduce: NormSqReducer | None) -> dict:
-        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                     bias_correction=bias_correction, reduce=reduce)
-        out = {"reference": lambda ls: lamb_reference(*ls, **hyper)}
+    def impls(reduce: NormSqReducer | None) -> dict[str, _Impl]:
+        hyper: dict[str, Any] = dict(
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            bias_correction=bias_correction, reduce=reduce)
+        out: dict[str, _Impl] = {"reference": lambda ls: lamb_reference(*ls, **hyper)}
         if HAS_TRITON and exp_avgs[0].dtype == torch.float32:
             out["triton"] = partial(_lamb_triton, chunk=chunk, **hyper)
         if (params[0].dtype in (torch.float32, torch.float64)

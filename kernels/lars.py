@@ -14,12 +14,21 @@ This is the trust-ratio-inside-momentum form used by MLPerf ResNet-50 and NVIDIA
 
 Every path computes all norms before any param moves, so sharded (DTensor) params can
 sum their shards' norms in one collective per step (``kernels._dtensor``).
+
+Paths (``kernel=``), and the machines that need them:
+  "triton":    CUDA GPUs (fp32/bf16/fp16 params, fp32 buffers).
+  "native":    CPUs with a C compiler (``kernels._cpu_optim``; fp32/bf16 params).
+  "foreach":   CPUs without a C compiler, and fp64 params anywhere (torch has no LARS).
+  "reference": the spec, and fp16 params on the CPU.
+A NaN in a tensor's grad makes its whole update NaN through the trust ratio (Note:
+[non-finite gradients]).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -36,6 +45,8 @@ from ._triton_util import (
     tl_dtype,
     tuning_configs,
 )
+
+_Impl = Callable[[Sequence[Any]], None]  # one path: a step on the tensor lists
 
 __all__ = ["lars", "lars_reference"]
 
@@ -117,12 +128,15 @@ if HAS_TRITON:
 
 def _trust_ratio(
     p_norm: torch.Tensor, g_norm: torch.Tensor, adapt: torch.Tensor, *, eta: float,
-    weight_decay: float, eps: float,
+    weight_decay: float | torch.Tensor, eps: float,
 ) -> torch.Tensor:
-    """eta * ||p|| / (||g|| + wd * ||p|| + eps) where adapted and both norms > 0, else 1."""
-    ok = adapt & (p_norm > 0) & (g_norm > 0)
+    """eta * ||p|| / (||g|| + wd * ||p|| + eps) where adapted and neither norm is 0, else 1.
+
+    A NaN norm gives a NaN ratio (Note: [non-finite gradients]): the test is ``== 0``.
+    """
+    one = ~adapt | (p_norm == 0) | (g_norm == 0)
     ratio = eta * p_norm / (g_norm + weight_decay * p_norm + eps)
-    return torch.where(ok, ratio, torch.ones_like(p_norm))
+    return torch.where(one, torch.ones_like(p_norm), ratio)
 
 
 def lars_reference(
@@ -201,7 +215,8 @@ def _lars_foreach(
     p_norm, g_norm = whole_norms(norms, range(len(params)), reduce).unbind(1)
     trust = _trust_ratio(p_norm, g_norm, torch.tensor(adapt, device=p_norm.device), eta=eta,
                          weight_decay=torch.tensor(wd, device=p_norm.device), eps=eps)
-    d = torch._foreach_add(grads, torch._foreach_mul(params, wd))
+    d: tuple[torch.Tensor, ...] | list[torch.Tensor] = torch._foreach_add(
+        grads, torch._foreach_mul(params, wd))
     torch._foreach_mul_(d, trust.tolist())
     if momentum != 0:
         if first_step:
@@ -248,11 +263,12 @@ def lars(
     if not params:
         return kernel
 
-    def impls(reduce: NormSqReducer | None) -> dict:
-        hyper = dict(first_step=first_step, lr=lr, momentum=momentum, dampening=dampening,
-                     weight_decay=weight_decay, nesterov=nesterov, eta=eta, eps=eps,
-                     reduce=reduce)
-        out = {"reference": lambda ls: lars_reference(*ls, **hyper)}
+    def impls(reduce: NormSqReducer | None) -> dict[str, _Impl]:
+        hyper: dict[str, Any] = dict(
+            first_step=first_step, lr=lr, momentum=momentum, dampening=dampening,
+            weight_decay=weight_decay, nesterov=nesterov, eta=eta, eps=eps,
+            reduce=reduce)
+        out: dict[str, _Impl] = {"reference": lambda ls: lars_reference(*ls, **hyper)}
         if HAS_TRITON and params[0].dtype != torch.float64:
             out["triton"] = partial(_lars_triton, chunk=chunk, **hyper)
         if params[0].dtype in (torch.float32, torch.float64):

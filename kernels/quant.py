@@ -19,49 +19,48 @@ the reference, the compiled CPU path and the Triton kernel agree up to fp32 nois
 A block holding an inf or NaN (a loss-scaled fp16/bf16 step that overflowed) gets q = 0
 and scale = NaN, so it dequantizes to NaN and the overflow reaches the loss scaler, which
 skips the step; its residual is left as it was, since error feedback would otherwise
-carry the NaN into every later step.
+carry the NaN into every later step (Note: [non-finite gradients] in ``kernels/__init__.py``).
+
+Paths (``kernel=``), and the machines that need them:
+  "triton":    CUDA GPUs (one program per block).
+  "compiled":  CPUs (inductor fuses the spec into one loop, Note: [compiled quantize]).
+  "reference": the spec, and CPUs where torch.compile does not work.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Literal
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 
-from ._triton_util import on_device
+from autoscale.errors import KernelUnavailable
 
-try:  # Triton installs on Linux only; CPU-only hosts still get the torch paths.
+from . import _dispatch
+from ._triton_util import HAS_TRITON, on_device, tuning_configs
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the host
-    HAS_TRITON = False
-
 __all__ = [
-    "HAS_TRITON",
+    "KERNELS",
     "dequantize_blockwise",
     "quantize_blockwise",
     "quantize_with_feedback",
     "quantize_with_feedback_reference",
 ]
 
-Impl = Literal["auto", "triton", "compiled", "reference"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: The ``kernel=`` names the quantization ops accept; "auto" chooses.
+KERNELS: tuple[str, ...] = ("auto", "triton", "compiled", "reference")
 
 
 if HAS_TRITON:
 
     def _configs() -> list[triton.Config]:
-        # One program per quantization block; only the warp count is free. The
-        # interpreter cannot time configs, so it gets one.
-        if _interpreting():
-            return [triton.Config({}, num_warps=4)]
-        return [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8)]
+        # One program per quantization block; only the warp count is free.
+        return tuning_configs([triton.Config({}, num_warps=w) for w in (4, 1, 2, 8)])
 
     @triton.autotune(
         configs=_configs(),
@@ -189,12 +188,12 @@ def _plain_blocks(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
     s.copy_(scale.squeeze(1))
 
 
-_compiled: dict[str, object] = {}
+_compiled: dict[str, Callable[..., None] | None] = {}
 
 
-def _get_compiled(name: str):  # -> Callable | None
+def _get_compiled(name: str) -> Callable[..., None] | None:
     if name not in _compiled:
-        fn = {"feedback": _feedback_blocks, "plain": _plain_blocks}[name]
+        fn = _feedback_blocks if name == "feedback" else _plain_blocks
         try:
             _compiled[name] = torch.compile(
                 fn, fullgraph=True, options={"cpp.dynamic_threads": True}
@@ -204,22 +203,40 @@ def _get_compiled(name: str):  # -> Callable | None
     return _compiled[name]
 
 
-def _quantize_compiled(
-    grad: torch.Tensor, residual: torch.Tensor | None, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+# Every path writes (q, s), preallocated by quantize_with_feedback, given the lists
+# [grad, residual, q, s] (with feedback) or [grad, q, s] (without), one tensor each.
+Lists = Sequence[Sequence[torch.Tensor]]
+
+
+def _unpack(lists: Lists) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    if len(lists) == 4:
+        return lists[0][0], lists[1][0], lists[2][0], lists[3][0]
+    return lists[0][0], None, lists[1][0], lists[2][0]
+
+
+def _run_reference(lists: Lists, *, block_size: int) -> None:
+    grad, residual, q, s = _unpack(lists)
+    q_ref, s_ref = quantize_with_feedback_reference(grad, residual, block_size)
+    q.copy_(q_ref)
+    s.copy_(s_ref)
+
+
+def _run_compiled(lists: Lists, *, block_size: int) -> None:
+    grad, residual, q_out, s = _unpack(lists)
     n = grad.numel()
     nb = -(-n // block_size)
     full = n // block_size
+    fn = _get_compiled("feedback" if residual is not None else "plain")
+    if fn is None:
+        raise KernelUnavailable("quantize: torch.compile is unavailable; use kernel='auto'.")
     # Dynamo guards on storage offsets: a view at a new offset (a DDP bucket slice) would
     # recompile per offset, so such inputs go through a copy at offset 0.
-    g = grad.contiguous().view(-1)
+    g = grad.view(-1)
     g = g if g.storage_offset() == 0 else g.clone()
     q = torch.empty(nb * block_size, dtype=torch.int8)
-    s = torch.empty(nb, dtype=torch.float32)
     r = None
     if residual is not None:
         r = residual.view(-1) if residual.storage_offset() == 0 else residual.view(-1).clone()
-    fn = _get_compiled("feedback" if r is not None else "plain")
     if full:
         args = [g[: full * block_size].view(full, block_size)]
         if r is not None:
@@ -234,11 +251,44 @@ def _quantize_compiled(
         qt, st = quantize_with_feedback_reference(g[tail], rt, block_size)
         q[tail] = qt
         s[full:] = st
-        if r is not None:
+        if r is not None and rt is not None:
             r[tail] = rt
     if residual is not None and r is not None and r.data_ptr() != residual.data_ptr():
         residual.view(-1).copy_(r)
-    return q[:n], s
+    q_out.copy_(q[:n])
+
+
+def _run_triton(lists: Lists, *, block_size: int) -> None:
+    grad, residual, q, s = _unpack(lists)
+    if block_size & (block_size - 1):
+        raise KernelUnavailable(f"quantize: the Triton kernel needs a power-of-two block_size, "
+                                f"got {block_size}; use kernel='auto'.")
+    # Without a residual the kernel never reads r_ptr; pass grad as a placeholder.
+    r = residual if residual is not None else grad
+    with on_device(grad.device):
+        _quantize_kernel[(s.numel(),)](grad, r, q, s, grad.numel(), BLOCK_SIZE=block_size,
+                                       HAS_RESIDUAL=residual is not None)  # fmt: skip
+
+
+def _codes_agree(impl: Callable[[Lists], None], reference: Callable[[Lists], None],
+                 lists: Lists, *, block_size: int) -> bool:  # fmt: skip
+    """On clones of the first 16 blocks: codes within one level (fp32 noise at a .5 tie)
+    on < 1 % of elements; scales and residuals within fp32 rounding, NaN where the
+    reference's are."""
+    nb = min(lists[-1][0].numel(), 16)
+    k = min(lists[0][0].numel(), nb * block_size)
+    head = [[ts[0][:nb] if i == len(lists) - 1 else ts[0][:k]] for i, ts in enumerate(lists)]
+    got = [[t.clone() for t in ts] for ts in head]
+    want = [[t.clone() for t in ts] for ts in head]
+    reference(want)
+    impl(got)
+    (_, r_got, q_got, s_got), (_, r_want, q_want, s_want) = _unpack(got), _unpack(want)
+    diff = (q_got.int() - q_want.int()).abs()
+    codes_ok = diff.numel() == 0 or (
+        diff.max().item() <= 1 and (diff > 0).sum().item() <= max(0.01 * diff.numel(), 16))
+    close = partial(torch.allclose, rtol=1e-5, atol=1e-6, equal_nan=True)
+    return codes_ok and close(s_got, s_want) and (r_got is None or r_want is None
+                                                  or close(r_got, r_want, atol=1e-5))
 
 
 def quantize_with_feedback(
@@ -246,53 +296,51 @@ def quantize_with_feedback(
     residual: torch.Tensor | None,
     block_size: int = 256,
     *,
-    impl: Impl = "auto",
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatcher for :func:`quantize_with_feedback_reference` (same contract).
 
-    CUDA: the Triton kernel, one program per block. CPU: the compiled one-pass path
-    (Note: [compiled quantize]), or the reference if torch.compile is unavailable.
+    ``kernel``: one of :data:`KERNELS` (paths in the module docstring). "auto": Triton on
+    CUDA, else the fastest path that agrees with the reference, measured once per process
+    (``kernels._dispatch``). Raises ValueError for bad arguments, KernelUnavailable when a
+    forced path cannot run here.
     """
     _check(grad, residual, block_size)
-    if impl == "auto":
-        if grad.is_cuda and HAS_TRITON:
-            impl = "triton"
-        elif grad.device.type == "cpu" and _get_compiled("feedback") is not None:
-            impl = "compiled"
-        else:
-            impl = "reference"
-    if impl == "reference":
-        return quantize_with_feedback_reference(grad, residual, block_size)
-    if impl == "compiled":
-        if grad.device.type != "cpu":
-            raise ValueError(f"impl='compiled' is the CPU path; got a {grad.device} tensor.")
-        return _quantize_compiled(grad, residual, block_size)
-    if impl != "triton":
-        raise ValueError(f"impl must be 'auto', 'triton', 'compiled' or 'reference', got {impl!r}.")
-    if not HAS_TRITON:
-        raise RuntimeError("impl='triton' needs the triton package; use impl='auto'.")
-    if not (grad.is_cuda or _interpreting()):
-        raise ValueError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 on CPU.")
-    if block_size & (block_size - 1):
-        raise ValueError(f"the Triton kernel needs a power-of-two block_size, got {block_size}.")
+    if kernel not in KERNELS:
+        raise ValueError(f"quantize: kernel={kernel!r} is not one of {KERNELS}.")
     n = grad.numel()
-    nb = -(-n // block_size)
     q = torch.empty(n, dtype=torch.int8, device=grad.device)
-    s = torch.empty(nb, dtype=torch.float32, device=grad.device)
-    g = grad.contiguous()
-    # Without a residual the kernel never reads r_ptr; pass grad as a placeholder.
-    r = residual if residual is not None else g
-    with on_device(g.device):
-        _quantize_kernel[(nb,)](g, r, q, s, n, BLOCK_SIZE=block_size,
-                                HAS_RESIDUAL=residual is not None)
+    s = torch.empty(-(-n // block_size), dtype=torch.float32, device=grad.device)
+    if n == 0:
+        return q, s
+    bind: dict[str, Any] = dict(block_size=block_size)
+    impls: dict[str, Callable[[Lists], None]] = {"reference": partial(_run_reference, **bind)}
+    why: dict[str, str] = {}
+    if HAS_TRITON:
+        impls["triton"] = partial(_run_triton, **bind)
+    else:
+        why["triton"] = "kernel='triton' needs the triton package"
+    if grad.device.type != "cpu":
+        why["compiled"] = f"a CPU path; got {grad.device.type} tensors"
+    elif _get_compiled("feedback" if residual is not None else "plain") is None:
+        why["compiled"] = "torch.compile is unavailable"
+    else:
+        impls["compiled"] = partial(_run_compiled, **bind)
+    flat = grad.reshape(-1)
+    if residual is None:
+        op, lists = "quantize", [[flat], [q], [s]]
+    else:
+        op, lists = "quantize_with_feedback", [[flat], [residual.view(-1)], [q], [s]]
+    _dispatch.run(op, kernel, impls, lists, agrees=partial(_codes_agree, **bind),
+                  why_not=why)
     return q, s
 
 
 def quantize_blockwise(
-    x: torch.Tensor, block_size: int = 256, *, impl: Impl = "auto"
+    x: torch.Tensor, block_size: int = 256, *, kernel: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-wise int8 quantization without feedback: (q int8 (n,), scales fp32 (nb,)).
 
     Invariant: |x - dequantize_blockwise(q, scales, block_size)| <= scales / 2 per block.
     """
-    return quantize_with_feedback(x, None, block_size, impl=impl)
+    return quantize_with_feedback(x, None, block_size, kernel=kernel)

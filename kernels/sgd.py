@@ -10,12 +10,23 @@ Maths (torch.optim.SGD), per element in fp32:
     p <- p - lr * d
 
 Momentum buffers are fp32 whatever the param dtype.
+
+Paths (``kernel=``), and the machines that need them:
+  "triton":      CUDA GPUs (fp32/bf16/fp16 params, fp32 buffers).
+  "native":      CPUs with a C compiler (``kernels._cpu_optim``; fp32/bf16 params): bf16
+                 params have no torch fused kernel with fp32 buffers.
+  "torch_fused": CPUs without a C compiler, and fp64 params on CUDA or CPU.
+  "foreach":     the same machines, where torch's foreach ops beat its fused kernel: on
+                 the 2-core VM neither wins every run (bench_optim_cpu: 11-19 ms vs 17 ms).
+  "reference":   the spec, and fp16 params on the CPU.
+Non-finite gradients propagate as in torch.optim (Note: [non-finite gradients]).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -30,6 +41,8 @@ from ._triton_util import (
     tl_dtype,
     tuning_configs,
 )
+
+_Impl = Callable[[Sequence[Any]], None]  # one path: a step on the tensor lists
 
 __all__ = ["sgd", "sgd_reference"]
 
@@ -189,10 +202,11 @@ def sgd(
     """
     if not params:
         return kernel
-    hyper = dict(first_step=first_step, lr=lr, momentum=momentum, dampening=dampening,
-                 weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+    hyper: dict[str, Any] = dict(
+        first_step=first_step, lr=lr, momentum=momentum, dampening=dampening,
+        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
     lists = (params, grads, momentum_buffers)
-    impls = {"reference": lambda ls: sgd_reference(*ls, **hyper)}
+    impls: dict[str, _Impl] = {"reference": lambda ls: sgd_reference(*ls, **hyper)}
     if HAS_TRITON and params[0].dtype != torch.float64:
         impls["triton"] = partial(_sgd_triton, chunk=chunk, **hyper)
     if params[0].dtype in (torch.float32, torch.float64):

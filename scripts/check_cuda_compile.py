@@ -169,8 +169,8 @@ def record_launches() -> list[Launch]:
                 for _ in range(2):  # the first step of SGD/LARS is a kernel of its own
                     opt.step()
         grad = torch.randn(1000)
-        quant.quantize_with_feedback(grad, torch.zeros(1000), 256, impl="triton")
-        quant.quantize_blockwise(grad, 256, impl="triton")
+        quant.quantize_with_feedback(grad, torch.zeros(1000), 256, kernel="triton")
+        quant.quantize_blockwise(grad, 256, kernel="triton")
     unique: dict[tuple, Launch] = {}
     for launch in out:
         unique.setdefault(launch.key(), launch)

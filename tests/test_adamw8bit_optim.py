@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoscale.kernels import _cpu_adamw8bit
+from autoscale.kernels import _cpu_adamw8bit, _cpu_optim
 from autoscale.kernels import adamw8bit as adamw8bit_kernels
 from autoscale.optim._adamw8bit import AdamW8bit
 
@@ -78,17 +78,17 @@ def test_small_tensors_match_torch_adamw() -> None:
     torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not _cpu_adamw8bit.available(), reason="no C compiler here")
+@pytest.mark.skipif(not _cpu_optim.available(), reason="no C compiler here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_small_tensor_c_path_matches_torch_ops(dtype, monkeypatch) -> None:
-    """The small tensors' C loop (adamw32_step) against the torch-op path it replaces on
-    the CPU (fused kernel for fp32, foreach ops for bf16 params), 20 steps."""
+    """The small tensors' C loop (adamw32_step) against the path without it
+    (``kernels.adamw.adamw`` on its torch paths), 20 steps."""
     torch.manual_seed(0)
     shapes = [(100,), (33,), (7, 9)]
     runs = {}
     for name in ("c", "torch"):
         if name == "torch":
-            monkeypatch.setattr(_cpu_adamw8bit, "available", lambda: False)
+            monkeypatch.setattr(_cpu_optim, "available", lambda: False)
         gen = torch.Generator().manual_seed(1)
         ps = [nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
         opt = AdamW8bit(ps, lr=1e-2, weight_decay=0.1)

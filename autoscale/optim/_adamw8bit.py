@@ -11,7 +11,6 @@ the most sensitive to quantization noise.
 from __future__ import annotations
 
 import itertools
-import math
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,9 +18,12 @@ from typing import Any
 
 import torch
 
-from autoscale.kernels import _cpu_adamw8bit, _dispatch
+from autoscale.kernels import _cpu_adamw8bit, _cpu_optim, _dispatch
+from autoscale.kernels._adamw8bit_layout import hyper as _hyper
 from autoscale.kernels._dtensor import is_dtensor, local
-from autoscale.kernels.adamw8bit import IMPLS, Impl, _hyper, adamw8bit_multi, state_numel
+from autoscale.kernels._native import BoundState
+from autoscale.kernels.adamw import adamw
+from autoscale.kernels.adamw8bit import KERNELS, Kernel, adamw8bit_multi, state_numel
 
 from ._base import FusedOptimizer, adam_state, host_step
 
@@ -59,7 +61,7 @@ class AdamW8bit(FusedOptimizer):
         *,
         block_size: int = 256,
         min_8bit_size: int = 4096,
-        kernel: Impl = "auto",
+        kernel: Kernel = "auto",
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}; use lr >= 0.")
@@ -86,7 +88,7 @@ class AdamW8bit(FusedOptimizer):
         self._step_packs: dict[tuple[Any, ...], tuple[list[torch.Tensor], torch.Tensor, Any]] = {}
         #: (bucket key, i, block_size) or (bucket key, "small") -> the state bound to the C
         #: kernel; see _step_bucket.
-        self._bound: dict[tuple[Any, ...], _cpu_adamw8bit.BoundState] = {}
+        self._bound: dict[tuple[Any, ...], BoundState] = {}
         #: The steady CPU step, once every bucket is bound; see _steady_step.
         self._steady: list[_SteadyGroup] | None = None
         super().__init__(params, defaults, kernel=kernel)
@@ -110,7 +112,7 @@ class AdamW8bit(FusedOptimizer):
         self._steady = self._plan_steady()
         return loss
 
-    kernels = IMPLS
+    kernels = KERNELS
 
     def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
         # Its update maths is fp32 on every path (the C and Triton kernels included), so
@@ -129,7 +131,7 @@ class AdamW8bit(FusedOptimizer):
         block = group["block_size"]
         n = state_numel(local(p).numel(), block)
         state["exp_avg_q"] = torch.zeros(n, dtype=torch.int8, device=p.device)
-        f32 = dict(dtype=torch.float32, device=p.device)
+        f32: dict[str, Any] = dict(dtype=torch.float32, device=p.device)
         state["exp_avg_scale"] = torch.zeros(n // block, **f32)
         state["exp_avg_sq_q"] = torch.zeros(n, dtype=torch.uint8, device=p.device)
         state["exp_avg_sq_scale"] = torch.zeros(n // block, **f32)
@@ -176,7 +178,7 @@ class AdamW8bit(FusedOptimizer):
             else:
                 buckets.setdefault(step, []).append((p, state))
         # Once a bucket has run on the C kernel, its state stays bound to it (see
-        # _cpu_adamw8bit.BoundState): later steps marshal only params and grads, while
+        # BoundState): later steps marshal only params and grads, while
         # the dispatcher still picks the C kernel and the state tensors are the same.
         chosen = _dispatch.cached_choice("adamw8bit", device, dtype) if kernel == "auto" else kernel
         native = device.type == "cpu" and chosen == "native"
@@ -194,13 +196,14 @@ class AdamW8bit(FusedOptimizer):
                 continue
             name = adamw8bit_multi(
                 ps, grads, *state, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
-                step=step, block_size=block, impl=kernel,
+                step=step, block_size=block, kernel=kernel,
             )  # fmt: skip
             if name == "native":  # adamw8bit_multi checked the layout
-                self._bound[(key, i, block)] = _cpu_adamw8bit.BoundState(
+                self._bound[(key, i, block)] = BoundState(
                     [p.numel() for p in ps], *state)
         if small:
-            self._step_small(key, small, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
+            self._step_small(key, small, kernel, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                             weight_decay=wd)
         return name
 
     def _plan_steady(self) -> list[_SteadyGroup] | None:
@@ -285,8 +288,10 @@ class AdamW8bit(FusedOptimizer):
                 grads = [p.grad for p in params]
                 if not all(map(operator.is_not, grads, itertools.repeat(None))):
                     return False
-                parts = [(idx, bound, _KEYS_8BIT) for idx, bound_key, bound in sg.buckets
-                         if self._bound.get(bound_key) is bound]  # fmt: skip
+                parts: list[tuple[tuple[int, ...], BoundState | None, tuple[str, ...]]] = [
+                    (idx, bound, _KEYS_8BIT) for idx, bound_key, bound in sg.buckets
+                    if self._bound.get(bound_key) is bound
+                ]  # fmt: skip
                 if len(parts) != len(sg.buckets):
                     return False
                 if sg.small:
@@ -294,7 +299,7 @@ class AdamW8bit(FusedOptimizer):
                 arrays = []
                 for idx, bound, keys in parts:
                     a = None
-                    if bound.same(*_gather([states[i] for i in idx], keys)):
+                    if bound is not None and bound.same(*_gather([states[i] for i in idx], keys)):
                         a = bound.params([params[i] for i in idx], [grads[i] for i in idx])
                     if a is None:
                         return False
@@ -311,23 +316,23 @@ class AdamW8bit(FusedOptimizer):
                 hyper = _hyper(lr, beta1, beta2, eps, wd, steps[idx[0]])
                 _cpu_adamw8bit.run_bound(bound, a, hyper, sg.block)
             if sg.small:
-                _cpu_adamw8bit.run_adamw32_bound(
+                _cpu_optim.run_adamw32_bound(
                     sg.bound_small, arrays[-1], [steps[i] for i in sg.small], lr=lr,
                     beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)  # fmt: skip
         return True
 
     def _step_small(self, key: tuple[Any, ...],
                     small: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]],
-                    **hyper: float) -> None:  # fmt: skip
+                    kernel: str, **hyper: float) -> None:  # fmt: skip
         """The fp32-moment tensors: bound to the C kernel once they have run on it."""
         moments = _gather([s for _, _, s, _ in small], _KEYS_FP32)
         bound = self._bound.get((key, "small"))
         if bound is not None and bound.same(*moments):
             ps, grads = [it[0] for it in small], [it[1] for it in small]
-            if _cpu_adamw8bit.adamw32_bound(bound, ps, grads, [it[3] for it in small], **hyper):
+            if _cpu_optim.adamw32_bound(bound, ps, grads, [it[3] for it in small], **hyper):
                 return
-        if _adamw_fp32(small, **hyper):  # all in one C call, moments checked: bind them
-            self._bound[(key, "small")] = _cpu_adamw8bit.BoundState(
+        if _adamw_fp32(small, kernel, **hyper):  # all in one C call, moments checked: bind them
+            self._bound[(key, "small")] = BoundState(
                 [it[0].numel() for it in small], *moments)
 
 
@@ -352,16 +357,17 @@ class _SteadyGroup:
     dtype: torch.dtype
     block: int
     #: the 8-bit buckets: (param indices, in group order; _bound key; its binding)
-    buckets: tuple[tuple[tuple[int, ...], tuple[Any, ...], _cpu_adamw8bit.BoundState], ...]
+    buckets: tuple[tuple[tuple[int, ...], tuple[Any, ...], BoundState], ...]
     small: tuple[int, ...]  # indices of the fp32-moment params
     counters: list[torch.Tensor]  # the step-counter views (see _advance_steps)
     buffer: torch.Tensor  # their buffer
     small_key: tuple[Any, ...]
-    bound_small: _cpu_adamw8bit.BoundState | None
+    bound_small: BoundState | None
 
 
 def _adamw_fp32(
     items: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]],
+    kernel: str,
     *,
     lr: float,
     beta1: float,
@@ -370,24 +376,23 @@ def _adamw_fp32(
     weight_decay: float,
 ) -> bool:
     """torch.optim.AdamW's maths for the small tensors with fp32 moments; True if all of
-    them went through the C kernel (``adamw32_step``).
+    them went through one call of the C loop (``_cpu_optim.adamw32_step``).
 
     On the CPU, when the C library builds, one call of ``adamw32_step`` takes them all (fp32
     or bf16 params): torch's fused kernel opens one OpenMP region per tensor, ~0.4-0.6 ms
-    for the ~100 biases and norms of a transformer right after the 8-bit kernel. Elsewhere
-    fp32 params take torch's fused AdamW kernel (one call: ~10x less than a chain of
-    foreach ops); bf16 params with fp32 moments, which it does not take, go through
-    foreach ops.
+    for the ~100 biases and norms of a transformer right after the 8-bit kernel. The rest
+    go through ``kernels.adamw.adamw``, the dispatcher of fp32-state AdamW ("auto", or
+    this optimizer's "triton"/"reference" when forced).
     """
-    if _cpu_adamw8bit.available():
-        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-        calls = 0
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    calls = 0
+    if _cpu_optim.available():
         for dtype in (torch.float32, torch.bfloat16):
             part = [it for it in items if it[0].device.type == "cpu" and it[0].dtype == dtype
                     and it[1].dtype == dtype and it[0].is_contiguous()
                     and it[1].is_contiguous()]  # fmt: skip
             if part:
-                _cpu_adamw8bit.adamw32_step(
+                _cpu_optim.adamw32_step(
                     [p for p, _, _, _ in part], [g for _, g, _, _ in part],
                     [s["exp_avg"] for _, _, s, _ in part], [s["exp_avg_sq"] for _, _, s, _ in part],
                     [t for _, _, _, t in part], **hyper,
@@ -395,36 +400,15 @@ def _adamw_fp32(
                 calls += 1
                 done = {id(it[0]) for it in part}
                 items = [it for it in items if id(it[0]) not in done]
-        if not items:
-            return calls == 1
-    fused = [it for it in items if it[0].dtype == torch.float32 and it[1].dtype == torch.float32]
-    if fused:
-        torch._fused_adamw_(
-            [p for p, _, _, _ in fused], [g for _, g, _, _ in fused],
-            [s["exp_avg"] for _, _, s, _ in fused], [s["exp_avg_sq"] for _, _, s, _ in fused],
-            [], [s["step"] for _, _, s, _ in fused], lr=lr, beta1=beta1, beta2=beta2,
-            weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
-        )  # fmt: skip
-        items = [it for it in items if not (it[0].dtype == torch.float32
-                                             and it[1].dtype == torch.float32)]  # fmt: skip
-        if not items:
-            return False
-    params = [p for p, _, _, _ in items]
-    p32 = [p if p.dtype == torch.float32 else p.float() for p in params]
-    g32 = [g.float() for _, g, _, _ in items]
-    exp_avgs = [s["exp_avg"] for _, _, s, _ in items]
-    exp_avg_sqs = [s["exp_avg_sq"] for _, _, s, _ in items]
-    steps = [t for _, _, _, t in items]
-    torch._foreach_mul_(p32, 1.0 - lr * weight_decay)
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, g32, alpha=1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, g32, g32, value=1.0 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_mul_(denom, [1.0 / math.sqrt(1.0 - beta2**t) for t in steps])
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(p32, exp_avgs, denom, [-lr / (1.0 - beta1**t) for t in steps])
-    for p, q in zip(params, p32, strict=True):
-        if q is not p:
-            p.copy_(q)
-    return False
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault((it[0].device, it[0].dtype), []).append(i)
+    small_kernel = kernel if kernel in ("triton", "reference") else "auto"
+    for idx in groups.values():
+        part = [items[i] for i in idx]
+        # adamw() advances step tensors itself; the counts here are already advanced.
+        adamw([p for p, _, _, _ in part], [g for _, g, _, _ in part],
+              [s["exp_avg"] for _, _, s, _ in part], [s["exp_avg_sq"] for _, _, s, _ in part],
+              [torch.tensor(t - 1.0) for _, _, _, t in part], **hyper,
+              kernel=small_kernel)  # fmt: skip
+    return calls == 1 and not items

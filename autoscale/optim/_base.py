@@ -173,7 +173,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _check_param(self, p: torch.Tensor) -> None:
         """Raise ValueError for a param the kernels cannot step (sparse grad, complex)."""
-        if p.grad.is_sparse:
+        if p.grad is not None and p.grad.is_sparse:
             raise ValueError(f"{type(self).__name__} does not support sparse gradients; "
                              "use torch.optim.SparseAdam or dense gradients.")
         if p.is_complex():

@@ -7,7 +7,7 @@ import torch
 from _optim_lists import CHUNK, SHAPE_SETS, clone_all, randn_list, zeros_list
 
 from autoscale.errors import KernelUnavailable
-from autoscale.kernels import _cpu_adamw8bit, _dispatch, _triton_util
+from autoscale.kernels import _cpu_optim, _dispatch, _triton_util
 from autoscale.kernels.adamw import adamw, adamw_reference
 
 HYPERS = [
@@ -86,15 +86,15 @@ NATIVE_HYPERS = [HYPERS[0], {**HYPERS[1], "maximize": False}]
 @pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_native_matches_reference(dtype, shapes, hyper: dict) -> None:
-    if not _cpu_adamw8bit.available():
-        pytest.skip(f"the C kernel did not build: {_cpu_adamw8bit.load_error()}")
+    if not _cpu_optim.available():
+        pytest.skip(f"the C kernel did not build: {_cpu_optim.load_error()}")
     got = _state(shapes, dtype)
     want = clone_all(got)
     for _ in range(3):
         grads = randn_list(shapes, dtype)
         assert adamw(got[0], grads, *got[1:], **hyper, kernel="native") == "native"
         adamw_reference(want[0], grads, *want[1:], **hyper)
-    # Another fp32 op order (see _cpu_adamw8bit): a few fp32 ulps on the state; for bf16
+    # Another fp32 op order (see _cpu_optim): a few fp32 ulps on the state; for bf16
     # params a rounding to bf16 may flip by one ulp (2^-8 relative) and carry on.
     p_tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-6)
     torch.testing.assert_close(got[0], want[0], **p_tol)
@@ -108,8 +108,8 @@ def test_native_matches_reference(dtype, shapes, hyper: dict) -> None:
 def test_native_splits_large_tensors_across_threads(dtype) -> None:
     # Chunks of 16384 elements over all tensors (the C loop's ADAMW32_CHUNK): tensors
     # spanning several chunks, exactly one, one more than one, and empty ones between.
-    if not _cpu_adamw8bit.available():
-        pytest.skip(f"the C kernel did not build: {_cpu_adamw8bit.load_error()}")
+    if not _cpu_optim.available():
+        pytest.skip(f"the C kernel did not build: {_cpu_optim.load_error()}")
     shapes = [(70000,), (0,), (5,), (16384,), (3, 16385), (0, 4)]
     got = _state(shapes, dtype)
     want = clone_all(got)

@@ -37,7 +37,7 @@ def _assert_codes_close(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert (diff > 0).sum().item() <= max(0.01 * diff.numel(), 16)
 
 
-def _check_against_reference(impl: str, n: int, dtype: torch.dtype, block: int, hyper: dict,
+def _check_against_reference(kernel: str, n: int, dtype: torch.dtype, block: int, hyper: dict,
                              steps: int = 3) -> None:  # fmt: skip
     """Run ``steps`` steps; each from the reference's state, so errors cannot compound."""
     gen = torch.Generator().manual_seed(0)
@@ -47,14 +47,14 @@ def _check_against_reference(impl: str, n: int, dtype: torch.dtype, block: int, 
     for step, g in enumerate(grads, start=1):
         p_out, st_out = p.clone(), [t.clone() for t in st]
         p0 = p.clone()
-        k.adamw8bit(p_out, g, *st_out, step=step, block_size=block, impl=impl, **hyper)
+        k.adamw8bit(p_out, g, *st_out, step=step, block_size=block, kernel=kernel, **hyper)
         k.adamw8bit_reference(p, g, *st, step=step, block_size=block, **hyper)
         if dtype == torch.bfloat16:
             # One bf16 ulp (2**-7 relative): the Triton interpreter casts fp32 -> bf16 by
             # truncation, torch rounds to nearest even. The native path rounds like torch
             # but from an update exact to ~2^-13, which can cross a rounding boundary and
             # land one ulp of the neighbouring value away: two ulps.
-            if impl == "native":
+            if kernel == "native":
                 # plus the update's own 3e-4 (below) where p lands near 0, where two
                 # ulps of p are smaller than the estimates' error in a large update
                 err = (p_out.float() - p.float()).abs()
@@ -62,7 +62,7 @@ def _check_against_reference(impl: str, n: int, dtype: torch.dtype, block: int, 
                 assert bool((err <= tol).all()), f"max excess {(err - tol).max().item()}"
             else:
                 torch.testing.assert_close(p_out, p, rtol=2**-7, atol=0.0)
-        elif impl == "native":
+        elif kernel == "native":
             # 14-bit reciprocal (sqrt) estimates (kernels._cpu_adamw8bit): the update is
             # exact to ~2^-13 of itself; 3e-4 leaves room, a wrong term would be ~100 %.
             torch.testing.assert_close(p_out - p0, p - p0, rtol=3e-4, atol=1e-6)
@@ -124,7 +124,7 @@ def test_native_code_flips_are_rare() -> None:
     for step in range(1, 5):
         g = torch.randn(n, generator=gen) * 0.1
         st_out = [t.clone() for t in st]
-        k.adamw8bit(p.clone(), g, *st_out, step=step, block_size=block, impl="native",
+        k.adamw8bit(p.clone(), g, *st_out, step=step, block_size=block, kernel="native",
                     **HYPER[0])  # fmt: skip
         k.adamw8bit_reference(p, g, *st, step=step, block_size=block, **HYPER[0])
         for i in (0, 2):
@@ -160,8 +160,8 @@ def test_multi_tensor_matches_per_tensor_reference() -> None:
 
 def test_forced_unavailable_path_names_the_fix() -> None:
     p, g = torch.randn(300), torch.randn(300)
-    with pytest.raises(ValueError, match="impl must be one of"):
-        k.adamw8bit(p, g, *_state(300, 256), step=1, block_size=256, impl="cuda", **HYPER[0])
+    with pytest.raises(ValueError, match=r"kernel=.cuda. is not one of"):
+        k.adamw8bit(p, g, *_state(300, 256), step=1, block_size=256, kernel="cuda", **HYPER[0])
 
 
 def test_signed_map_error_bound() -> None:

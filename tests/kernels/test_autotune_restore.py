@@ -111,7 +111,7 @@ def test_quantize_residual_is_restored_by_restore_value(monkeypatch) -> None:
     grad = torch.randn(1000, generator=gen)
     residual = torch.randn(1000, generator=gen) * 1e-2
     want_residual = residual.clone()
-    q, s = quant.quantize_with_feedback(grad, residual, 256, impl="triton")
+    q, s = quant.quantize_with_feedback(grad, residual, 256, kernel="triton")
     want_q, want_s = quant.quantize_with_feedback_reference(grad, want_residual, 256)
     assert len(calls) == 2
     assert torch.equal(q, want_q)

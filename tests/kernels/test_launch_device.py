@@ -34,5 +34,5 @@ def test_every_launch_asks_for_its_tensors_device(interpret, monkeypatch) -> Non
     p = torch.nn.Parameter(torch.randn(300))
     p.grad = torch.randn(300)
     AdamW([p], kernel="triton").step()
-    quant.quantize_with_feedback(torch.randn(300), torch.zeros(300), impl="triton")
+    quant.quantize_with_feedback(torch.randn(300), torch.zeros(300), kernel="triton")
     assert seen == [torch.device("cpu")] * 2

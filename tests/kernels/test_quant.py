@@ -23,7 +23,7 @@ def _block_scales(scales: torch.Tensor, n: int, block: int) -> torch.Tensor:
 @pytest.mark.parametrize(("n", "block"), [(1000, 256), (4096, 256), (77, 64), (5000, 2048)])
 def test_reference_error_bound(n, block, dtype) -> None:
     x = (torch.randn(n) * torch.logspace(-3, 1, n)).to(dtype)
-    q, s = quant.quantize_blockwise(x, block, impl="reference")
+    q, s = quant.quantize_blockwise(x, block, kernel="reference")
     assert q.dtype == torch.int8 and q.shape == (n,) and s.shape == (-(-n // block),)
     err = (quant.dequantize_blockwise(q, s, block) - x.float()).abs()
     # Round to nearest: |x - q*scale| <= scale/2, plus fp32 rounding of y = x*127/absmax
@@ -32,13 +32,13 @@ def test_reference_error_bound(n, block, dtype) -> None:
     assert q.abs().max() == 127  # the block max maps to the top code
 
 
-def _check(impl: str, sizes: list[int], dtype: torch.dtype, block: int) -> None:
+def _check(kernel: str, sizes: list[int], dtype: torch.dtype, block: int) -> None:
     gen = torch.Generator().manual_seed(0)
     for n in sizes:  # several tensors of different shapes through the same path
         g = (torch.randn(n, generator=gen) * 3).to(dtype)
         r0 = torch.randn(n, generator=gen) * 0.01
         r_out, r_ref = r0.clone(), r0.clone()
-        q_out, s_out = quant.quantize_with_feedback(g, r_out, block, impl=impl)
+        q_out, s_out = quant.quantize_with_feedback(g, r_out, block, kernel=kernel)
         q_ref, s_ref = quant.quantize_with_feedback_reference(g, r_ref, block)
         # Codes: off by one level at most where x*127/absmax is within fp32 noise of a
         # .5 tie (paths order fp32 ops differently); scales: fp32 rounding only.
@@ -52,8 +52,8 @@ def _check(impl: str, sizes: list[int], dtype: torch.dtype, block: int) -> None:
         torch.testing.assert_close(recon, x, rtol=0.0, atol=1e-6 * s_ref.max().item())
         assert (r_out.abs() <= _block_scales(s_out, n, block) * (0.5 + 2e-5)).all()
         # Without feedback too.
-        q2, _ = quant.quantize_blockwise(g, block, impl=impl)
-        q2_ref, _ = quant.quantize_blockwise(g, block, impl="reference")
+        q2, _ = quant.quantize_blockwise(g, block, kernel=kernel)
+        q2_ref, _ = quant.quantize_blockwise(g, block, kernel="reference")
         assert (q2.int() - q2_ref.int()).abs().max() <= 1
 
 
@@ -70,8 +70,8 @@ def test_compiled_matches_reference(dtype) -> None:
     _check("compiled", [5 * 256 + 3, 4096, 100], dtype, 256)
 
 
-@pytest.mark.parametrize("impl", ["reference", "compiled"])
-def test_feedback_tracks_sum_of_inputs(impl) -> None:
+@pytest.mark.parametrize("kernel", ["reference", "compiled"])
+def test_feedback_tracks_sum_of_inputs(kernel) -> None:
     # EF invariant: sum(sent) = sum(grads) - residual, and |residual| <= scale/2, so the
     # running sums never drift apart however many steps. Gradients with a heavy tail
     # per block make plain rounding lose most small entries every step.
@@ -82,7 +82,7 @@ def test_feedback_tracks_sum_of_inputs(impl) -> None:
     total = torch.zeros(n, dtype=torch.float64)
     for _ in range(steps):
         g = torch.randn(n, generator=gen) * torch.rand(n, generator=gen).pow(8)
-        q, s = quant.quantize_with_feedback(g, residual, block, impl=impl)
+        q, s = quant.quantize_with_feedback(g, residual, block, kernel=kernel)
         sent += quant.dequantize_blockwise(q, s, block).double()
         total += g.double()
     drift = (total - sent).abs()
@@ -98,15 +98,15 @@ def test_bad_residual_is_refused() -> None:
 
 
 @pytest.mark.parametrize("feedback", [True, False], ids=["feedback", "plain"])
-@pytest.mark.parametrize("impl", ["reference", "compiled", "triton"])
-def test_overflowed_blocks_send_nan_and_keep_their_residual(impl, feedback, request) -> None:
+@pytest.mark.parametrize("kernel", ["reference", "compiled", "triton"])
+def test_overflowed_blocks_send_nan_and_keep_their_residual(kernel, feedback, request) -> None:
     # A loss-scaled step that overflowed: an inf in block 0, a NaN in block 2 and one in
     # the trailing partial block. The overflow must reach the loss scaler (those blocks
     # dequantize to NaN: Triton's max had dropped a NaN and sent a finite block), and
     # error feedback must not absorb it (the residual had become NaN for good).
-    if impl == "triton":
+    if kernel == "triton":
         request.getfixturevalue("interpret")
-    if impl == "compiled" and quant._get_compiled("feedback") is None:
+    if kernel == "compiled" and quant._get_compiled("feedback") is None:
         pytest.skip("torch.compile is unavailable on this host")
     block, n = 256, 4 * 256 + 100
     gen = torch.Generator().manual_seed(1)
@@ -114,7 +114,7 @@ def test_overflowed_blocks_send_nan_and_keep_their_residual(impl, feedback, requ
     grad[5], grad[600], grad[n - 3] = float("inf"), float("nan"), float("nan")
     residual = torch.randn(n, generator=gen) * 1e-2 if feedback else None
     before = residual.clone() if feedback else None
-    q, s = quant.quantize_with_feedback(grad, residual, block, impl=impl)
+    q, s = quant.quantize_with_feedback(grad, residual, block, kernel=kernel)
     sent = quant.dequantize_blockwise(q, s, block)
     bad, good = [0, 2, 4], [1, 3]
     assert torch.isnan(s[bad]).all() and torch.isfinite(s[good]).all()
