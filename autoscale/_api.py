@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
+import os
+import tempfile
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,18 +19,10 @@ from autoscale._units import format_bytes, parse_bytes
 from autoscale.capture._capture import capture
 from autoscale.cost._cost import calibrate, static_bytes
 from autoscale.errors import InfeasibleError, TunerError
-from autoscale.measure._measure import Measurement, measure
+from autoscale.measure import Measurement
 from autoscale.plan._plan import Environment, Fingerprint, Measured, OptimizerPlan, Plan
-from autoscale.runtime._batch import (
-    Batch,
-    LossFn,
-    call_model,
-    check_batch,
-    compute_loss,
-    default_loss,
-    to_device,
-)
-from autoscale.runtime._optimizers import build_optimizer, optimizer_plan
+from autoscale.runtime._batch import Batch, LossFn, check_batch
+from autoscale.runtime._optimizers import optimizer_plan
 from autoscale.runtime._result import Result, build_result
 from autoscale.search._study import (
     SearchSpace,
@@ -37,8 +32,18 @@ from autoscale.search._study import (
     run_search,
     top_feasible,
 )
+from autoscale.search._trial import measure_baseline
+from autoscale.search._workers import (
+    InProcessRunner,
+    TrialFailed,
+    TrialRunner,
+    WorkerRunner,
+    WorkloadSource,
+    pickle_workload,
+    script_workload,
+)
 
-__all__ = ["Report", "apply", "measure_baseline", "optimize"]
+__all__ = ["Report", "apply", "measure_baseline", "optimize", "optimize_script"]
 
 
 @dataclass(frozen=True)
@@ -85,26 +90,132 @@ def optimize(
     iters: int = 3,
     inplace: bool = False,
     on_trial: Callable[[TrialRecord], None] | None = None,
+    isolate: bool = True,
+    trial_timeout: float | None = None,
 ) -> Result:
     """Search for the fastest plan whose measured peak memory fits ``memory_budget``.
 
-    Captures the model, measures the untouched baseline, then runs ``trials`` Optuna
-    trials over micro-batching, precision and per-block checkpointing (and, if
-    ``allowed_optimizers`` names several, the optimizer). A trial whose peak exceeds the
-    budget is infeasible; the fastest feasible plan wins. ``precisions`` defaults to fp32
-    and bf16 (plus fp16 on CUDA, where loss-scaled fp16 pays off). ``trials=0`` takes the
-    default plan without measuring. With ``storage`` (a SQLite path or database URL) the
-    study is saved under ``study_name`` and a later call resumes it.
+    Captures the model, measures the untouched baseline, then runs Optuna trials over
+    micro-batching, precision and per-block checkpointing (and, if ``allowed_optimizers``
+    names several, the optimizer) until the study holds ``trials`` of them. A trial whose
+    peak exceeds the budget is infeasible; the fastest feasible plan wins. ``precisions``
+    defaults to fp32 and bf16 (plus fp16 on CUDA, where loss-scaled fp16 pays off).
+    ``trials=0`` takes the default plan without measuring. With ``storage`` (a SQLite path
+    or database URL) the study is saved under ``study_name``; the same call again resumes
+    it, running only the trials still missing and never a plan already measured.
+
+    With ``isolate`` (the default) every measurement runs in a worker process, with the
+    model, inputs and loss function serialized to it: a crash, a hang past
+    ``trial_timeout`` seconds (default: 10x the baseline's measurement, at least 60 s) or
+    an out-of-memory fails that trial only. ``isolate=False`` measures in this process.
 
     Invariants: the caller's model (parameters, buffers, mode) and the global RNG state
     are not changed unless ``inplace=True``, in which case the returned Result trains
     ``model`` itself. The returned plan's measured peak is <= the budget, or
     InfeasibleError is raised; nothing is returned that was not measured to fit.
     """
-    batch = check_batch(example_inputs)
-    budget = None if memory_budget is None else parse_bytes(memory_budget)
+    return _optimize(model, example_inputs, source=None, loss_fn=loss_fn,
+                     memory_budget=memory_budget, optimizer=optimizer,
+                     optimizer_kwargs=optimizer_kwargs, trials=trials, storage=storage,
+                     study_name=study_name, seed=seed, precisions=precisions,
+                     allowed_optimizers=allowed_optimizers, warmup=warmup, iters=iters,
+                     inplace=inplace, on_trial=on_trial, isolate=isolate,
+                     trial_timeout=trial_timeout)
+
+
+def optimize_script(path: str | os.PathLike[str], **options: Any) -> Result:
+    """:func:`optimize` on the workload a script's ``build()`` returns; workers re-import
+    the script instead of receiving a serialized model (``autoscale tune SCRIPT``)."""
+    from autoscale.search._workload import load_workload
+
+    work = load_workload(path)
+    options.setdefault("loss_fn", work.loss_fn)
+    source = script_workload(path) if options.get("isolate", True) else None
+    return _optimize(work.model, work.example_inputs, source=source, **options)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What optimize() derives from its arguments before measuring anything."""
+
+    batch: Batch
+    budget: int | None
+    optimizer: OptimizerPlan
+    space: SearchSpace
+    base: Plan
+    graph: Any
+    device: torch.device
+
+
+def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource | None,
+              trials: int = 20, storage: str | None = None, study_name: str | None = None,
+              seed: int = 0, warmup: int = 1, iters: int = 3, inplace: bool = False,
+              isolate: bool = True, trial_timeout: float | None = None,
+              loss_fn: LossFn | None = None,
+              on_trial: Callable[[TrialRecord], None] | None = None,
+              **knobs: Any) -> Result:  # fmt: skip
+    """optimize()'s body; ``knobs`` are _setup()'s arguments, ``source`` the workers'
+    workload (None: serialize the model when isolating)."""
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
         raise TunerError(f"trials must be an integer >= 0, got {trials!r}.")
+    if trial_timeout is not None and not trial_timeout > 0:
+        raise TunerError(f"trial_timeout must be > 0 seconds or None, got {trial_timeout!r}.")
+    setup = _setup(model, example_inputs, **knobs)
+    if trials == 0:
+        result = build_result(setup.base, model, loss_fn=loss_fn, inplace=inplace,
+                              graph=setup.graph)
+        result.report = Report(None, None, (), setup.budget, setup.graph.strategy, None)
+        return result
+    name = study_name or (f"autoscale-{setup.base.fingerprint_digest()}-"
+                          f"{setup.budget or 'nobudget'}")
+    study = open_study(storage=storage, study_name=name, seed=seed)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=_rng_devices(setup.device)))
+        runner = stack.enter_context(_runner(model, setup, source=source, loss_fn=loss_fn,
+                                             isolate=isolate, warmup=warmup, iters=iters,
+                                             folder=stack))
+        baseline, took = _timed(lambda: _baseline(runner, setup.optimizer))
+        timeout = trial_timeout or max(_MIN_TRIAL_TIMEOUT_S, _TIMEOUT_FACTOR * took)
+        calibration = calibrate(model, setup.graph, setup.base,
+                                peak_bytes=baseline.peak_memory_bytes,
+                                step_time_s=baseline.step_time_s)
+        records = run_search(study, setup.space, setup.base, model=model, graph=setup.graph,
+                             budget=setup.budget, calibration=calibration, trials=trials,
+                             measure=lambda plan: runner.measure(plan, timeout_s=timeout),
+                             on_trial=on_trial)
+        finalists = top_feasible(study, setup.budget, _FINALISTS)
+        if not finalists:
+            raise _nothing_fits(setup.budget, baseline, study,
+                                    sum(1 for r in records if not r.is_repeat))
+        plans = [Plan.from_dict(t.user_attrs["plan"]) for t in finalists]
+        baseline, confirmed = _confirm(runner, plans, setup.optimizer, timeout_s=timeout,
+                                       rounds=_CONFIRM_ROUNDS)
+    kept = {i: m for i, m in enumerate(confirmed) if m is not None}
+    if not kept:
+        raise TunerError("every finalist failed when measured again after the search; the "
+                         "machine may be short of memory. Re-run, or run with isolate=False "
+                         "to see the error.")
+    pick = max(kept, key=lambda i: kept[i].samples_per_s)
+    measured = Measured(
+        samples_per_s=kept[pick].samples_per_s, step_time_s=kept[pick].step_time_s,
+        peak_memory_bytes=finalists[pick].user_attrs["peak_memory_bytes"],
+        memory_budget_bytes=setup.budget, baseline_samples_per_s=baseline.samples_per_s,
+        baseline_peak_memory_bytes=baseline.peak_memory_bytes,
+        batch_size=setup.graph.batch_size)
+    plan = plans[pick].replace(fingerprint=setup.base.fingerprint,
+                               environment=setup.base.environment, measured=measured)
+    result = build_result(plan, model, loss_fn=loss_fn, inplace=inplace, graph=setup.graph)
+    result.report = Report(baseline, measured, tuple(records), setup.budget,
+                           setup.graph.strategy, name)
+    return result
+
+
+def _setup(model: nn.Module, example_inputs: Batch, *, memory_budget: int | str | None = None,
+           optimizer: str = "adamw", optimizer_kwargs: dict[str, Any] | None = None,
+           precisions: Sequence[str] | None = None,
+           allowed_optimizers: Sequence[str] | None = None) -> _Setup:  # fmt: skip
+    batch = check_batch(example_inputs)
+    budget = None if memory_budget is None else parse_bytes(memory_budget)
     opt_plan = optimizer_plan(optimizer, optimizer_kwargs)
     candidates = _optimizer_candidates(opt_plan, allowed_optimizers, optimizer_kwargs)
     graph = capture(model, batch)
@@ -116,61 +227,41 @@ def optimize(
     leanest = min((base.replace(optimizer=o) for o in candidates),
                   key=lambda p: static_bytes(model, p)[2])
     _check_static_fit(model, leanest, budget)
-    if trials == 0:
-        result = build_result(base, model, loss_fn=loss_fn, inplace=inplace, graph=graph)
-        result.report = Report(None, None, (), budget, graph.strategy, None)
-        return result
+    space = SearchSpace(batch_size=graph.batch_size,
+                        block_names=tuple(b.fqn for b in graph.blocks),
+                        precisions=_check_precisions(precisions, device),
+                        optimizers=candidates)
+    return _Setup(batch, budget, opt_plan, space, base, graph, device)
 
-    with torch.random.fork_rng(devices=_rng_devices(device)):
-        baseline = measure_baseline(model, batch, loss_fn=loss_fn, optimizer=opt_plan,
-                                    warmup=warmup, iters=iters)
-        calibration = calibrate(model, graph, base, peak_bytes=baseline.peak_memory_bytes,
-                                step_time_s=baseline.step_time_s)
-        space = SearchSpace(batch_size=graph.batch_size,
-                            block_names=tuple(b.fqn for b in graph.blocks),
-                            precisions=_check_precisions(precisions, device),
-                            optimizers=candidates)
-        name = study_name or f"autoscale-{base.fingerprint_digest()}-{budget or 'nobudget'}"
-        study = open_study(storage=storage, study_name=name, seed=seed)
 
-        def run(plan: Plan) -> Measurement:
-            result = build_result(plan, model, loss_fn=loss_fn, graph=graph)
-            try:
-                return measure(result, batch, warmup=warmup, iters=iters)
-            finally:
-                del result
+def _runner(model: nn.Module, setup: _Setup, *, source: WorkloadSource | None,
+            loss_fn: LossFn | None, isolate: bool, warmup: int, iters: int,
+            folder: contextlib.ExitStack) -> TrialRunner:  # fmt: skip
+    """The worker runner (script or serialized model), or in-process for isolate=False."""
+    if not isolate:
+        return InProcessRunner(model, setup.batch, loss_fn=loss_fn, graph=setup.graph,
+                               warmup=warmup, iters=iters)
+    if source is None:
+        tmp = folder.enter_context(tempfile.TemporaryDirectory(prefix="autoscale-"))
+        source = pickle_workload(model, setup.batch, loss_fn, tmp)
+    return WorkerRunner(source, device=setup.device,
+                        fingerprint=setup.base.fingerprint_digest(), warmup=warmup,
+                        iters=iters)
 
-        records = run_search(study, space, base, model=model, graph=graph, budget=budget,
-                             calibration=calibration, trials=trials, measure=run,
-                             on_trial=on_trial)
-        finalists = top_feasible(study, budget, _FINALISTS)
-        if not finalists:
-            raise _nothing_fits(budget, baseline, study, len(records))
-        # Note: [confirming the winner]
-        # The baseline was measured before the search and each trial once, minutes apart;
-        # on a shared machine those figures straddle load and memory-state changes (one
-        # plan was reported at 0.82x-1.11x of the baseline in three runs, 0.96x when the
-        # two were interleaved), so the fastest trial is not reliably the fastest plan. The
-        # fastest few feasible trials and the baseline are measured again, in turn, for a
-        # few rounds; the winner is the finalist with the best median round, and the report
-        # and the plan's ``measured`` take the median rounds. Peak memory stays the
-        # trial's: it decided feasibility, and memory does not drift with load.
-        plans = [Plan.from_dict(t.user_attrs["plan"]) for t in finalists]
-        baseline, confirmed = _confirm(plans, model, batch, loss_fn=loss_fn,
-                                       optimizer=opt_plan, graph=graph, warmup=warmup,
-                                       iters=iters, rounds=_CONFIRM_ROUNDS)
-        pick = max(range(len(plans)), key=lambda i: confirmed[i].samples_per_s)
-        best, winner, confirmed_best = finalists[pick], plans[pick], confirmed[pick]
-    measured = Measured(
-        samples_per_s=confirmed_best.samples_per_s, step_time_s=confirmed_best.step_time_s,
-        peak_memory_bytes=best.user_attrs["peak_memory_bytes"], memory_budget_bytes=budget,
-        baseline_samples_per_s=baseline.samples_per_s,
-        baseline_peak_memory_bytes=baseline.peak_memory_bytes, batch_size=graph.batch_size)
-    plan = winner.replace(
-        fingerprint=base.fingerprint, environment=base.environment, measured=measured)
-    result = build_result(plan, model, loss_fn=loss_fn, inplace=inplace, graph=graph)
-    result.report = Report(baseline, measured, tuple(records), budget, graph.strategy, name)
-    return result
+
+def _baseline(runner: TrialRunner, optimizer: OptimizerPlan, *,
+              timeout_s: float | None = None) -> Measurement:
+    try:
+        return runner.baseline(optimizer, timeout_s=timeout_s)
+    except TrialFailed as err:
+        raise TunerError(f"the untouched model could not be measured: {err.reason}. Fix the "
+                         "model or its example inputs: every plan is compared with it.") from err
+
+
+def _timed(run: Callable[[], Measurement]) -> tuple[Measurement, float]:
+    start = time.monotonic()
+    out = run()
+    return out, time.monotonic() - start
 
 
 def apply(plan: Plan, model: nn.Module, example_inputs: Batch, *,
@@ -202,24 +293,40 @@ def apply(plan: Plan, model: nn.Module, example_inputs: Batch, *,
 #: (baseline, each finalist): see Note: [confirming the winner].
 _FINALISTS = 3
 _CONFIRM_ROUNDS = 3
+#: A trial's time limit when the caller sets none: generous against the baseline, whose
+#: task includes the worker's first steps (kernel choice, allocator warm-up).
+_TIMEOUT_FACTOR = 10.0
+_MIN_TRIAL_TIMEOUT_S = 60.0
 
 
-def _confirm(plans: Sequence[Plan], model: nn.Module, batch: Batch, *,
-             loss_fn: LossFn | None, optimizer: OptimizerPlan, graph: Any, warmup: int,
-             iters: int, rounds: int) -> tuple[Measurement, list[Measurement]]:  # fmt: skip
+def _confirm(runner: TrialRunner, plans: Sequence[Plan], optimizer: OptimizerPlan, *,
+             timeout_s: float, rounds: int) -> tuple[Measurement, list[Measurement | None]]:
     """The baseline and each of ``plans``, measured in turn for ``rounds`` rounds; each
-    the round with the median throughput (the baseline's peak: the largest of its rounds)."""
+    the round with the median throughput (the baseline's peak: the largest of its rounds).
+
+    Note: [confirming the winner]
+    The baseline was measured before the search and each trial once, minutes apart; on a
+    shared machine those figures straddle load and memory-state changes (one plan was
+    reported at 0.82x-1.11x of the baseline in three runs, 0.96x when the two were
+    interleaved), so the fastest trial is not reliably the fastest plan. The fastest few
+    feasible trials and the baseline are measured again, in turn, for a few rounds; the
+    winner is the finalist with the best median round, and the report and the plan's
+    ``measured`` take the median rounds. Peak memory stays the trial's: it decided
+    feasibility, and memory does not drift with load. A finalist that fails a round
+    (it measured fine once, so this is rare) drops out.
+    """
     base_runs: list[Measurement] = []
     plan_runs: list[list[Measurement]] = [[] for _ in plans]
+    dropped: set[int] = set()
     for _ in range(rounds):
-        base_runs.append(measure_baseline(model, batch, loss_fn=loss_fn, optimizer=optimizer,
-                                          warmup=warmup, iters=iters))
-        for plan, runs in zip(plans, plan_runs, strict=True):
-            result = build_result(plan, model, loss_fn=loss_fn, graph=graph)
+        base_runs.append(_baseline(runner, optimizer, timeout_s=timeout_s))
+        for i, plan in enumerate(plans):
+            if i in dropped:
+                continue
             try:
-                runs.append(measure(result, batch, warmup=warmup, iters=iters))
-            finally:
-                del result
+                plan_runs[i].append(runner.measure(plan, timeout_s=timeout_s))
+            except TrialFailed:
+                dropped.add(i)
 
     def median_run(runs: list[Measurement]) -> Measurement:
         return sorted(runs, key=lambda m: m.samples_per_s)[(len(runs) - 1) // 2]
@@ -227,35 +334,7 @@ def _confirm(plans: Sequence[Plan], model: nn.Module, batch: Batch, *,
     base = median_run(base_runs)
     peak = max(r.peak_memory_bytes for r in base_runs)
     return (dataclasses.replace(base, peak_memory_bytes=peak),
-            [median_run(runs) for runs in plan_runs])
-
-
-def measure_baseline(model: nn.Module, batch: Batch, *, loss_fn: LossFn | None,
-                     optimizer: OptimizerPlan, warmup: int = 1, iters: int = 3
-                     ) -> Measurement:
-    """Measure the untouched model: a plain loop, whole batch, fp32, no rewrites.
-
-    The optimizer is torch.optim's where it has the kind (its defaults), else autoscale's.
-    """
-    model = copy.deepcopy(model)
-    kernel = "torch" if optimizer.kind in ("adamw", "adam", "sgd") else "auto"
-    opt = build_optimizer(OptimizerPlan(kind=optimizer.kind, kernel=kernel,
-                                        state_precision=optimizer.state_precision,
-                                        kwargs=optimizer.kwargs), model.parameters())
-    device = next(model.parameters()).device
-    loss_fn = loss_fn or default_loss
-
-    def step(b: Batch) -> float:
-        b = to_device(b, device)
-        model.train()
-        loss = compute_loss(loss_fn, call_model(model, b), b)
-        loss.backward()
-        loss = loss.detach()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return measure(step, batch, model=model, optimizer=opt, warmup=warmup, iters=iters)
+            [None if i in dropped else median_run(runs) for i, runs in enumerate(plan_runs)])
 
 
 def _optimizer_candidates(chosen: OptimizerPlan, allowed: Sequence[str] | None,
@@ -303,12 +382,16 @@ def _check_static_fit(model: nn.Module, plan: Plan, budget: int | None) -> None:
 
 
 def _nothing_fits(budget: int | None, baseline: Measurement, study: Any, n: int
-                  ) -> InfeasibleError:
+                  ) -> InfeasibleError:  # fmt: skip
+    if budget is None:
+        return InfeasibleError(
+            f"every one of the {n} trials of this run failed (the report lists each reason); "
+            "fix what they name, or run with isolate=False to debug in this process.")
     miss = closest_miss(study)
     closest = f"; the smallest measured peak was {format_bytes(miss)}" if miss else ""
     return InfeasibleError(
         f"no plan among the {n} trials of this run fits memory_budget="
-        f"{format_bytes(budget or 0)} (untouched baseline peak: "
+        f"{format_bytes(budget)} (untouched baseline peak: "
         f"{format_bytes(baseline.peak_memory_bytes)}{closest}). Raise the budget, run more "
         "trials, or lower the batch size."
     )

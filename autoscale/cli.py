@@ -65,12 +65,20 @@ def tune(
         help="Precisions the search may use (repeatable); default fp32 and bf16, plus fp16 on "
              "CUDA.")] = None,
     seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+    trial_timeout: Annotated[float | None, typer.Option(
+        help="Seconds a measured trial may take before its worker is killed and the trial "
+             "fails; default 10x the baseline's measurement, at least 60.")] = None,
+    isolate: Annotated[bool, typer.Option(
+        help="Measure each trial in a worker process (--no-isolate: in this process, for "
+             "debugging; a crash then ends the sweep).")] = True,
 ) -> None:
-    """Search for the fastest plan that fits the budget and write it to OUT."""
-    import autoscale
-    from autoscale.search._workload import load_workload
+    """Search for the fastest plan that fits the budget and write it to OUT.
 
-    work = load_workload(script)
+    Ctrl-C stops the sweep and its workers; with --storage, the same command resumes it
+    up to --trials, keeping every finished trial and measuring none twice.
+    """
+    from autoscale._api import optimize_script
+
     progress = Progress(TextColumn("[bold]tuning"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
     with progress:
@@ -81,14 +89,25 @@ def tune(
             progress.update(task, advance=0 if record.is_repeat else 1,
                             description=f"#{record.number} {_plan_summary(record.plan)}: {shown}")
 
-        result = autoscale.optimize(
-            work.model, work.example_inputs, loss_fn=work.loss_fn, memory_budget=budget,
-            trials=trials, storage=storage, study_name=study_name, seed=seed,
-            optimizer=optimizer, allowed_optimizers=allow_optimizer,
-            precisions=tuple(precision) if precision else None, on_trial=on_trial)
+        try:
+            result = optimize_script(
+                script, memory_budget=budget, trials=trials, storage=storage,
+                study_name=study_name, seed=seed, optimizer=optimizer,
+                allowed_optimizers=allow_optimizer,
+                precisions=tuple(precision) if precision else None, on_trial=on_trial,
+                isolate=isolate, trial_timeout=trial_timeout)
+        except KeyboardInterrupt:
+            progress.stop()
+            again = ("run the same command to resume it" if storage else
+                     "pass --storage study.db to make a sweep resumable")
+            console.print(f"[bold]interrupted[/]: the workers were stopped and {out} was not "
+                          f"written; {again}.", highlight=False)
+            raise typer.Exit(130) from None
     report = result.report
     if report.trials:
         console.print(_trials_table(report))
+        if failures := _failures(report):
+            console.print(failures, highlight=False, soft_wrap=True)
         console.print(_comparison_table(report))
     result.plan.save(out)
     console.print(f"plan written to [bold]{out}[/] (capture: {report.capture_strategy})")
@@ -109,8 +128,15 @@ def _trials_table(report) -> Table:
                       f"{r.samples_per_s:.1f}" if r.samples_per_s else "-",
                       format_bytes(r.peak_memory_bytes) if r.peak_memory_bytes else "-",
                       format_bytes(r.estimated_bytes), "yes" if r.feasible else "no",
-                      r.state + (f" ({r.note})" if r.note else ""))
+                      r.state)
     return table
+
+
+def _failures(report) -> str | None:
+    """Each failed trial's reason on a line of its own: the one thing to read in full."""
+    lines = [f"  #{r.number} {_plan_summary(r.plan)}: {r.note}" for r in report.trials
+             if r.state == "failed"]
+    return "failed trials:\n" + "\n".join(lines) if lines else None
 
 
 def _comparison_table(report) -> Table:
@@ -209,7 +235,7 @@ def bench(
     import statistics
 
     import autoscale
-    from autoscale._api import measure_baseline
+    from autoscale.search._trial import measure_baseline
     from autoscale.search._workload import load_workload
 
     work = load_workload(script)

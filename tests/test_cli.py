@@ -53,3 +53,82 @@ def test_script_without_build_is_refused(tmp_path) -> None:
     script.write_text("x = 1\n")
     tuned = run("tune", str(script), "--trials", "1", cwd=tmp_path)
     assert tuned.returncode == 1 and "defines no build()" in tuned.stdout
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                out.add(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.distributed
+def test_ctrl_c_stops_the_sweep_and_the_same_command_resumes_it(tmp_path) -> None:
+    import os
+    import signal
+    import time
+
+    import optuna
+
+    from autoscale.search._study import counted_trials
+
+    db = tmp_path / "study.db"
+    args = ["tune", str(EXAMPLES / "mlp.py"), "--budget", "64MiB", "--trials", "5",
+            "--storage", str(db), "--study-name", "s", "--out", str(tmp_path / "plan.json")]
+    cmd = [sys.executable, "-m", "autoscale.cli", *args]
+    # Its own process group, as a shell gives a foreground job: Ctrl-C is SIGINT to it.
+    tuner = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True,
+                             env={**os.environ, "COLUMNS": "160"})
+    workers: set[int] = set()
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            workers |= _children(tuner.pid)
+            if db.exists():
+                try:
+                    study = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
+                    if counted_trials(study) >= 2:
+                        break
+                except KeyError:  # the study is not created yet
+                    pass
+            time.sleep(0.3)
+        assert tuner.poll() is None, tuner.communicate()[0]
+        workers |= _children(tuner.pid)
+        os.killpg(tuner.pid, signal.SIGINT)
+        output, _ = tuner.communicate(timeout=60)
+    finally:
+        if tuner.poll() is None:
+            tuner.kill()
+    assert tuner.returncode == 130, output
+    assert "interrupted" in output and "resume" in output
+    assert workers and not any(_alive(pid) for pid in workers), "a worker outlived the tuner"
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
+    before = {t.number: (t.params, t.value) for t in study.trials
+              if t.state == optuna.trial.TrialState.COMPLETE}
+    assert counted_trials(study) < 5
+
+    resumed = run(*args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
+    assert counted_trials(study) == 5
+    after = {t.number: (t.params, t.value) for t in study.trials}
+    assert all(after[n] == kept for n, kept in before.items()), "a finished trial changed"
+    measured = [t.params for t in study.trials if "peak_memory_bytes" in t.user_attrs
+                and "repeat_of" not in t.user_attrs]
+    assert len(measured) == len({json.dumps(p, sort_keys=True) for p in measured}), \
+        "a plan was measured twice"

@@ -127,12 +127,20 @@ def test_inputs_that_do_not_match_the_model(gpt) -> None:
 def test_study_resumes_from_sqlite(gpt, tmp_path) -> None:
     model, batch = gpt
     db = tmp_path / "study.db"
-    autoscale.optimize(model, batch, trials=2, storage=str(db), study_name="s",
-                       precisions=FAST)
-    autoscale.optimize(model, batch, trials=2, storage=str(db), study_name="s",
-                       precisions=FAST)
+    from autoscale.search._study import counted_trials
+
+    first = autoscale.optimize(model, batch, trials=2, storage=str(db), study_name="s",
+                               precisions=FAST)
+    # The same study asked for 4: it runs the 2 missing ones, and then none at all.
+    second = autoscale.optimize(model, batch, trials=4, storage=str(db), study_name="s",
+                                precisions=FAST)
+    third = autoscale.optimize(model, batch, trials=4, storage=str(db), study_name="s",
+                               precisions=FAST)
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
-    assert len(study.trials) == 4
+    assert counted_trials(study) == 4
+    assert [len([r for r in res.report.trials if not r.is_repeat])
+            for res in (first, second, third)] == [2, 2, 0]
+    assert third.plan.measured is not None  # a resumed study still names its winner
 
 
 def test_apply_matching_and_mismatched_models(gpt, tmp_path) -> None:
@@ -235,30 +243,27 @@ def test_winner_and_baseline_are_confirmed_in_interleaved_rounds(gpt, monkeypatc
     # Note: [confirming the winner]: after the search, baseline and winner are measured in
     # turn (B, P, B, P, B, P) and the report takes the median round of each.
     from autoscale import _api
+    from autoscale.search import _trial
 
     calls: list[tuple[str, float]] = []
-    real_baseline, real_measure = _api.measure_baseline, _api.measure
-    inside_baseline = []
+    real_baseline, real_plan = _trial.measure_baseline, _trial.measure_plan
 
     def baseline(*args, **kwargs):
-        inside_baseline.append(True)  # measure_baseline measures through measure() too
-        try:
-            m = real_baseline(*args, **kwargs)
-        finally:
-            inside_baseline.pop()
+        m = real_baseline(*args, **kwargs)
         calls.append(("B", m.samples_per_s))
         return m
 
-    def measure(*args, **kwargs):
-        m = real_measure(*args, **kwargs)
-        if not inside_baseline:
-            calls.append(("P", m.samples_per_s))
+    def plan(*args, **kwargs):
+        m = real_plan(*args, **kwargs)
+        calls.append(("P", m.samples_per_s))
         return m
 
-    monkeypatch.setattr(_api, "measure_baseline", baseline)
-    monkeypatch.setattr(_api, "measure", measure)
+    monkeypatch.setattr(_trial, "measure_baseline", baseline)
+    monkeypatch.setattr(_trial, "measure_plan", plan)
     model, batch = gpt
-    result = autoscale.optimize(model, batch, trials=4, seed=0, precisions=("fp32",))
+    # In this process, so that the patched functions are the ones measuring.
+    result = autoscale.optimize(model, batch, trials=4, seed=0, precisions=("fp32",),
+                                isolate=False)
     rounds = _api._CONFIRM_ROUNDS
     # the confirmation is the last thing measured: B, then every finalist, per round (the
     # first B of all is the baseline measured before the search)

@@ -11,7 +11,6 @@ isolation of each measured trial.
 
 from __future__ import annotations
 
-import gc
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 from torch import nn
 
 from autoscale.cost._cost import Calibration, estimate_graph
@@ -142,21 +140,46 @@ def open_study(*, storage: str | None, study_name: str, seed: int) -> optuna.Stu
 
 Measure = Callable[[Plan], Any]
 
+#: user_attrs keys: the one-line reason a trial failed; set on a trial stopped by Ctrl-C.
+_ERROR, _INTERRUPTED = "error", "interrupted"
+
+
+class _FailedTrial(Exception):
+    """Raised out of the objective so that Optuna stores the trial as FAIL."""
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """Trials of ``study`` that count towards the requested total: measured, pruned by
+    the cost model or failed with a reason; not repeats, not ones Ctrl-C stopped."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if _counts(t))
+
+
+def _counts(t: optuna.trial.FrozenTrial) -> bool:
+    if "repeat_of" in t.user_attrs:
+        return False
+    if t.state == optuna.trial.TrialState.COMPLETE:
+        return True
+    return t.state == optuna.trial.TrialState.FAIL and _ERROR in t.user_attrs
+
 
 def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *, model: nn.Module,
                graph: Any, budget: int | None, calibration: Calibration, trials: int,
                measure: Measure, on_trial: Callable[[TrialRecord], None] | None = None,
                ) -> list[TrialRecord]:
-    """Run ``trials`` more trials; returns the records of this run's trials.
+    """Run trials until the study holds ``trials`` counted ones; returns this run's records.
 
-    Each trial's plan is first estimated; one the cost model is sure exceeds the budget is
-    recorded as infeasible without running. Others are measured by ``measure(plan)``; an
-    exception there (out of memory, a crash in a pass) fails that trial only.
+    A resumed study (same storage and name) runs only the missing trials, and a plan
+    already measured is never measured again. Each trial's plan is first estimated; one
+    the cost model is sure exceeds the budget is recorded as infeasible without running.
+    Others are measured by ``measure(plan)``; a TrialFailed there (crash, hang, out of
+    memory, exception, in the worker) fails that trial only, stored as FAIL with its
+    reason. KeyboardInterrupt propagates after the running trial is marked interrupted
+    (FAIL, not counted, measured again on resume).
     """
+    from autoscale.search._workers import TrialFailed
+
     records: list[TrialRecord] = []
-    if len(study.trials) == 0:
-        study.enqueue_trial(space.default_params())
-        study.enqueue_trial(space.frugal_params())
+    _enqueue_known_good(study, space)
 
     def objective(trial: optuna.Trial) -> float:
         plan = space.suggest(trial, base)
@@ -173,14 +196,14 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *, model: nn
             return 0.0
         try:
             m = measure(plan)
-        except Exception as err:  # isolation: this trial fails, the search goes on
-            _free_memory()
-            note = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
-            trial.set_user_attr("error", note)
-            trial.set_constraint(_CONSTRAINT, 1.0)
+        except TrialFailed as err:  # isolation: this trial fails, the search goes on
+            trial.set_user_attr(_ERROR, err.reason)
             _record(records, on_trial, TrialRecord(trial.number, plan, "failed", None, None,
-                                                   est, False, note))
-            return 0.0
+                                                   est, False, err.reason))
+            raise _FailedTrial(err.reason) from err
+        except BaseException:
+            trial.set_user_attr(_INTERRUPTED, True)
+            raise
         over = 0.0 if budget is None else float(m.peak_memory_bytes - budget)
         trial.set_constraint(_CONSTRAINT, over)
         trial.set_user_attr("peak_memory_bytes", int(m.peak_memory_bytes))
@@ -194,39 +217,57 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *, model: nn
         # The sampler proposed a plan already tried: reuse its figures instead of spending
         # a measurement (a small discrete space makes TPE propose repeats often).
         peak = prior.user_attrs.get("peak_memory_bytes")
-        for key in ("peak_memory_bytes", "step_time_s", "error"):
+        for key in ("peak_memory_bytes", "step_time_s", _ERROR):
             if key in prior.user_attrs:
                 trial.set_user_attr(key, prior.user_attrs[key])
         trial.set_user_attr("repeat_of", prior.number)
-        if peak is None:  # pruned or failed before: the same again
+        state = f"repeat of #{prior.number}"
+        if prior.state == optuna.trial.TrialState.FAIL:
+            reason = prior.user_attrs[_ERROR]
+            _record(records, on_trial, TrialRecord(trial.number, plan, state, None, None, est,
+                                                   False, reason))
+            raise _FailedTrial(reason)
+        if peak is None:  # pruned before: the same again
             trial.set_constraint(_CONSTRAINT, max(1.0, float(est - (budget or 0))))
             value, fits = 0.0, False
         else:
             over = 0.0 if budget is None else float(peak - budget)
             trial.set_constraint(_CONSTRAINT, over)
             value, fits = float(prior.value or 0.0), over <= 0
-        _record(records, on_trial, TrialRecord(
-            trial.number, plan, f"repeat of #{prior.number}", value or None, peak, est, fits))
+        _record(records, on_trial, TrialRecord(trial.number, plan, state, value or None, peak,
+                                               est, fits))
         return value
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # ``trials`` counts plans actually tried; repeats are free and do not count. The cap
-    # ends the run when the sampler keeps proposing tried plans (a space nearly covered).
+    # Optuna logs each FAIL trial as a warning with a traceback; the report shows the
+    # reason in one line instead.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    # Repeats are free and do not count. The cap ends the run when the sampler keeps
+    # proposing tried plans (a space nearly covered).
+    missing = trials - counted_trials(study)
     attempts = 0
-    while _new_trials(records) < trials and attempts < 3 * trials:
-        study.optimize(objective, n_trials=1, gc_after_trial=False)
+    while counted_trials(study) < trials and attempts < 3 * max(missing, 0):
+        study.optimize(objective, n_trials=1, gc_after_trial=False, catch=(_FailedTrial,))
         attempts += 1
     return records
 
 
-def _new_trials(records: list[TrialRecord]) -> int:
-    return sum(1 for r in records if not r.is_repeat)
+def _enqueue_known_good(study: optuna.Study, space: SearchSpace) -> None:
+    """Queue the default and the frugal plan unless the study already tried or queued them
+    (a resumed study whose first trial Ctrl-C stopped queues it again)."""
+    done = [t.params for t in study.get_trials(deepcopy=False) if _counts(t)]
+    waiting = [t.params for t in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.WAITING,))]
+    for params in (space.default_params(), space.frugal_params()):
+        if params not in done and params not in waiting:
+            study.enqueue_trial(params)
+            waiting.append(params)
 
 
 def _same_params(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
     """An earlier finished trial of this study with exactly ``trial``'s parameters."""
-    finished = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    return next((t for t in finished if t.params == trial.params), None)
+    finished = trial.study.get_trials(deepcopy=False)
+    return next((t for t in finished if t.number != trial.number and _counts(t)
+                 and t.params == trial.params), None)
 
 
 def _record(records: list[TrialRecord], on_trial: Callable[[TrialRecord], None] | None,
@@ -235,11 +276,6 @@ def _record(records: list[TrialRecord], on_trial: Callable[[TrialRecord], None] 
     if on_trial is not None:
         on_trial(record)
 
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def top_feasible(study: optuna.Study, budget: int | None, k: int

@@ -1,0 +1,394 @@
+"""Measured trials in worker processes: a crash, hang or out-of-memory fails one trial.
+
+Note: [isolated trials]
+A trial runs real training steps with rewritten models and native kernels, so it can
+segfault, hang, exhaust memory or raise. Each runs in a worker process that the tuner
+talks to over a socket pair, with a time limit per task: when the worker dies (a
+signal, the OS out-of-memory killer) or stays silent past the limit, the tuner kills it,
+marks that trial failed with the reason and starts a fresh worker for the next one.
+
+- The worker is a fresh interpreter (``subprocess``, not ``multiprocessing``): spawn
+  would re-run the user's ``__main__`` without an ``if __name__`` guard, and fork would
+  copy a process with live OpenMP threads. It removes the current folder from sys.path
+  before importing autoscale, so a source checkout cannot shadow the installed package.
+- The workload reaches it by re-importing the user's script (``autoscale tune SCRIPT``)
+  or by unpickling the model, inputs and loss function that the Python API saved with
+  torch.save (pickle_module=cloudpickle, which also carries classes and lambdas defined
+  in ``__main__`` or a notebook). The worker captures the model itself and checks that
+  its fingerprint equals the tuner's, so both measure the same model.
+- A worker is reused after a trial that succeeded (its process state is that of a
+  training job that ran a few steps: kernel choices cached, memory freed) and replaced
+  after any failure, whose state cannot be trusted.
+- It keeps the pristine model on the CPU and moves each trial's copy to the device, so
+  on CUDA the budget covers what the trial itself holds, as on the CPU, where the
+  tracker counts only the trial's tensors.
+- It ignores SIGINT and runs in its own session: Ctrl-C reaches the tuner, which stops
+  its worker and leaves the study as it was after the last finished trial. It also dies
+  with the tuner (PR_SET_PDEATHSIG on Linux, EOF on its socket elsewhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from autoscale.errors import TunerError
+from autoscale.measure import Measurement
+from autoscale.plan import OptimizerPlan, Plan
+from autoscale.runtime._batch import Batch, LossFn
+
+__all__ = [
+    "InProcessRunner", "TrialFailed", "TrialRunner", "WorkerRunner", "pickle_workload",
+    "script_workload",
+]  # fmt: skip
+
+# Import torch, autoscale and the user's script, and capture the model: seconds, more
+# for a big HuggingFace model on a loaded machine.
+_START_TIMEOUT_S = 600.0
+
+
+class TrialFailed(TunerError):
+    """A measured trial did not produce a measurement; ``reason`` says why, in one line."""
+
+    def __init__(self, reason: str, *, kind: str = "error") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+        """'error' (an exception), 'crash' (a signal), 'timeout', 'oom'."""
+
+
+@dataclass(frozen=True)
+class WorkloadSource:
+    """How a worker gets the model: re-import a script, or unpickle a saved file."""
+
+    kind: Literal["script", "pickle"]
+    path: str
+
+
+def script_workload(path: str | os.PathLike[str]) -> WorkloadSource:
+    """The workload script whose ``build()`` returns the model being tuned."""
+    return WorkloadSource("script", str(Path(path).resolve()))
+
+
+def pickle_workload(model: nn.Module, batch: Batch, loss_fn: LossFn | None,
+                    folder: str | os.PathLike[str]) -> WorkloadSource:
+    """Save model, batch and loss function into ``folder`` for workers to load.
+
+    Raises TunerError naming the fix when they cannot be serialized.
+    """
+    import cloudpickle
+
+    path = Path(folder) / "workload.pt"
+    try:
+        torch.save({"model": model, "batch": batch, "loss_fn": loss_fn}, path,
+                   pickle_module=cloudpickle)
+    except Exception as err:
+        path.unlink(missing_ok=True)
+        raise TunerError(
+            f"the model, example inputs or loss_fn cannot be serialized for the tuner's "
+            f"worker processes ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+            "Put the model in a workload script and run `autoscale tune SCRIPT`, or pass "
+            "isolate=False to measure trials in this process (no crash isolation)."
+        ) from err
+    return WorkloadSource("pickle", str(path))
+
+
+@dataclass(frozen=True)
+class _Task:
+    kind: Literal["baseline", "plan"]
+    plan: dict[str, Any] | None = None
+    optimizer: dict[str, Any] | None = None
+
+
+class TrialRunner:
+    """Measures the baseline and plans; a failure raises TrialFailed and nothing else."""
+
+    def baseline(self, optimizer: OptimizerPlan, *, timeout_s: float | None = None
+                 ) -> Measurement:  # fmt: skip
+        raise NotImplementedError
+
+    def measure(self, plan: Plan, *, timeout_s: float | None = None) -> Measurement:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop whatever the runner started; safe to call twice."""
+
+    def __enter__(self) -> TrialRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class InProcessRunner(TrialRunner):
+    """``isolate=False``: trials run in this process (for debugging; no time limit and
+    no protection against crashes, only against exceptions)."""
+
+    def __init__(self, model: nn.Module, batch: Batch, *, loss_fn: LossFn | None,
+                 graph: object, warmup: int, iters: int) -> None:
+        self._args = dict(model=model, batch=batch, loss_fn=loss_fn)
+        self._graph, self._warmup, self._iters = graph, warmup, iters
+
+    def baseline(self, optimizer: OptimizerPlan, *, timeout_s: float | None = None
+                 ) -> Measurement:  # fmt: skip
+        from autoscale.search._trial import measure_baseline
+
+        return self._guard(lambda: measure_baseline(
+            **self._args, optimizer=optimizer, warmup=self._warmup, iters=self._iters))
+
+    def measure(self, plan: Plan, *, timeout_s: float | None = None) -> Measurement:
+        from autoscale.search._trial import measure_plan
+
+        return self._guard(lambda: measure_plan(plan, **self._args, graph=self._graph,
+                                                warmup=self._warmup, iters=self._iters))
+
+    @staticmethod
+    def _guard(run: Callable[[], Measurement]) -> Measurement:
+        from autoscale.search._trial import free_memory
+
+        try:
+            return run()
+        except Exception as err:  # isolation from exceptions: this trial fails alone
+            free_memory()
+            raise TrialFailed(_describe(err), kind=_kind(err)) from err
+
+
+class WorkerRunner(TrialRunner):
+    """Trials in one worker process at a time, restarted after any failure."""
+
+    def __init__(self, source: WorkloadSource, *, device: torch.device, fingerprint: str,
+                 warmup: int, iters: int, start_timeout_s: float = _START_TIMEOUT_S) -> None:
+        self._init = {"source": dataclasses.asdict(source), "device": str(device),
+                      "warmup": warmup, "iters": iters, "sys_path": list(sys.path),
+                      "fingerprint": fingerprint}
+        self._start_timeout_s = start_timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+        self._log: Any = None
+        self.started = 0
+        """Workers started so far (the first, and one after each failure)."""
+
+    def baseline(self, optimizer: OptimizerPlan, *, timeout_s: float | None = None
+                 ) -> Measurement:  # fmt: skip
+        from autoscale.plan._fields import to_json_value
+
+        return self._run(_Task("baseline", optimizer=to_json_value(optimizer)), timeout_s)
+
+    def measure(self, plan: Plan, *, timeout_s: float | None = None) -> Measurement:
+        return self._run(_Task("plan", plan=plan.to_dict()), timeout_s)
+
+    def _run(self, task: _Task, timeout_s: float | None) -> Measurement:
+        if self._proc is None:
+            self._start()
+        assert self._conn is not None
+        try:
+            self._conn.send(task)
+            reply = self._receive(timeout_s, what="trial")
+        except TrialFailed:
+            self._stop()
+            raise
+        except BaseException:  # Ctrl-C while waiting: no worker may outlive the tuner
+            self._stop()
+            raise
+        status, payload = reply
+        if status == "ok":
+            return payload
+        self._stop()  # an exception leaves the worker's state untrusted
+        raise TrialFailed(payload["reason"], kind=payload["kind"])
+
+    def _start(self) -> None:
+        parent, child = socket.socketpair()
+        # Closed in _stop(), which every path out of a worker goes through.
+        self._log = tempfile.TemporaryFile(prefix="autoscale-worker-")  # noqa: SIM115
+        code = ("import sys; sys.path.pop(0); "
+                "from autoscale.search._workers import worker_main; worker_main()")
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", code, str(child.fileno())], pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+                start_new_session=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+        finally:
+            child.close()
+        self._conn = Connection(parent.detach())
+        self.started += 1
+        try:
+            self._conn.send(self._init)
+            status, payload = self._receive(self._start_timeout_s, what="start-up")
+        except BaseException:
+            self._stop()
+            raise
+        if status != "ready":
+            self._stop()
+            raise TunerError(f"the tuner's worker process could not load the workload: "
+                             f"{payload['reason']}")
+
+    def _receive(self, timeout_s: float | None, *, what: str) -> Any:
+        assert self._conn is not None and self._proc is not None
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            # Poll in slices so that a dead worker is noticed at once, not at the limit.
+            if self._conn.poll(0.2 if left is None else min(left, 0.2)):
+                try:
+                    return self._conn.recv()
+                except (EOFError, OSError):
+                    break
+            if self._proc.poll() is not None:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TrialFailed(f"timed out: no result within the {what} time limit of "
+                                  f"{timeout_s:.0f} s (the worker was killed)", kind="timeout")
+        self._proc.wait()
+        raise _death(self._proc.returncode, self._log_tail())
+
+    def _log_tail(self) -> str:
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        lines = [ln.strip() for ln in self._log.read().decode(errors="replace").splitlines()]
+        useful = [ln for ln in lines if ln and not ln.startswith(("File ", "Current thread",
+                                                                 "Thread 0x", "Extension"))]
+        return useful[0][:160] if useful else ""
+
+    def _stop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def close(self) -> None:
+        self._stop()
+
+
+def _death(code: int | None, log_tail: str) -> TrialFailed:
+    detail = f" ({log_tail})" if log_tail else ""
+    if code is not None and code < 0:
+        sig = signal.Signals(-code)
+        if sig == signal.SIGKILL:
+            return TrialFailed(f"the worker was killed by SIGKILL, most likely by the OS "
+                               f"out-of-memory killer{detail}", kind="oom")
+        return TrialFailed(f"the worker crashed: {sig.name}{detail}", kind="crash")
+    return TrialFailed(f"the worker exited with status {code}{detail}", kind="crash")
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
+
+
+def _kind(err: BaseException) -> str:
+    return "oom" if isinstance(err, torch.OutOfMemoryError | MemoryError) else "error"
+
+
+# -- the worker side ------------------------------------------------------------------
+
+def worker_main() -> None:
+    """Entry point of a worker process: load the workload, then serve tasks until EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+    conn = Connection(int(sys.argv[1]))
+    init = conn.recv()
+    for entry in init["sys_path"]:  # after autoscale's own imports: it cannot be shadowed
+        if entry and entry not in sys.path:
+            sys.path.append(entry)
+    try:
+        state = _WorkerState.load(init)
+    except Exception as err:
+        conn.send(("failed", {"reason": _describe(err)}))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            conn.send(("ok", state.run(task)))
+        except Exception as err:
+            conn.send(("error", {"reason": _describe(err), "kind": _kind(err)}))
+            return
+
+
+@dataclass
+class _WorkerState:
+    model: nn.Module
+    batch: Batch
+    loss_fn: LossFn | None
+    graph: Any
+    device: torch.device
+    warmup: int
+    iters: int
+
+    @classmethod
+    def load(cls, init: dict[str, Any]) -> _WorkerState:
+        from autoscale.capture import capture
+        from autoscale.plan import Fingerprint, Plan
+
+        source = WorkloadSource(**init["source"])
+        if source.kind == "script":
+            from autoscale.search._workload import load_workload
+
+            work = load_workload(source.path)
+            model, batch, loss_fn = work.model, work.example_inputs, work.loss_fn
+        else:
+            saved = torch.load(source.path, map_location="cpu", weights_only=False)
+            model, batch, loss_fn = saved["model"], saved["batch"], saved["loss_fn"]
+        graph = capture(model, batch)
+        digest = Plan(fingerprint=Fingerprint.of(model, graph.structure_hash())
+                      ).fingerprint_digest()
+        if digest != init["fingerprint"]:
+            raise TunerError(
+                f"the worker built a different model (fingerprint {digest}) than the tuner "
+                f"({init['fingerprint']}); build() must return the same architecture on "
+                "every call.")
+        model.to("cpu")  # the pristine copy: each trial moves its own copy to the device
+        return cls(model, batch, loss_fn, graph, torch.device(init["device"]),
+                   init["warmup"], init["iters"])
+
+    def run(self, task: _Task) -> Measurement:
+        from autoscale.plan._fields import from_json_dataclass
+        from autoscale.search._trial import measure_baseline, measure_plan
+
+        if task.kind == "baseline":
+            optimizer = from_json_dataclass(OptimizerPlan, task.optimizer, "optimizer")
+            return measure_baseline(self.model, self.batch, loss_fn=self.loss_fn,
+                                    optimizer=optimizer, warmup=self.warmup,
+                                    iters=self.iters, device=self.device)
+        return measure_plan(Plan.from_dict(task.plan), self.model, self.batch,
+                            loss_fn=self.loss_fn, graph=self.graph, warmup=self.warmup,
+                            iters=self.iters, device=self.device)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the tuner dies (even by SIGKILL)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the tuner died before prctl took effect
+            os._exit(1)
