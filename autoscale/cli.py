@@ -7,6 +7,7 @@ argument parsing or terminal rendering.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -174,8 +175,8 @@ def show(plan_path: Annotated[Path, typer.Argument(help="A plan file.")]) -> Non
     table.add_column("field", style="bold")
     table.add_column("value")
     for name, section in plan.sections.items():
-        for key, value in vars(section).items() if hasattr(section, "__dict__") else []:
-            table.add_row(f"{name}.{key}", _show_value(value))
+        for f in dataclasses.fields(section):
+            table.add_row(f"{name}.{f.name}", _show_value(getattr(section, f.name)))
     if plan.measured is not None:
         m = plan.measured
         table.add_row("measured.samples_per_s", f"{m.samples_per_s:.2f}")

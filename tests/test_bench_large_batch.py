@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -48,7 +49,8 @@ def test_quick_run_prints_the_table_and_a_verdict(bench, capsys) -> None:
     for label in ("AdamW naive", "AdamW scaled", "LAMB", "LARS"):
         assert label in text
     assert "ratio" in text and "torch " in text
-    assert "goal (" in text and "MET" in text
+    # A verdict either way: --quick trains too briefly for the goal itself to be asserted.
+    assert re.search(r"^goal \(.*\): (MET|NOT MET) ", text, re.MULTILINE), text
     assert charcnn, "the charcnn task printed nothing"
     for label in ("SGD naive", "AdamW naive", "SGD scaled", "AdamW scaled", "LAMB", "LARS"):
         assert label in charcnn

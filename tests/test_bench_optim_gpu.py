@@ -23,6 +23,7 @@ def _run(*args: str, interpret: bool) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this process has a GPU: it would run")
 def test_without_a_gpu_it_skips_and_exits_0() -> None:
     out = _run(interpret=False)
@@ -30,12 +31,14 @@ def test_without_a_gpu_it_skips_and_exits_0() -> None:
     assert "no CUDA device" in out.stdout and "skipped" in out.stdout
 
 
+@pytest.mark.distributed
 def test_smoke_without_the_interpreter_is_one_clear_error() -> None:
     out = _run("--smoke", interpret=False)
     assert out.returncode == 2
     assert "TRITON_INTERPRET=1 python bench/bench_optim_gpu.py --smoke" in out.stderr
 
 
+@pytest.mark.distributed
 def test_smoke_runs_every_row_on_the_triton_path() -> None:
     out = _run("--smoke", interpret=True)
     assert out.returncode == 0, out.stderr

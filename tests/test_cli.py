@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+#: Every test here starts other processes.
+pytestmark = pytest.mark.distributed
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -76,7 +79,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.distributed
 def test_ctrl_c_stops_the_sweep_and_the_same_command_resumes_it(tmp_path) -> None:
     import os
     import signal

@@ -41,15 +41,18 @@ def _check(out: subprocess.CompletedProcess, archs: tuple[str, ...]) -> None:
     assert "all compiled" in out.stdout
 
 
+@pytest.mark.distributed
 def test_every_kernel_compiles_for_sm90_first_config() -> None:
     _check(_python(str(SCRIPT), "--arch", "90", "--first-config"), ("sm_90",))
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_every_kernel_and_config_compiles_for_sm80_and_sm90() -> None:
     _check(_python(str(SCRIPT)), ("sm_80", "sm_90"))
 
 
+@pytest.mark.distributed
 def test_a_kernel_that_does_not_compile_is_a_failure(tmp_path: Path) -> None:
     # Indexing a tensor with an integer is not Triton: that kernel must be reported as not
     # compiled (ok False, with the error), and its sibling without the index as compiled.

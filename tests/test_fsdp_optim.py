@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+#: Every test here starts other processes.
+pytestmark = pytest.mark.distributed
+
 WORKER = Path(__file__).parent / "distributed" / "fsdp_optim_worker.py"
 CASES = [f"{n}-{k}" for n, ks in (
     ("AdamW", ("reference", "foreach", "torch_fused", "native", "triton")),

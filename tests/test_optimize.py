@@ -29,6 +29,7 @@ def gpt():
     return tiny_gpt(batch_size=8)
 
 
+@pytest.mark.distributed
 def test_short_optimize_returns_a_measured_plan_that_fits(gpt) -> None:
     model, batch = gpt
     before = params_of(model)
@@ -66,6 +67,7 @@ def test_short_optimize_returns_a_measured_plan_that_fits(gpt) -> None:
         assert torch.equal(value, before[name]), name
 
 
+@pytest.mark.distributed
 def test_tight_budget_forces_memory_saving_plan(gpt) -> None:
     model, batch = gpt
     loose = autoscale.optimize(model, batch, trials=2, seed=0, precisions=FAST)
@@ -95,6 +97,7 @@ def test_budget_below_parameters_is_refused(gpt) -> None:
         autoscale.optimize(model, batch, memory_budget="10KiB", trials=2, precisions=FAST)
 
 
+@pytest.mark.distributed
 def test_nothing_fits_is_a_clear_error(gpt) -> None:
     model, batch = gpt
     static = sum(p.numel() * 4 for p in model.parameters()) * 4
@@ -124,6 +127,7 @@ def test_inputs_that_do_not_match_the_model(gpt) -> None:
         autoscale.optimize(model, "not a batch", trials=1, precisions=FAST)
 
 
+@pytest.mark.distributed
 def test_study_resumes_from_sqlite(gpt, tmp_path) -> None:
     model, batch = gpt
     db = tmp_path / "study.db"
@@ -143,6 +147,7 @@ def test_study_resumes_from_sqlite(gpt, tmp_path) -> None:
     assert third.plan.measured is not None  # a resumed study still names its winner
 
 
+@pytest.mark.distributed
 def test_apply_matching_and_mismatched_models(gpt, tmp_path) -> None:
     model, batch = gpt
     result = autoscale.optimize(model, batch, trials=2, precisions=FAST)
@@ -181,6 +186,7 @@ class RefusesBf16(torch.nn.Module):
         return x.pow(2).mean()
 
 
+@pytest.mark.distributed
 def test_a_crashing_trial_fails_alone() -> None:
     model = RefusesBf16()
     result = autoscale.optimize(model, (torch.randn(8, 16),), trials=4, precisions=FAST)
@@ -192,6 +198,7 @@ def test_a_crashing_trial_fails_alone() -> None:
     assert result.plan.precision.mode == "fp32"
 
 
+@pytest.mark.distributed
 def test_tuner_may_choose_among_allowed_optimizers(gpt) -> None:
     model, batch = gpt
     result = autoscale.optimize(model, batch, trials=6, precisions=("fp32",),
@@ -207,6 +214,7 @@ def test_tuner_may_choose_among_allowed_optimizers(gpt) -> None:
     assert type(result.optimizer).__name__ == expected
 
 
+@pytest.mark.distributed
 def test_default_precisions_skip_fp16_on_cpu_but_honour_an_explicit_list(gpt) -> None:
     model, batch = gpt
     seen: list[str] = []
@@ -219,6 +227,7 @@ def test_default_precisions_skip_fp16_on_cpu_but_honour_an_explicit_list(gpt) ->
     assert seen == ["fp16"]
 
 
+@pytest.mark.distributed
 def test_repeated_proposals_are_reused_not_measured_and_do_not_count(gpt) -> None:
     model, batch = gpt
     records = []

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from autoscale.capture import ModelGraph
 from autoscale.passes import PIPELINE, MemoryTerms
 from autoscale.plan import Plan
 
@@ -124,7 +125,7 @@ def _largest_node_bytes(graph: object) -> int:
     return max((getattr(m, "bytes", 0) or 0 for m in nodes.values()), default=0)
 
 
-def _step_time(graph: object, plan: Plan, calibration: Calibration) -> float | None:
+def _step_time(graph: ModelGraph, plan: Plan, calibration: Calibration) -> float | None:
     if not calibration.flops_per_s:
         return None
     checkpointed = set(plan.checkpoint.blocks)
@@ -133,7 +134,7 @@ def _step_time(graph: object, plan: Plan, calibration: Calibration) -> float | N
     return flops / calibration.flops_per_s
 
 
-def calibrate(model: nn.Module, graph: object, plan: Plan, *, peak_bytes: int,
+def calibrate(model: nn.Module, graph: ModelGraph, plan: Plan, *, peak_bytes: int,
               step_time_s: float) -> Calibration:
     """Fit the activation scale and FLOP rate to one measured plan."""
     raw = estimate_graph(model, graph, plan)

@@ -91,14 +91,6 @@ def plan_section(name: str) -> Callable[[type[_T]], type[_T]]:
     return register
 
 
-# Note: [sections are not slotted]
-# STYLE.md asks for slots=True, and the registry works with it (the name lives in
-# _SECTIONS, not on the class), but `autoscale show` (autoscale/cli.py) lists a section's
-# fields with vars(section), which a slotted instance lacks: it would print no knobs.
-# Sections are frozen and hold only frozen values (checked in Plan.__post_init__), so
-# immutability does not depend on slots; the other plan dataclasses are slotted.
-
-
 def _names_mutable(hint: Any) -> bool:
     if hint in _MUTABLE or get_origin(hint) in _MUTABLE:
         return True
@@ -111,7 +103,7 @@ def _freeze_field(obj: Any, name: str, path: str) -> None:
 
 
 @plan_section("batch")
-@dataclass(frozen=True)  # Note: [sections are not slotted]
+@dataclass(frozen=True, slots=True)
 class BatchPlan:
     """How one optimizer step's batch is split into micro-batches."""
 
@@ -137,7 +129,7 @@ class BatchPlan:
 
 
 @plan_section("precision")
-@dataclass(frozen=True)  # Note: [sections are not slotted]
+@dataclass(frozen=True, slots=True)
 class PrecisionPlan:
     """Mixed precision: parameters and optimizer state stay fp32 in every mode."""
 
@@ -153,7 +145,7 @@ class PrecisionPlan:
 
 
 @plan_section("checkpoint")
-@dataclass(frozen=True)  # Note: [sections are not slotted]
+@dataclass(frozen=True, slots=True)
 class CheckpointPlan:
     """Full activation checkpointing of whole blocks (recompute in backward)."""
 
@@ -176,7 +168,7 @@ class CheckpointPlan:
 
 
 @plan_section("optimizer")
-@dataclass(frozen=True)  # Note: [sections are not slotted]
+@dataclass(frozen=True, slots=True)
 class OptimizerPlan:
     """Which optimizer runs the step, with which kernel and state precision."""
 
@@ -200,7 +192,7 @@ class OptimizerPlan:
 
 
 @plan_section("schedule")
-@dataclass(frozen=True)  # Note: [sections are not slotted]
+@dataclass(frozen=True, slots=True)
 class SchedulePlan:
     """Large-batch learning-rate rules (survey section 3): scaling and warm-up.
 

@@ -59,7 +59,7 @@ OPTIMIZER_TABLE: FrozenDict[str, tuple[str, tuple[str, ...]]] = FrozenDict({
     # torch.optim has no LAMB/LARS, and kernels/lamb.py, lars.py have no torch_fused path.
     "lamb": ("fp32", _NORM_WISE),
     "lars": ("fp32", _NORM_WISE),
-    # The 8-bit kernels' own paths (autoscale.kernels.adamw8bit.IMPLS).
+    # The 8-bit kernels' own paths (autoscale.kernels.adamw8bit.KERNELS).
     "adamw8bit": ("int8", ("auto", "triton", "native", "compiled", "reference")),
 })
 """Every valid (kind, state_precision, kernel) of an OptimizerPlan; anything else is refused.

@@ -128,6 +128,8 @@ def _build_schedule(plan: SchedulePlan, optimizer: torch.optim.Optimizer
     from autoscale.optim import scale_lr, warmup_schedule
 
     if plan.lr_scaling != "none":
+        # SchedulePlan's own check: a scaling rule comes with both batch sizes.
+        assert plan.base_batch_size is not None and plan.batch_size is not None
         for group in optimizer.param_groups:
             group["lr"] = scale_lr(group["lr"], plan.base_batch_size, plan.batch_size,
                                    rule=plan.lr_scaling)

@@ -291,7 +291,7 @@ def top_feasible(study: optuna.Study, budget: int | None, k: int
             and "peak_memory_bytes" in t.user_attrs
             and (budget is None or t.user_attrs["peak_memory_bytes"] <= budget)]
     out, seen = [], set()
-    for t in sorted(done, key=lambda t: t.value, reverse=True):
+    for t in sorted(done, key=lambda t: t.value or 0.0, reverse=True):
         key = json.dumps(t.user_attrs.get("plan"), sort_keys=True)
         if key not in seen:
             seen.add(key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import gc
+from typing import Literal
 
 import torch
 from torch import nn
@@ -52,7 +53,8 @@ def measure_baseline(model: nn.Module, batch: Batch, *, loss_fn: LossFn | None,
     model = copy.deepcopy(model)
     if device is not None:
         model.to(device)
-    kernel = "torch" if optimizer.kind in ("adamw", "adam", "sgd") else "auto"
+    kernel: Literal["torch", "auto"] = (
+        "torch" if optimizer.kind in ("adamw", "adam", "sgd") else "auto")
     opt = build_optimizer(OptimizerPlan(kind=optimizer.kind, kernel=kernel,
                                         state_precision=optimizer.state_precision,
                                         kwargs=optimizer.kwargs), model.parameters())

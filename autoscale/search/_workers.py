@@ -141,7 +141,7 @@ class InProcessRunner(TrialRunner):
 
     def __init__(self, model: nn.Module, batch: Batch, *, loss_fn: LossFn | None,
                  graph: object, warmup: int, iters: int) -> None:
-        self._args = dict(model=model, batch=batch, loss_fn=loss_fn)
+        self._model, self._batch, self._loss_fn = model, batch, loss_fn
         self._graph, self._warmup, self._iters = graph, warmup, iters
 
     def baseline(self, optimizer: OptimizerPlan, *, timeout_s: float | None = None
@@ -149,13 +149,15 @@ class InProcessRunner(TrialRunner):
         from autoscale.search._trial import measure_baseline
 
         return self._guard(lambda: measure_baseline(
-            **self._args, optimizer=optimizer, warmup=self._warmup, iters=self._iters))
+            self._model, self._batch, loss_fn=self._loss_fn, optimizer=optimizer,
+            warmup=self._warmup, iters=self._iters))
 
     def measure(self, plan: Plan, *, timeout_s: float | None = None) -> Measurement:
         from autoscale.search._trial import measure_plan
 
-        return self._guard(lambda: measure_plan(plan, **self._args, graph=self._graph,
-                                                warmup=self._warmup, iters=self._iters))
+        return self._guard(lambda: measure_plan(
+            plan, self._model, self._batch, loss_fn=self._loss_fn, graph=self._graph,
+            warmup=self._warmup, iters=self._iters))
 
     @staticmethod
     def _guard(run: Callable[[], Measurement]) -> Measurement:

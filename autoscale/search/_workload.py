@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ class Workload:
     loss_fn: LossFn | None = None
 
 
-def load_workload(path: str | Path) -> Workload:
+def load_workload(path: str | os.PathLike[str]) -> Workload:
     """Run ``path`` as a module and call its ``build()``.
 
     ``build()`` returns ``(model, example_inputs)``, ``(model, example_inputs, loss_fn)``

@@ -62,6 +62,7 @@ def test_pickle_round_trip(protocol: int) -> None:
     assert loaded.optimizer.kwargs["extra"]["nested"] == (1, 2)
 
 
+@pytest.mark.distributed
 def test_pickle_round_trip_through_another_process(tmp_path: Path) -> None:
     # The child unpickles from stdin, reports digests, and pickles the plan back, as a
     # tuner's worker does. cwd=tmp_path: the source tree must not shadow the installed

@@ -95,6 +95,7 @@ def test_each_combination_builds_and_steps_or_is_refused_at_load(kind, kernel, p
     one_step(optimizer)
 
 
+@pytest.mark.distributed
 def test_triton_combinations_step_under_the_interpreter(tmp_path: Path) -> None:
     # TRITON_INTERPRET must be set before triton is imported: a fresh process, run
     # outside the source tree so that the installed package is imported.

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import optuna
@@ -20,6 +19,9 @@ from autoscale._api import optimize_script
 from autoscale.capture import capture
 from autoscale.plan import BatchPlan, Fingerprint
 from autoscale.search._workers import TrialFailed, WorkerRunner, script_workload
+
+#: Every test here starts other processes.
+pytestmark = pytest.mark.distributed
 
 FAULTY = Path(__file__).resolve().parents[1] / "workloads" / "faulty.py"
 ADAM = OptimizerPlan(kind="adam", kernel="torch")
@@ -41,7 +43,6 @@ def worker_pids() -> list[int]:
     return found
 
 
-@pytest.mark.distributed
 def test_sweep_survives_a_segfault_a_hang_and_an_exception(tmp_path) -> None:
     # Four plans: whole batch (fine), micro-batches of 1 (raises), 2 (segfaults), 4 (hangs).
     db = tmp_path / "study.db"
@@ -78,7 +79,6 @@ def _micro(n: int | None) -> Plan:
     return Plan(sections={"batch": batch, "optimizer": ADAM})
 
 
-@pytest.mark.distributed
 def test_a_worker_is_reused_after_success_and_replaced_after_failure() -> None:
     with _runner() as runner:
         runner.baseline(ADAM, timeout_s=60)
@@ -94,18 +94,16 @@ def test_a_worker_is_reused_after_success_and_replaced_after_failure() -> None:
     assert worker_pids() == []
 
 
-@pytest.mark.distributed
 def test_a_worker_killed_by_the_os_fails_its_trial_as_out_of_memory() -> None:
     with _runner() as runner:
         runner.baseline(ADAM, timeout_s=60)
         (pid,) = worker_pids()
         # The OS out-of-memory killer sends SIGKILL; the hanging plan keeps the worker busy.
         threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
-        start = time.monotonic()
         with pytest.raises(TrialFailed, match="SIGKILL") as err:
-            runner.measure(_micro(4), timeout_s=120)
-        assert err.value.kind == "oom"
-        assert time.monotonic() - start < 60, "a dead worker is noticed, not waited out"
+            runner.measure(_micro(4), timeout_s=600)
+        # Reported as the death it was, not as the time limit running out.
+        assert err.value.kind == "oom" and "timed out" not in err.value.reason
 
 
 class SharedStats:
@@ -149,7 +147,6 @@ class LocalModel(torch.nn.Module):
         return self.fc(x).pow(2).mean()
 
 
-@pytest.mark.distributed
 def test_python_api_serializes_model_and_lambda_loss_to_the_worker() -> None:
     model = LocalModel()
     before = {k: v.clone() for k, v in model.state_dict().items()}
