@@ -87,7 +87,7 @@ def tune(
 
         def on_trial(record) -> None:
             shown = (f"{record.samples_per_s:.1f}/s" if record.samples_per_s else record.state)
-            progress.update(task, advance=0 if record.is_repeat else 1,
+            progress.update(task, completed=record.counted,
                             description=f"#{record.number} {_plan_summary(record.plan)}: {shown}")
 
         try:
@@ -109,6 +109,9 @@ def tune(
         console.print(_trials_table(report))
         if failures := _failures(report):
             console.print(failures, highlight=False, soft_wrap=True)
+    elif report.best is not None:  # a resumed study that already held every trial
+        console.print(f"the study already holds {trials} trials; none run again")
+    if report.best is not None:
         console.print(_comparison_table(report))
     result.plan.save(out)
     console.print(f"plan written to [bold]{out}[/] (capture: {report.capture_strategy})")

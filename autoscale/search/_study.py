@@ -11,6 +11,7 @@ isolation of each measured trial.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,6 +103,9 @@ class TrialRecord:
     estimated_bytes: int
     feasible: bool
     note: str = ""
+    counted: int = 0
+    """Trials of the study that count towards the requested total once this one ends
+    (earlier runs of a resumed study included): the progress bar's position."""
 
     @property
     def is_repeat(self) -> bool:
@@ -192,14 +196,14 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *, model: nn
         if budget is not None and est > budget * _PRUNE_MARGIN:
             trial.set_constraint(_CONSTRAINT, float(est - budget))
             _record(records, on_trial, TrialRecord(trial.number, plan, "pruned by cost model",
-                                                   None, None, est, False))
+                                                   None, None, est, False), trial.study)
             return 0.0
         try:
             m = measure(plan)
         except TrialFailed as err:  # isolation: this trial fails, the search goes on
             trial.set_user_attr(_ERROR, err.reason)
             _record(records, on_trial, TrialRecord(trial.number, plan, "failed", None, None,
-                                                   est, False, err.reason))
+                                                   est, False, err.reason), trial.study)
             raise _FailedTrial(err.reason) from err
         except BaseException:
             trial.set_user_attr(_INTERRUPTED, True)
@@ -209,7 +213,7 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *, model: nn
         trial.set_user_attr("peak_memory_bytes", int(m.peak_memory_bytes))
         trial.set_user_attr("step_time_s", float(m.step_time_s))
         _record(records, on_trial, TrialRecord(trial.number, plan, "measured", m.samples_per_s,
-                                               m.peak_memory_bytes, est, over <= 0))
+                                               m.peak_memory_bytes, est, over <= 0), trial.study)
         return float(m.samples_per_s)
 
     def _repeat(trial: optuna.Trial, prior: optuna.trial.FrozenTrial, plan: Plan,
@@ -225,7 +229,7 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *, model: nn
         if prior.state == optuna.trial.TrialState.FAIL:
             reason = prior.user_attrs[_ERROR]
             _record(records, on_trial, TrialRecord(trial.number, plan, state, None, None, est,
-                                                   False, reason))
+                                                   False, reason), trial.study)
             raise _FailedTrial(reason)
         if peak is None:  # pruned before: the same again
             trial.set_constraint(_CONSTRAINT, max(1.0, float(est - (budget or 0))))
@@ -235,7 +239,7 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *, model: nn
             trial.set_constraint(_CONSTRAINT, over)
             value, fits = float(prior.value or 0.0), over <= 0
         _record(records, on_trial, TrialRecord(trial.number, plan, state, value or None, peak,
-                                               est, fits))
+                                               est, fits), trial.study)
         return value
 
     # Optuna logs each FAIL trial as a warning with a traceback; the report shows the
@@ -271,7 +275,10 @@ def _same_params(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
 
 
 def _record(records: list[TrialRecord], on_trial: Callable[[TrialRecord], None] | None,
-            record: TrialRecord) -> None:
+            record: TrialRecord, study: optuna.Study) -> None:
+    # The running trial is not stored as finished yet: it counts unless it is a repeat.
+    done = counted_trials(study) + (0 if record.is_repeat else 1)
+    record = dataclasses.replace(record, counted=done)
     records.append(record)
     if on_trial is not None:
         on_trial(record)
