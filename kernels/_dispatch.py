@@ -35,8 +35,8 @@ __all__ = [
     "scratch_prefix",
 ]  # fmt: skip
 
-#: Every kernel name a caller may force; "auto" chooses. Which op offers which path, and the
-#: machine that needs it, is in each op's module docstring.
+#: Every kernel name some op has; "auto" chooses. Each op's module has its own ``KERNELS``
+#: (the names it takes) and says in its docstring which machine needs each path.
 KERNELS = ("auto", "triton", "torch_fused", "foreach", "native", "compiled", "reference")
 
 _CHOICES: dict[tuple[str, str, torch.dtype], str] = {}
@@ -201,8 +201,8 @@ def _agrees(impl: Impl, reference: Impl, lists: Lists) -> bool:
 
 
 def run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists, *,
-        probe_impls: Mapping[str, Impl] | None = None, agrees: Agrees | None = None,
-        why_not: Mapping[str, str] | None = None) -> str:
+        kernels: Sequence[str] = KERNELS, probe_impls: Mapping[str, Impl] | None = None,
+        agrees: Agrees | None = None, why_not: Mapping[str, str] | None = None) -> str:
     """Run one step of ``op`` on ``lists`` with ``kernel`` (or the chosen one); return its name.
 
     ``impls`` maps kernel names to functions of the tensor lists (hyper-parameters bound);
@@ -220,7 +220,8 @@ def run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists, *,
     wrong elements, and state kept in the param's memory order would not match the other
     paths or torch.optim after a load).
 
-    ``probe_impls``: the same paths without collectives (LAMB/LARS on sharded params),
+    ``kernels``: the names the op takes (its module's ``KERNELS``); ``impls`` holds some
+    of them. ``probe_impls``: the same paths without collectives (LAMB/LARS on sharded params),
     for the agreement check and the timing runs on samples and scratch copies, whose
     sizes differ between ranks; default ``impls``. ``agrees``: the op's agreement check
     (default: every output close to the reference's, on up to 4096 elements of each
@@ -236,8 +237,8 @@ def run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists, *,
     if any_dtensor(lists[0]):
         lists = [[local(t) for t in ts] for ts in lists]
     if all(map(_all_contiguous, lists)):
-        return _run(op, kernel, impls, lists, probe_impls or impls, agrees or _agrees,
-                    why_not or {})
+        return _run(op, kernel, kernels, impls, lists, probe_impls or impls,
+                    agrees or _agrees, why_not or {})
     strided = [
         (t, t.contiguous()) for ts in lists for t in ts
         if isinstance(t, torch.Tensor) and not t.is_contiguous()
@@ -245,7 +246,8 @@ def run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists, *,
     swap = {id(t): c for t, c in strided}
     work = [[swap.get(id(t), t) if isinstance(t, torch.Tensor) else t for t in ts]
             for ts in lists]  # fmt: skip
-    name = _run(op, kernel, impls, work, probe_impls or impls, agrees or _agrees, why_not or {})
+    name = _run(op, kernel, kernels, impls, work, probe_impls or impls, agrees or _agrees,
+                why_not or {})
     # Read-only inputs (grads) are copied back too: unchanged, and strided ones are rare.
     for t, c in strided:
         t.copy_(c)
@@ -257,12 +259,14 @@ def _all_contiguous(ts: Sequence) -> bool:
     return not ts or not isinstance(ts[0], torch.Tensor) or all(map(torch.Tensor.is_contiguous, ts))
 
 
-def _run(op: str, kernel: str, impls: Mapping[str, Impl], lists: Lists,
-         probe: Mapping[str, Impl], agrees: Agrees, why_not: Mapping[str, str]) -> str:
+def _run(op: str, kernel: str, kernels: Sequence[str], impls: Mapping[str, Impl],
+         lists: Lists, probe: Mapping[str, Impl], agrees: Agrees,
+         why_not: Mapping[str, str]) -> str:  # fmt: skip
     first = lists[0][0]
     device, dtype = first.device, first.dtype
-    if kernel not in KERNELS:
-        raise ValueError(f"{op}: kernel={kernel!r} is not one of {KERNELS}.")
+    assert set(impls) <= set(kernels), f"{op} offers paths outside its KERNELS"
+    if kernel not in kernels:
+        raise ValueError(f"{op}: kernel={kernel!r} is not one of {tuple(kernels)}.")
     if kernel != "auto" and kernel not in impls:
         why = f" ({why_not[kernel]})" if kernel in why_not else ""
         raise KernelUnavailable(

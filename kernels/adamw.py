@@ -17,12 +17,15 @@ Paths (``kernel=``), and the machines that need them:
                  fp32 state). torch's fused kernel needs state in the param dtype, so bf16
                  params had only the reference's chain of ops: ~10x slower (163 vs 15 ms
                  over 38M bf16 params on the 2-core VM).
-  "torch_fused": CPUs without a C compiler, and fp64 params on CUDA or CPU (state in the
-                 param dtype): torch's one-kernel AdamW.
-  "foreach":     what ``foreach=True`` asks for. No machine measured needs it: torch's
-                 fused kernel covers the same dtypes and was 10x faster on the 2-core VM
-                 (bench_optim_cpu: 12 vs 120 ms over 10M params); a removal candidate.
-  "reference":   the spec, and fp16 params on the CPU.
+  "torch_fused": CPUs without a C compiler, fp64 params on CUDA or CPU, fp32 params on
+                 MPS/XPU (torch's fused AdamW runs on cpu, cuda, mps, xpu, hpu for
+                 fp64/fp32/fp16/bf16, but with state in the param dtype, so autoscale
+                 offers it for fp32/fp64 only). Also what ``foreach=True`` asks for: torch's
+                 foreach AdamW takes the same dtypes and devices and was slower on every
+                 measurement (2-core VM, 4M params: fp32 5-6 vs 2 ms, fp64 13 vs 4 ms), so
+                 no machine needs it and autoscale has no foreach AdamW.
+  "reference":   the spec, and fp16/bf16 params where no C loop or Triton runs (fp16 on the
+                 CPU; fp16/bf16 on MPS/XPU).
 Non-finite gradients propagate as in torch.optim (Note: [non-finite gradients]).
 """
 
@@ -51,7 +54,10 @@ from ._triton_util import (
 
 _Impl = Callable[[Sequence[Any]], None]  # one path: a step on the tensor lists
 
-__all__ = ["adamw", "adamw_reference"]
+__all__ = ["KERNELS", "adamw", "adamw_reference"]
+
+#: The ``kernel=`` names AdamW takes ("auto" chooses); paths in the module docstring.
+KERNELS: tuple[str, ...] = ("auto", "triton", "torch_fused", "native", "reference")
 
 if HAS_TRITON:
     import triton
@@ -159,14 +165,14 @@ def adamw_reference(
             p.copy_(p32)
 
 
-def _adamw_torch(
-    lists: Sequence[Sequence[torch.Tensor]], *, fused: bool, lr: float, beta1: float,
-    beta2: float, eps: float, weight_decay: float, maximize: bool,
+def _adamw_torch_fused(
+    lists: Sequence[Sequence[torch.Tensor]], *, lr: float, beta1: float, beta2: float,
+    eps: float, weight_decay: float, maximize: bool,
 ) -> None:
     params, grads, exp_avgs, exp_avg_sqs, steps = lists
     _torch_adam(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), [], list(steps),
-        foreach=not fused, fused=fused, decoupled_weight_decay=True, amsgrad=False,
+        foreach=False, fused=True, decoupled_weight_decay=True, amsgrad=False,
         beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize,
     )
 
@@ -204,9 +210,9 @@ def adamw(
 ) -> str:
     """One AdamW step over all tensors (same device and dtype), in place; returns the kernel.
 
-    ``kernel``: "auto" (Triton on CUDA, else the fastest torch path by measurement),
-    "triton", "torch_fused", "foreach", "native" or "reference". torch's fused/foreach paths
-    need state in the param dtype, so they are offered for fp32 and fp64 params only;
+    ``kernel``: one of :data:`KERNELS`: "auto" (Triton on CUDA, else the fastest path by
+    measurement), "triton", "torch_fused", "native" or "reference". torch's fused kernel
+    needs state in the param dtype, so it is offered for fp32 and fp64 params only;
     Triton's state is fp32, so it is offered for fp32/bf16/fp16 params only; "native" (the
     C loop) for CPU fp32/bf16 params with fp32 state, without maximize.
 
@@ -223,8 +229,7 @@ def adamw(
         impls["triton"] = partial(_adamw_triton, chunk=chunk, **hyper)
     if (params[0].dtype in (torch.float32, torch.float64)
             and all(m.dtype == params[0].dtype for m in exp_avgs)):
-        impls["torch_fused"] = partial(_adamw_torch, fused=True, **hyper)
-        impls["foreach"] = partial(_adamw_torch, fused=False, **hyper)
+        impls["torch_fused"] = partial(_adamw_torch_fused, **hyper)
     if _native_takes(params, grads, exp_avgs, maximize):
         impls["native"] = partial(_adamw_native, **hyper)
-    return run("adamw", kernel, impls, lists)
+    return run("adamw", kernel, impls, lists, kernels=KERNELS)

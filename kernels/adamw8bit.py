@@ -350,7 +350,7 @@ def adamw8bit_multi(
     for (device, dtype), idx in groups.items():
         sub = [[x[i] for i in idx] for x in lists]
         impls, why_not = _paths(device, dtype, hyper, block_size)
-        ran = _dispatch.run("adamw8bit", kernel, impls, sub, why_not=why_not,
+        ran = _dispatch.run("adamw8bit", kernel, impls, sub, kernels=KERNELS, why_not=why_not,
                             agrees=partial(_agrees, block_size=block_size))  # fmt: skip
     return ran
 

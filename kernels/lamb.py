@@ -22,8 +22,10 @@ collectives whichever path a rank chose.
 Paths (``kernel=``), and the machines that need them:
   "triton":    CUDA GPUs (fp32/bf16/fp16 params, fp32 state).
   "native":    CPUs with a C compiler (``kernels._cpu_optim``; fp32/bf16 params).
-  "foreach":   CPUs without a C compiler, and fp64 params anywhere (torch has no LAMB).
-  "reference": the spec, and fp16 params on the CPU.
+  "foreach":   CPUs without a C compiler, fp64 params anywhere (neither the C loops nor
+               Triton take fp64 state), fp32 params on MPS/XPU: torch has no fused LAMB.
+  "reference": the spec, and fp16/bf16 params where no C loop or Triton runs (fp16 on the
+               CPU; fp16/bf16 on MPS/XPU).
 A NaN in a tensor's grad makes its whole update NaN through the trust ratio (Note:
 [non-finite gradients]).
 """
@@ -53,7 +55,10 @@ from ._triton_util import (
 
 _Impl = Callable[[Sequence[Any]], None]  # one path: a step on the tensor lists
 
-__all__ = ["lamb", "lamb_reference"]
+__all__ = ["KERNELS", "lamb", "lamb_reference"]
+
+#: The ``kernel=`` names LAMB takes ("auto" chooses); paths in the module docstring.
+KERNELS: tuple[str, ...] = ("auto", "triton", "foreach", "native", "reference")
 
 if HAS_TRITON:
     import triton
@@ -300,4 +305,4 @@ def lamb(
 
     reduce = norm_sq_reducer(params)
     return run("lamb", kernel, impls(reduce), (params, grads, exp_avgs, exp_avg_sqs, steps,
-               excluded), probe_impls=impls(None) if reduce else None)
+               excluded), kernels=KERNELS, probe_impls=impls(None) if reduce else None)

@@ -18,8 +18,10 @@ sum their shards' norms in one collective per step (``kernels._dtensor``).
 Paths (``kernel=``), and the machines that need them:
   "triton":    CUDA GPUs (fp32/bf16/fp16 params, fp32 buffers).
   "native":    CPUs with a C compiler (``kernels._cpu_optim``; fp32/bf16 params).
-  "foreach":   CPUs without a C compiler, and fp64 params anywhere (torch has no LARS).
-  "reference": the spec, and fp16 params on the CPU.
+  "foreach":   CPUs without a C compiler, fp64 params anywhere (neither the C loops nor
+               Triton take fp64 state), fp32 params on MPS/XPU: torch has no fused LARS.
+  "reference": the spec, and fp16/bf16 params where no C loop or Triton runs (fp16 on the
+               CPU; fp16/bf16 on MPS/XPU).
 A NaN in a tensor's grad makes its whole update NaN through the trust ratio (Note:
 [non-finite gradients]).
 """
@@ -48,7 +50,10 @@ from ._triton_util import (
 
 _Impl = Callable[[Sequence[Any]], None]  # one path: a step on the tensor lists
 
-__all__ = ["lars", "lars_reference"]
+__all__ = ["KERNELS", "lars", "lars_reference"]
+
+#: The ``kernel=`` names LARS takes ("auto" chooses); paths in the module docstring.
+KERNELS: tuple[str, ...] = ("auto", "triton", "foreach", "native", "reference")
 
 if HAS_TRITON:
     import triton
@@ -279,4 +284,4 @@ def lars(
 
     reduce = norm_sq_reducer(params)
     return run("lars", kernel, impls(reduce), (params, grads, momentum_buffers, excluded),
-               probe_impls=impls(None) if reduce else None)
+               kernels=KERNELS, probe_impls=impls(None) if reduce else None)

@@ -331,7 +331,8 @@ def quantize_with_feedback(
         op, lists = "quantize", [[flat], [q], [s]]
     else:
         op, lists = "quantize_with_feedback", [[flat], [residual.view(-1)], [q], [s]]
-    _dispatch.run(op, kernel, impls, lists, agrees=partial(_codes_agree, **bind),
+    _dispatch.run(op, kernel, impls, lists, kernels=KERNELS,
+                  agrees=partial(_codes_agree, **bind),
                   why_not=why)
     return q, s
 

@@ -15,10 +15,14 @@ Paths (``kernel=``), and the machines that need them:
   "triton":      CUDA GPUs (fp32/bf16/fp16 params, fp32 buffers).
   "native":      CPUs with a C compiler (``kernels._cpu_optim``; fp32/bf16 params): bf16
                  params have no torch fused kernel with fp32 buffers.
-  "torch_fused": CPUs without a C compiler, and fp64 params on CUDA or CPU.
-  "foreach":     the same machines, where torch's foreach ops beat its fused kernel: on
-                 the 2-core VM neither wins every run (bench_optim_cpu: 11-19 ms vs 17 ms).
-  "reference":   the spec, and fp16 params on the CPU.
+  "torch_fused": CPUs without a C compiler, fp64 params on CUDA or CPU, fp32 params on
+                 MPS/XPU (torch's fused SGD runs on the devices its fused AdamW does, with
+                 buffers in the param dtype, so autoscale offers it for fp32/fp64 only).
+                 Also what ``foreach=True`` asks for: foreach ops doing the same maths were
+                 slower on every measurement (2-core VM, 4M params: fp32 0.9-1.1 vs
+                 0.7-0.9 ms, fp64 3.5-3.8 vs 2.4-2.7 ms), so autoscale has no foreach SGD.
+  "reference":   the spec, and fp16/bf16 params where no C loop or Triton runs (fp16 on the
+                 CPU; fp16/bf16 on MPS/XPU).
 Non-finite gradients propagate as in torch.optim (Note: [non-finite gradients]).
 """
 
@@ -44,7 +48,10 @@ from ._triton_util import (
 
 _Impl = Callable[[Sequence[Any]], None]  # one path: a step on the tensor lists
 
-__all__ = ["sgd", "sgd_reference"]
+__all__ = ["KERNELS", "sgd", "sgd_reference"]
+
+#: The ``kernel=`` names SGD takes ("auto" chooses); paths in the module docstring.
+KERNELS: tuple[str, ...] = ("auto", "triton", "torch_fused", "native", "reference")
 
 if HAS_TRITON:
     import triton
@@ -144,26 +151,6 @@ def _sgd_triton(
     )
 
 
-def _sgd_foreach(
-    lists: Sequence[Sequence[torch.Tensor]], *, first_step: bool, lr: float, momentum: float,
-    dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
-) -> None:
-    params, grads, bufs = (list(ts) for ts in lists)
-    # torch's foreach SGD allocates buffers itself on the first step; ours are preallocated
-    # (all state exists from the first step, so its size can be counted), hence our own.
-    d = torch._foreach_neg(grads) if maximize else grads
-    if weight_decay != 0:
-        d = torch._foreach_add(d, params, alpha=weight_decay)
-    if momentum != 0:
-        if first_step:
-            torch._foreach_copy_(bufs, d)
-        else:
-            torch._foreach_mul_(bufs, momentum)
-            torch._foreach_add_(bufs, d, alpha=1.0 - dampening)
-        d = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else bufs
-    torch._foreach_add_(params, d, alpha=-lr)
-
-
 def _sgd_fused(
     lists: Sequence[Sequence[torch.Tensor]], *, first_step: bool, lr: float, momentum: float,
     dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
@@ -195,8 +182,8 @@ def sgd(
 ) -> str:
     """One SGD step over all tensors (same device and dtype), in place; returns the kernel.
 
-    ``kernel`` as in :func:`autoscale.kernels.adamw.adamw`. torch's fused and foreach paths
-    need buffers in the param dtype, so they are offered for fp32 and fp64 params only;
+    ``kernel``: one of :data:`KERNELS`, as in :func:`autoscale.kernels.adamw.adamw`. torch's
+    fused kernel needs buffers in the param dtype, so it is offered for fp32 and fp64 only;
     Triton's buffers are fp32, so it is not offered for fp64; "native" (the CPU C loop of
     ``kernels._cpu_optim``) takes fp32 or bf16 params with fp32 buffers.
     """
@@ -209,10 +196,8 @@ def sgd(
     impls: dict[str, _Impl] = {"reference": lambda ls: sgd_reference(*ls, **hyper)}
     if HAS_TRITON and params[0].dtype != torch.float64:
         impls["triton"] = partial(_sgd_triton, chunk=chunk, **hyper)
-    if params[0].dtype in (torch.float32, torch.float64):
-        impls["foreach"] = partial(_sgd_foreach, **hyper)
-        if hasattr(torch, "_fused_sgd_"):
-            impls["torch_fused"] = partial(_sgd_fused, **hyper)
+    if params[0].dtype in (torch.float32, torch.float64) and hasattr(torch, "_fused_sgd_"):
+        impls["torch_fused"] = partial(_sgd_fused, **hyper)
     if _cpu_optim.takes(params, grads, [momentum_buffers] if momentum != 0 else []):
         impls["native"] = partial(_sgd_native, **hyper)
-    return run("sgd", kernel, impls, lists)
+    return run("sgd", kernel, impls, lists, kernels=KERNELS)

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).parent / "distributed" / "fsdp_optim_worker.py"
 CASES = [f"{n}-{k}" for n, ks in (
-    ("AdamW", ("reference", "foreach", "torch_fused", "native", "triton")),
-    ("SGD", ("reference", "foreach", "torch_fused", "native", "triton")),
+    ("AdamW", ("reference", "torch_fused", "native", "triton")),
+    ("SGD", ("reference", "torch_fused", "native", "triton")),
     ("LAMB", ("reference", "foreach", "native", "auto", "triton")),
     ("LARS", ("reference", "foreach", "native", "auto", "triton")),
     ("AdamW8bit", ("reference", "native", "compiled", "triton")),

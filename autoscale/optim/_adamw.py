@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from autoscale.kernels import adamw as _op
 from autoscale.kernels.adamw import adamw
 
 from ._base import FusedOptimizer, ParamsT, _check_flags, adam_state
@@ -22,13 +23,16 @@ class AdamW(FusedOptimizer):
     bf16 params), the layout of torch.optim.AdamW, so its state dicts load both ways.
 
     Args:
-        kernel: "auto" (Triton on CUDA, fastest measured torch path on CPU), "triton",
-            "torch_fused", "foreach" or "reference". ``fused=True`` means "triton" on CUDA
-            and "torch_fused" on CPU; ``foreach=True`` means "foreach".
+        kernel: one of :attr:`kernels`: "auto" (Triton on CUDA, fastest measured path on
+            CPU), "triton", "torch_fused", "native" or "reference"; any other name is
+            refused here. ``fused=True`` and ``foreach=True`` mean "triton" on CUDA and
+            "torch_fused" elsewhere (there is no foreach AdamW: ``kernels.adamw``).
 
     Raises:
         ValueError: amsgrad, capturable or differentiable set, or a bad hyper-parameter.
     """
+
+    kernels = _op.KERNELS
 
     def __init__(
         self, params: ParamsT, lr: float | torch.Tensor = 1e-3,

@@ -22,11 +22,9 @@ import itertools
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-
-from autoscale.kernels._dispatch import KERNELS
 
 __all__ = ["FusedOptimizer", "ParamsT"]
 
@@ -45,14 +43,15 @@ def _check_flags(name: str, *, capturable: bool = False, differentiable: bool = 
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class; subclasses implement :meth:`_step_bucket` and :meth:`_init_state`."""
 
-    #: The ``kernel=`` names this optimizer accepts; a subclass with other paths overrides it.
-    kernels: tuple[str, ...] = KERNELS
+    #: The ``kernel=`` names this optimizer takes: its op module's ``KERNELS`` (the paths
+    #: that op has), so a name without a path is refused here, not at the first step.
+    kernels: ClassVar[tuple[str, ...]]
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, kernel: str = "auto") -> None:
         if kernel not in self.kernels:
-            raise ValueError(
-                f"{type(self).__name__}: kernel={kernel!r} is not one of {self.kernels}."
-            )
+            name = type(self).__name__
+            raise ValueError(f"{name}: kernel={kernel!r} is not one of {self.kernels}; {name} "
+                             f"has no {kernel!r} path. Use kernel='auto' to let it choose.")
         if defaults.get("foreach") and defaults.get("fused"):
             raise ValueError(f"{type(self).__name__}: foreach=True and fused=True cannot both be "
                              "set; pick one (or neither, to let autoscale measure).")
@@ -131,19 +130,22 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         The flags are torch.optim's, so they ask for torch's kind of path where autoscale
         has one for these tensors, and fall back to auto where it has not (torch's fused
-        and foreach paths keep state in the param dtype, so autoscale offers them for
-        fp32/fp64 params only): ``AdamW(bf16_params, fused=True)`` steps, as it does in
-        torch.optim, rather than failing. ``kernel=`` is taken strictly.
+        kernels keep state in the param dtype, so autoscale offers them for fp32/fp64
+        params only): ``AdamW(bf16_params, fused=True)`` steps, as it does in torch.optim,
+        rather than failing. ``foreach=True`` asks for the foreach path where the op has
+        one, else for the fused one: AdamW and SGD have no foreach path (torch's fused
+        kernel covers its dtypes and devices, faster; see their kernel modules).
+        ``kernel=`` is taken strictly.
         """
         if self.kernel != "auto":
             return self.kernel
         torch_path = dtype in (torch.float32, torch.float64)
-        if group.get("fused"):
+        if group.get("foreach") and "foreach" in self.kernels:
+            return "foreach" if torch_path else "auto"
+        if group.get("fused") or group.get("foreach"):
             if device.type == "cuda":
                 return "triton" if dtype != torch.float64 else "auto"
             return "torch_fused" if torch_path else "auto"
-        if group.get("foreach"):
-            return "foreach" if torch_path else "auto"
         return "auto"
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from autoscale.kernels import lamb as _op
 from autoscale.kernels.lamb import lamb
 
 from ._base import FusedOptimizer, ParamsT, adam_state, excluded
@@ -23,9 +24,11 @@ class LAMB(FusedOptimizer):
     ``exp_avg_sq`` (fp32).
 
     Args:
-        kernel: "auto" (Triton on CUDA, the faster of foreach/reference on CPU), "triton",
-            "foreach" or "reference".
+        kernel: one of :attr:`kernels`: "auto" (Triton on CUDA, the fastest measured path
+            on CPU), "triton", "foreach", "native" or "reference".
     """
+
+    kernels = _op.KERNELS
 
     def __init__(
         self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from autoscale.kernels import lars as _op
 from autoscale.kernels.lars import lars
 
 from ._base import FusedOptimizer, ParamsT, excluded
@@ -22,8 +23,11 @@ class LARS(FusedOptimizer):
     per param when momentum != 0: ``momentum_buffer`` (fp32).
 
     Args:
-        kernel: "auto", "triton", "foreach" or "reference".
+        kernel: one of :attr:`kernels`: "auto", "triton", "foreach", "native" or
+            "reference".
     """
+
+    kernels = _op.KERNELS
 
     def __init__(
         self, params: ParamsT, lr: float = 1e-3, momentum: float = 0.9, dampening: float = 0.0,

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from autoscale.kernels import sgd as _op
 from autoscale.kernels.sgd import sgd
 
 from ._base import FusedOptimizer, ParamsT, _check_flags
@@ -21,11 +22,14 @@ class SGD(FusedOptimizer):
     ``momentum_buffer`` (fp32), allocated at the param's first step, torch's key name.
 
     Args:
-        kernel: as for :class:`autoscale.optim.AdamW`.
+        kernel: one of :attr:`kernels` ("auto", "triton", "torch_fused", "native",
+            "reference"), and the flags, as for :class:`autoscale.optim.AdamW`.
 
     Raises:
         ValueError: bad hyper-parameters (torch's rules), or differentiable=True.
     """
+
+    kernels = _op.KERNELS
 
     def __init__(
         self, params: ParamsT, lr: float | torch.Tensor = 1e-3, momentum: float = 0.0,

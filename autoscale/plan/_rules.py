@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from autoscale.errors import PlanError
+from autoscale.kernels import adamw, adamw8bit, lamb, lars, sgd
 from autoscale.plan._frozen import FrozenDict
 
 if TYPE_CHECKING:
@@ -47,20 +48,19 @@ def check_plan(plan: Plan) -> None:
 
 # -- optimizer: kind x kernel x state precision ------------------------------------------
 
-_FUSED = ("auto", "triton", "torch_fused", "foreach", "native", "reference")
-_NORM_WISE = ("auto", "triton", "foreach", "native", "reference")
-
+# The kernel= values of an autoscale kind are its op module's KERNELS, the list the optim
+# class takes too (autoscale.optim's classes: ``kernels = <op>.KERNELS``), so a plan names
+# a path exactly when it exists; 'torch' (torch.optim) is added where torch.optim has it.
 OPTIMIZER_TABLE: FrozenDict[str, tuple[str, tuple[str, ...]]] = FrozenDict({
     # kind: (state precision, the kernel= values that build it)
-    "adamw": ("fp32", ("torch", *_FUSED)),
-    "sgd": ("fp32", ("torch", *_FUSED)),
+    "adamw": ("fp32", ("torch", *adamw.KERNELS)),
+    "sgd": ("fp32", ("torch", *sgd.KERNELS)),
     # autoscale.optim has no Adam: 'auto' builds torch.optim.Adam, as 'torch' does.
     "adam": ("fp32", ("torch", "auto")),
-    # torch.optim has no LAMB/LARS, and kernels/lamb.py, lars.py have no torch_fused path.
-    "lamb": ("fp32", _NORM_WISE),
-    "lars": ("fp32", _NORM_WISE),
-    # The 8-bit kernels' own paths (autoscale.kernels.adamw8bit.KERNELS).
-    "adamw8bit": ("int8", ("auto", "triton", "native", "compiled", "reference")),
+    # torch.optim has no LAMB/LARS.
+    "lamb": ("fp32", lamb.KERNELS),
+    "lars": ("fp32", lars.KERNELS),
+    "adamw8bit": ("int8", adamw8bit.KERNELS),
 })
 """Every valid (kind, state_precision, kernel) of an OptimizerPlan; anything else is refused.
 

@@ -28,8 +28,8 @@ MAKERS = {
     "LARS": lambda ps, k: LARS(ps, lr=0.5, momentum=0.9, eta=0.02, weight_decay=1e-4, kernel=k),
     "AdamW8bit": lambda ps, k: AdamW8bit(ps, lr=1e-2, min_8bit_size=64, block_size=64, kernel=k),
 }
-CASES = [("AdamW", k) for k in ("reference", "foreach", "torch_fused", "native", "triton")]
-CASES += [("SGD", k) for k in ("reference", "foreach", "torch_fused", "native", "triton")]
+CASES = [("AdamW", k) for k in ("reference", "torch_fused", "native", "triton")]
+CASES += [("SGD", k) for k in ("reference", "torch_fused", "native", "triton")]
 CASES += [("LAMB", k) for k in ("reference", "foreach", "native", "auto", "triton")]
 CASES += [("LARS", k) for k in ("reference", "foreach", "native", "auto", "triton")]
 CASES += [("AdamW8bit", k) for k in ("reference", "native", "compiled", "triton")]

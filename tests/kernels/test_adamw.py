@@ -43,7 +43,7 @@ def test_reference_matches_torch_adamw(hyper: dict) -> None:
 
 @pytest.mark.parametrize("hyper", HYPERS)
 @pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
-@pytest.mark.parametrize("kernel", ["triton", "torch_fused", "foreach"])
+@pytest.mark.parametrize("kernel", ["triton", "torch_fused"])
 def test_fp32_paths_match_reference(kernel: str, shapes, hyper: dict, request) -> None:
     if kernel == "triton":
         request.getfixturevalue("interpret")
@@ -153,9 +153,9 @@ def test_auto_measures_once_and_caches() -> None:
     name = adamw(got[0], grads, *got[1:], **HYPERS[0], kernel="auto")
     adamw_reference(want[0], grads, *want[1:], **HYPERS[0])
     # the interpreter never competes
-    assert name in ("torch_fused", "foreach", "native", "reference")
+    assert name in ("torch_fused", "native", "reference")
     assert _dispatch.cached_choice("adamw", torch.device("cpu"), torch.float32) == name
-    assert set(_dispatch.TIMINGS[("adamw", "cpu", torch.float32)]) >= {"reference", "foreach"}
+    assert set(_dispatch.TIMINGS[("adamw", "cpu", torch.float32)]) >= {"reference", "torch_fused"}
     # Measuring ran on scratch copies: the real tensors took exactly one step.
     for gs, ws in zip(got, want, strict=True):
         for g, w in zip(gs, ws, strict=True):

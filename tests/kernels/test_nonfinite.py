@@ -134,9 +134,9 @@ def _whole_if_adapted(i: int) -> torch.Tensor:
 
 OPS = {
     # op: (paths, run, expected non-finite mask of each list, per tensor)
-    "adamw": (("reference", "foreach", "torch_fused", "native", "triton"), _run_adamw,
+    "adamw": (("reference", "torch_fused", "native", "triton"), _run_adamw,
               [_elementwise, _elementwise, _elementwise]),
-    "sgd": (("reference", "foreach", "torch_fused", "native", "triton"), _run_sgd,
+    "sgd": (("reference", "torch_fused", "native", "triton"), _run_sgd,
             [_elementwise, _elementwise]),
     "lamb": (("reference", "foreach", "native", "triton"), _run_lamb,
              [_whole_if_adapted, _elementwise, _elementwise]),

@@ -26,7 +26,7 @@ MAKERS = {
     "AdamW8bit": lambda ps, k: AdamW8bit(ps, lr=1e-2, min_8bit_size=16, block_size=64, kernel=k),
 }
 CASES = [(name, k) for name in ("AdamW", "SGD")
-         for k in ("foreach", "torch_fused", "native", "triton")]
+         for k in ("torch_fused", "native", "triton")]
 CASES += [(name, k) for name in ("LAMB", "LARS") for k in ("foreach", "native", "triton")]
 CASES += [("AdamW8bit", k) for k in ("native", "compiled", "triton")]
 

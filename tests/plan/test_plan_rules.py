@@ -70,6 +70,18 @@ def test_table_agrees_with_the_field_types() -> None:
     assert all("auto" in ks for _, ks in OPTIMIZER_TABLE.values())
 
 
+def test_table_lists_exactly_the_kernels_each_optimizer_takes() -> None:
+    # The table derives from the kernel modules' KERNELS; the optim classes take the same
+    # lists, so a plan names a kernel= exactly when the optimizer it builds accepts it.
+    import autoscale.optim as optim
+
+    classes = {"adamw": optim.AdamW, "sgd": optim.SGD, "lamb": optim.LAMB, "lars": optim.LARS,
+               "adamw8bit": optim.AdamW8bit}
+    for kind, cls in classes.items():
+        torch_row = ("torch",) if hasattr(torch.optim, cls.__name__) else ()
+        assert OPTIMIZER_TABLE[kind][1] == (*torch_row, *cls.kernels), kind
+
+
 @pytest.mark.parametrize(("kind", "kernel", "precision"), COMBINATIONS)
 def test_each_combination_builds_and_steps_or_is_refused_at_load(kind, kernel, precision):
     if not accepted(kind, kernel, precision):
