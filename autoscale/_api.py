@@ -190,6 +190,17 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
         plans = [Plan.from_dict(t.user_attrs["plan"]) for t in finalists]
         baseline, confirmed = _confirm(runner, plans, setup.optimizer, timeout_s=timeout,
                                        rounds=_CONFIRM_ROUNDS)
+    plan = _winner(setup, plans, [t.user_attrs["peak_memory_bytes"] for t in finalists],
+                   confirmed, baseline)
+    result = build_result(plan, model, loss_fn=loss_fn, inplace=inplace, graph=setup.graph)
+    result.report = Report(baseline, plan.measured, tuple(records), setup.budget,
+                           setup.graph.strategy, name)
+    return result
+
+
+def _winner(setup: _Setup, plans: Sequence[Plan], peaks: Sequence[int],
+            confirmed: Sequence[Measurement | None], baseline: Measurement) -> Plan:
+    """The finalist with the best confirmed throughput, carrying its figures."""
     kept = {i: m for i, m in enumerate(confirmed) if m is not None}
     if not kept:
         raise TunerError("every finalist failed when measured again after the search; the "
@@ -198,16 +209,12 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
     pick = max(kept, key=lambda i: kept[i].samples_per_s)
     measured = Measured(
         samples_per_s=kept[pick].samples_per_s, step_time_s=kept[pick].step_time_s,
-        peak_memory_bytes=finalists[pick].user_attrs["peak_memory_bytes"],
-        memory_budget_bytes=setup.budget, baseline_samples_per_s=baseline.samples_per_s,
+        peak_memory_bytes=peaks[pick], memory_budget_bytes=setup.budget,
+        baseline_samples_per_s=baseline.samples_per_s,
         baseline_peak_memory_bytes=baseline.peak_memory_bytes,
         batch_size=setup.graph.batch_size)
-    plan = plans[pick].replace(fingerprint=setup.base.fingerprint,
+    return plans[pick].replace(fingerprint=setup.base.fingerprint,
                                environment=setup.base.environment, measured=measured)
-    result = build_result(plan, model, loss_fn=loss_fn, inplace=inplace, graph=setup.graph)
-    result.report = Report(baseline, measured, tuple(records), setup.budget,
-                           setup.graph.strategy, name)
-    return result
 
 
 def _setup(model: nn.Module, example_inputs: Batch, *, memory_budget: int | str | None = None,
