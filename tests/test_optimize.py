@@ -170,8 +170,8 @@ def test_apply_matching_and_mismatched_models(gpt, tmp_path) -> None:
     autoscale.apply(Plan.load(path), other, other_batch)  # same architecture: accepted
 
 
-class RefusesBf16(torch.nn.Module):
-    """Crashes under bf16 autocast: a stand-in for a kernel without a bf16 implementation."""
+class TwoBlocks(torch.nn.Module):
+    """Small enough that fp16 autocast, many times slower than bf16 on CPU, costs little."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -181,9 +181,16 @@ class RefusesBf16(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)
+        return x.pow(2).mean()
+
+
+class RefusesBf16(TwoBlocks):
+    """Crashes under bf16 autocast: a stand-in for a kernel without a bf16 implementation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled("cpu"):
             raise RuntimeError("no bf16 kernel for this op")
-        return x.pow(2).mean()
+        return super().forward(x)
 
 
 @pytest.mark.distributed
@@ -215,20 +222,6 @@ def test_tuner_may_choose_among_allowed_optimizers(gpt) -> None:
 
 
 @pytest.mark.distributed
-class TwoBlocks(torch.nn.Module):
-    """Small enough that fp16 autocast, many times slower than bf16 on CPU, costs little."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(16, 16))
-                                          for _ in range(2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x.pow(2).mean()
-
-
 def test_default_precisions_skip_fp16_on_cpu_but_honour_an_explicit_list() -> None:
     model, batch = TwoBlocks(), (torch.randn(8, 16),)
     seen: list[str] = []

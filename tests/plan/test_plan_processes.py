@@ -36,7 +36,7 @@ def rich_plan() -> Plan:
             "batch": BatchPlan(micro_batch_size=4, grad_accum_steps=2),
             "precision": PrecisionPlan(mode="fp16", init_scale=1024.0),
             "checkpoint": CheckpointPlan(blocks=("h.0", "h.1")),
-            "optimizer": OptimizerPlan(kind="adamw", kernel="foreach", kwargs={
+            "optimizer": OptimizerPlan(kind="adamw", kernel="torch_fused", kwargs={
                 "lr": 1e-3, "betas": [0.9, 0.95], "extra": {"nested": [1, 2]}}),
             "schedule": SchedulePlan(warmup_steps=5, decay="cosine", total_steps=50),
         },
