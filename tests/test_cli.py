@@ -108,8 +108,11 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_resumes_it(tmp_path) -> Non
             "--storage", str(db), "--study-name", "s", "--out", str(tmp_path / "plan.json")]
     cmd = [sys.executable, "-m", "autoscale.cli", *args]
     # Its own process group, as a shell gives a foreground job: Ctrl-C is SIGINT to it.
+    # SIGINT's default disposition restored: a shell's background job (CI, nohup) starts
+    # with SIGINT ignored, and Python keeps an ignored SIGINT ignored.
     tuner = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                              env={**os.environ, "COLUMNS": "160"})
     workers: set[int] = set()
     deadline = time.monotonic() + 240

@@ -178,7 +178,8 @@ def test_auto_rules_out_a_candidate_that_raises() -> None:
 
     with pytest.warns(RuntimeWarning, match="'broken' failed its check.*no kernel"):
         name = _dispatch.run("adamw_test", "auto", {"reference": reference, "broken": broken},
-                             [got[0], grads, *got[1:]])
+                             [got[0], grads, *got[1:]],
+                             kernels=("auto", "reference", "broken"))
     assert name == "reference"
     assert set(_dispatch.TIMINGS[("adamw_test", "cpu", torch.float32)]) == {"reference"}
     adamw_reference(want[0], grads, *want[1:], **HYPERS[0])
