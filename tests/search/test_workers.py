@@ -156,3 +156,11 @@ def test_python_api_serializes_model_and_lambda_loss_to_the_worker() -> None:
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), "the caller's model is untouched"
     assert worker_pids() == []
+
+
+def test_a_script_that_builds_another_model_in_the_worker_is_refused() -> None:
+    script = FAULTY.with_name("unstable.py")
+    with pytest.raises(TunerError, match="worker built a different model") as err:
+        optimize_script(script, trials=1, precisions=("fp32",))
+    assert "build() must return the same architecture" in str(err.value)
+    assert worker_pids() == []
