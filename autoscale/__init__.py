@@ -36,6 +36,7 @@ from autoscale.plan import (
     Plan,
     PrecisionPlan,
     SchedulePlan,
+    ShardPlan,
     plan_section,
 )
 from autoscale.runtime import Result
@@ -64,6 +65,7 @@ __all__ = [
     "Report",
     "Result",
     "SchedulePlan",
+    "ShardPlan",
     "TunerError",
     "__version__",
     "apply",

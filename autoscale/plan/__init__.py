@@ -22,6 +22,7 @@ from autoscale.plan._plan import (
     plan_section,
 )
 from autoscale.plan._rules import OPTIMIZER_TABLE, plan_rule
+from autoscale.plan._shard import ShardPlan
 
 __all__ = [
     "OPTIMIZER_TABLE",
@@ -36,6 +37,7 @@ __all__ = [
     "Plan",
     "PrecisionPlan",
     "SchedulePlan",
+    "ShardPlan",
     "plan_rule",
     "plan_section",
 ]

@@ -58,11 +58,15 @@ SCHEMA_VERSION = 1
 _SECTIONS: dict[str, type] = {}
 """Section name -> its class; the one registry of sections (a Plan holds one of each)."""
 
+_OMIT_DEFAULT: set[str] = set()
+"""Sections left out of the JSON and the digest while at their defaults (plan_section)."""
+
 _T = TypeVar("_T")
 _MUTABLE = (dict, list, set)
 
 
-def plan_section(name: str) -> Callable[[type[_T]], type[_T]]:
+def plan_section(name: str, *, omit_default: bool = False
+                 ) -> Callable[[type[_T]], type[_T]]:
     """Register a frozen dataclass as the plan section ``name``.
 
     Every field needs a default, so that a plan written before the section existed
@@ -70,6 +74,10 @@ def plan_section(name: str) -> Callable[[type[_T]], type[_T]]:
     types name immutable containers only (``tuple[...]``, ``Mapping[...]``, which the
     section freezes in ``__post_init__`` with :func:`freeze_json`), so a plan stays
     immutable and hashable.
+
+    ``omit_default=True`` leaves the section out of ``to_json`` and ``digest`` while it
+    equals its defaults, so that a section added after schema 1 does not change the file
+    or the digest of a plan that does not use it (tests/plan/v1_plan.json pins both).
     """
 
     def register(cls: type[_T]) -> type[_T]:
@@ -86,6 +94,8 @@ def plan_section(name: str) -> Callable[[type[_T]], type[_T]]:
                                 "are immutable: use tuple[...] or Mapping[...] and freeze it in "
                                 "__post_init__ (autoscale.plan._frozen.freeze_json).")
         _SECTIONS[name] = cls
+        if omit_default:
+            _OMIT_DEFAULT.add(name)
         return cls
 
     return register
@@ -413,8 +423,13 @@ class Plan:
             "fingerprint": to_json_value(self.fingerprint),
             "environment": to_json_value(self.environment),
             "measured": to_json_value(self.measured),
-            "sections": {name: to_json_value(s) for name, s in self.sections.items()},
+            "sections": {name: to_json_value(s) for name, s in self._written().items()},
         }
+
+    def _written(self) -> dict[str, Any]:
+        """The sections that the JSON and the digest hold (plan_section's omit_default)."""
+        return {name: s for name, s in self.sections.items()
+                if not (name in _OMIT_DEFAULT and s == _SECTIONS[name]())}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
@@ -516,7 +531,7 @@ class Plan:
 
     def digest(self) -> str:
         """Short hash of the knobs only (not figures), e.g. for naming."""
-        knobs = json.dumps({n: to_json_value(s) for n, s in self.sections.items()},
+        knobs = json.dumps({n: to_json_value(s) for n, s in self._written().items()},
                            sort_keys=True)
         return hashlib.sha256(knobs.encode()).hexdigest()[:12]
 

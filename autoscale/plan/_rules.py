@@ -101,3 +101,27 @@ def check_optimizer(optimizer: OptimizerPlan) -> None:
 def optimizer_kind_kernel_precision(plan: Plan) -> None:
     """optimizer.(kind, kernel, state_precision) is a row of OPTIMIZER_TABLE."""
     check_optimizer(plan.optimizer)
+
+
+# -- shard x precision -----------------------------------------------------------------
+
+
+@plan_rule
+def shard_precision(plan: Plan) -> None:
+    """FSDP2 strategies (zero2/zero3) run in fp32 only: autocast is not their precision knob.
+
+    Under FSDP2 the precision knob is ``MixedPrecisionPolicy(param_dtype=, reduce_dtype=)``
+    (issue 14: params cast per unit, gradients reduced in fp32), which the shard pass does
+    not set yet. Autocast around FSDP2 units and torch.amp.GradScaler on DTensor gradients
+    are untested here, so the pair is refused rather than run unchecked. DDP composes with
+    autocast and GradScaler as one process does (they act on the forward and the loss, DDP
+    on the gradients after backward).
+    """
+    strategy, mode = plan.shard.strategy, plan.precision.mode
+    if strategy in ("zero2", "zero3") and mode != "fp32":
+        raise PlanError(
+            f"shard.strategy={strategy!r} with precision.mode={mode!r} is not supported: "
+            "under FSDP2 mixed precision is FSDP2's MixedPrecisionPolicy, which autoscale "
+            "does not set yet. Use precision.mode='fp32', or shard.strategy='ddp' (which "
+            "composes with autocast)."
+        )
