@@ -8,12 +8,14 @@ passes rewrite the module tree at the places the captured graph names.
 from autoscale.passes.base import MemoryTerms, Pass, PassContext
 from autoscale.passes.checkpoint import CheckpointPass, checkpoint_blocks
 from autoscale.passes.precision import PrecisionPass, autocast_forward
+from autoscale.passes.shard import ShardPass, shard_model
 
 #: The passes in the order the runtime applies them. Checkpointing wraps block forwards
 #: first; autocast then wraps the root's forward, so recomputed blocks run under the
-#: same autocast state as their first forward (checkpoint replays it). Sharding and
-#: compression go after both, as torchtitan orders AC before FSDP wrapping.
-PIPELINE: tuple[Pass, ...] = (CheckpointPass(), PrecisionPass())
+#: same autocast state as their first forward (checkpoint replays it). Sharding (and
+#: compression) go after both, as torchtitan orders AC before FSDP wrapping: FSDP2's hooks
+#: then run around the checkpointed block forward, and DDP wraps the autocast root.
+PIPELINE: tuple[Pass, ...] = (CheckpointPass(), PrecisionPass(), ShardPass())
 
 __all__ = [
     "PIPELINE",
@@ -22,6 +24,8 @@ __all__ = [
     "Pass",
     "PassContext",
     "PrecisionPass",
+    "ShardPass",
     "autocast_forward",
     "checkpoint_blocks",
+    "shard_model",
 ]

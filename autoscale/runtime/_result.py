@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from autoscale.passes import PIPELINE, PassContext
 from autoscale.plan._plan import Plan, SchedulePlan
@@ -56,15 +59,22 @@ class Result:
         each micro-batch's loss is weighted by its share of the samples, so the gradient
         equals that of the whole batch's mean loss (for per-sample-mean losses), whatever
         the split. Gradients are freed after the step (``zero_grad(set_to_none=True)``).
+
+        Under a distributed plan ``batch`` is this rank's share and the returned loss is
+        this rank's; with DDP only the last micro-batch's backward all-reduces (the others
+        run under ``no_sync()`` and accumulate locally). FSDP2 reduce-scatters every
+        micro-batch's gradients, which keeps only the shard between micro-batches.
         """
         batch = to_device(check_batch(batch, name="batch"), self.device)
         total = batch_size(batch)
         loss_sum = torch.zeros((), device=self.device)
         self.model.train()
-        for micro, size in split_batch(batch, self.plan.batch.micro_batch_size):
-            loss = compute_loss(self.loss_fn, call_model(self.model, micro), micro)
-            weighted = loss.float() * (size / total)
-            (self.scaler.scale(weighted) if self.scaler else weighted).backward()
+        micros = list(split_batch(batch, self.plan.batch.micro_batch_size))
+        for i, (micro, size) in enumerate(micros):
+            with self._sync(last=i == len(micros) - 1):
+                loss = compute_loss(self.loss_fn, call_model(self.model, micro), micro)
+                weighted = loss.float() * (size / total)
+                (self.scaler.scale(weighted) if self.scaler else weighted).backward()
             loss_sum += weighted.detach()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -76,9 +86,27 @@ class Result:
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss_sum)
 
+    def _sync(self, *, last: bool) -> contextlib.AbstractContextManager[Any]:
+        if isinstance(self.model, DistributedDataParallel) and not last:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    @property
+    def _user_module(self) -> nn.Module:
+        # DDP's wrapper prefixes every state_dict key with "module."; the wrapped module
+        # holds the same tensors under the user's own keys.
+        if isinstance(self.model, DistributedDataParallel):
+            return self.model.module
+        return self.model
+
     def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer and loss-scaler state, for checkpoint and resume."""
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """Model, optimizer and loss-scaler state, for checkpoint and resume.
+
+        The model's keys are the user's model's under every plan (DDP's ``module.`` prefix
+        is not added); under FSDP2 its values are the rank's DTensor shards.
+        """
+        state = {"model": self._user_module.state_dict(),
+                 "optimizer": self.optimizer.state_dict()}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         if self.scheduler is not None:
@@ -86,7 +114,7 @@ class Result:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self._user_module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -96,18 +124,23 @@ class Result:
 
 def build_result(plan: Plan, model: nn.Module, *, loss_fn: LossFn | None = None,
                  inplace: bool = False, graph: Any = None,
-                 device: torch.device | str | None = None) -> Result:
+                 device: torch.device | str | None = None,
+                 process_group: Any = None) -> Result:
     """Apply ``plan``'s passes to a copy of ``model`` (or to ``model`` if ``inplace``).
 
     The passes run in PIPELINE order (autoscale/passes/__init__.py); a pass whose section
     asks for nothing is skipped. With ``device`` the copy is moved there first (the tuner's
     workers keep the pristine model on the CPU so that it is not part of a trial's peak).
+    The passes get ``process_group``, or else torch.distributed's default group when it is
+    initialized (under torchrun), or else None (one process).
     """
     model = model if inplace else copy.deepcopy(model)
     if device is not None:
         model.to(device)
     device = next(model.parameters()).device
-    ctx = PassContext(graph=graph, device=device)
+    if process_group is None and dist.is_available() and dist.is_initialized():
+        process_group = dist.group.WORLD
+    ctx = PassContext(graph=graph, device=device, process_group=process_group)
     for rewrite in PIPELINE:
         section = plan.sections[rewrite.section]
         if rewrite.enabled(section):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import autoscale.runtime._result as runtime
-from autoscale import CheckpointPlan, Plan, PrecisionPlan, capture
+from autoscale import CheckpointPlan, Plan, PrecisionPlan, ShardPlan, capture
 from autoscale.cost._cost import estimate_graph
 from autoscale.passes import PIPELINE, MemoryTerms, Pass, PassContext
 from autoscale.plan._plan import _SECTIONS
@@ -116,9 +116,16 @@ def test_each_pass_reports_memory_on_the_terms(rewrite) -> None:
     off = rewrite.memory(_SECTIONS[rewrite.section](), graph, terms)
     assert off == terms, "a switched-off pass changes nothing"
     on = {"checkpoint": CheckpointPlan(blocks=tuple(b.fqn for b in graph.blocks)),
-          "precision": PrecisionPlan(mode="bf16")}[rewrite.section]
+          "precision": PrecisionPlan(mode="bf16"),
+          "shard": ShardPlan(strategy="zero3", world_size=2)}[rewrite.section]
     after = rewrite.memory(on, graph, terms)
-    # Both passes exist to save activation memory; neither touches static memory.
+    if rewrite.section == "shard":
+        # Sharding divides static memory across ranks; activations stay per rank.
+        assert after.gradients < terms.gradients
+        assert after.optimizer_state < terms.optimizer_state
+        assert after.activations == terms.activations
+        return
+    # These passes exist to save activation memory; neither touches static memory.
     assert after.activations < terms.activations
     assert (after.parameters, after.gradients, after.optimizer_state) == (
         terms.parameters, terms.gradients, terms.optimizer_state)
