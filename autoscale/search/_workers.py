@@ -166,7 +166,7 @@ class InProcessRunner(TrialRunner):
         try:
             return run()
         except Exception as err:  # isolation from exceptions: this trial fails alone
-            free_memory()
+            free_memory(collect=True)
             raise TrialFailed(_describe(err), kind=_kind(err)) from err
 
 
