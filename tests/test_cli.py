@@ -58,19 +58,6 @@ def test_script_without_build_is_refused(tmp_path) -> None:
     assert tuned.returncode == 1 and "defines no build()" in tuned.stdout
 
 
-def _children(pid: int) -> set[int]:
-    out = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) == pid:
-                out.add(int(entry.name))
-    return out
-
-
 def _finished_trials(db: Path) -> int:
     """COMPLETE trials in Optuna's SQLite schema, read directly: optuna.load_study takes
     about a second, as long as a trial of this workload."""
@@ -100,6 +87,7 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_resumes_it(tmp_path) -> Non
     import time
 
     import optuna
+    from tests_helpers import child_pids
 
     from autoscale.search._study import counted_trials
 
@@ -118,12 +106,12 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_resumes_it(tmp_path) -> Non
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline:
-            workers |= _children(tuner.pid)
+            workers |= set(child_pids(tuner.pid))
             if _finished_trials(db) >= 2:
                 break
             time.sleep(0.05)
         assert tuner.poll() is None, tuner.communicate()[0]
-        workers |= _children(tuner.pid)
+        workers |= set(child_pids(tuner.pid))
         os.killpg(tuner.pid, signal.SIGINT)
         output, _ = tuner.communicate(timeout=60)
     finally:

@@ -201,10 +201,7 @@ class WorkerRunner(TrialRunner):
         try:
             self._conn.send(task)
             reply = self._receive(timeout_s, what="trial")
-        except TrialFailed:
-            self._stop()
-            raise
-        except BaseException:  # Ctrl-C while waiting: no worker may outlive the tuner
+        except BaseException:  # a death, the time limit, Ctrl-C: no worker outlives it
             self._stop()
             raise
         status, payload = reply

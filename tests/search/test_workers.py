@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from tests_helpers import child_pids
 
 import autoscale
 from autoscale import OptimizerPlan, Plan, TunerError
@@ -29,18 +30,7 @@ ADAM = OptimizerPlan(kind="adam", kernel="torch")
 
 def worker_pids() -> list[int]:
     """Live (not zombie) children of this process that run an autoscale worker."""
-    me, found = os.getpid(), []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat[1]) == me and stat[0] != "Z" and b"worker_main" in cmdline:
-            found.append(int(entry.name))
-    return found
+    return child_pids(os.getpid(), marker=b"worker_main", live=True)
 
 
 def test_sweep_survives_a_segfault_a_hang_and_an_exception(tmp_path) -> None:
