@@ -49,6 +49,10 @@ class PassContext:
     """Where the model's parameters live."""
     process_group: Any = None
     """The torch.distributed process group of a distributed plan; None on one process."""
+    plan: Any = None
+    """The whole Plan, for a pass whose rewrite depends on another section (under FSDP2
+    the shard pass reads ``precision`` for its MixedPrecisionPolicy); None in tests that
+    build a context by hand."""
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,7 @@ def build_result(plan: Plan, model: nn.Module, *, loss_fn: LossFn | None = None,
     device = next(model.parameters()).device
     if process_group is None and dist.is_available() and dist.is_initialized():
         process_group = dist.group.WORLD
-    ctx = PassContext(graph=graph, device=device, process_group=process_group)
+    ctx = PassContext(graph=graph, device=device, process_group=process_group, plan=plan)
     for rewrite in PIPELINE:
         section = plan.sections[rewrite.section]
         if rewrite.enabled(section):
