@@ -29,6 +29,7 @@ from autoscale.measure import Measurement, measure
 from autoscale.plan import (
     BatchPlan,
     CheckpointPlan,
+    CompressPlan,
     Environment,
     Fingerprint,
     Measured,
@@ -47,6 +48,7 @@ __all__ = [
     "BlockInfo",
     "CaptureError",
     "CheckpointPlan",
+    "CompressPlan",
     "Environment",
     "Fingerprint",
     "InfeasibleError",

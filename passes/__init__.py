@@ -7,6 +7,7 @@ passes rewrite the module tree at the places the captured graph names.
 
 from autoscale.passes.base import MemoryTerms, Pass, PassContext
 from autoscale.passes.checkpoint import CheckpointPass, checkpoint_blocks
+from autoscale.passes.compress import CompressPass, comm_stats, compress_model
 from autoscale.passes.precision import PrecisionPass, autocast_forward
 from autoscale.passes.shard import ShardPass, shard_model
 
@@ -15,11 +16,12 @@ from autoscale.passes.shard import ShardPass, shard_model
 #: same autocast state as their first forward (checkpoint replays it). Sharding (and
 #: compression) go after both, as torchtitan orders AC before FSDP wrapping: FSDP2's hooks
 #: then run around the checkpointed block forward, and DDP wraps the autocast root.
-PIPELINE: tuple[Pass, ...] = (CheckpointPass(), PrecisionPass(), ShardPass())
+PIPELINE: tuple[Pass, ...] = (CheckpointPass(), PrecisionPass(), ShardPass(), CompressPass())
 
 __all__ = [
     "PIPELINE",
     "CheckpointPass",
+    "CompressPass",
     "MemoryTerms",
     "Pass",
     "PassContext",
@@ -27,5 +29,7 @@ __all__ = [
     "ShardPass",
     "autocast_forward",
     "checkpoint_blocks",
+    "comm_stats",
+    "compress_model",
     "shard_model",
 ]
