@@ -18,10 +18,18 @@ from torch import nn
 from autoscale._units import format_bytes, parse_bytes
 from autoscale.capture._capture import capture
 from autoscale.cost._cost import calibrate, static_bytes
-from autoscale.errors import InfeasibleError, TunerError
+from autoscale.errors import InfeasibleError, PlanMismatchError, TunerError
 from autoscale.measure import Measurement
-from autoscale.plan._plan import Environment, Fingerprint, Measured, OptimizerPlan, Plan
-from autoscale.runtime._batch import Batch, LossFn, check_batch
+from autoscale.plan import (
+    CompressPlan,
+    Environment,
+    Fingerprint,
+    Measured,
+    OptimizerPlan,
+    Plan,
+    ShardPlan,
+)
+from autoscale.runtime._batch import Batch, LossFn, batch_size, check_batch
 from autoscale.runtime._optimizers import optimizer_plan
 from autoscale.runtime._result import Result, build_result
 from autoscale.search._study import (
@@ -56,6 +64,8 @@ class Report:
     memory_budget: int | None
     capture_strategy: str
     study_name: str | None
+    world_size: int = 1
+    """Ranks every trial ran as; above 1 the baseline is plain DDP at the same global batch."""
 
     @property
     def speedup(self) -> float | None:
@@ -92,6 +102,8 @@ def optimize(
     on_trial: Callable[[TrialRecord], None] | None = None,
     isolate: bool = True,
     trial_timeout: float | None = None,
+    world_size: int = 1,
+    compressors: Sequence[str] | None = None,
 ) -> Result:
     """Search for the fastest plan whose measured peak memory fits ``memory_budget``.
 
@@ -109,6 +121,15 @@ def optimize(
     ``trial_timeout`` seconds (default: 10x the baseline's measurement, at least 60 s) or
     an out-of-memory fails that trial only. ``isolate=False`` measures in this process.
 
+    With ``world_size=N > 1`` the plan is for an N-rank data-parallel job: every trial runs
+    as N real processes (gloo on CPU, NCCL on CUDA), each on 1/N of ``example_inputs``
+    (the global batch), and the search also picks the sharding strategy (DDP, ZeRO-1/2/3)
+    and the gradient compression. The budget is per rank (the largest rank's peak); the
+    baseline is plain DDP at the same global batch. ``compressors`` limits the gradient
+    compression tried (default: none, bf16, int8, topk, powersgd). This process holds no
+    process group, so the returned Result carries the plan and the report but cannot step:
+    save ``result.plan`` and run it with :func:`apply` in each rank under torchrun.
+
     Invariants: the caller's model (parameters, buffers, mode) and the global RNG state
     are not changed unless ``inplace=True``, in which case the returned Result trains
     ``model`` itself. The returned plan's measured peak is <= the budget, or
@@ -120,7 +141,8 @@ def optimize(
                      study_name=study_name, seed=seed, precisions=precisions,
                      allowed_optimizers=allowed_optimizers, warmup=warmup, iters=iters,
                      inplace=inplace, on_trial=on_trial, isolate=isolate,
-                     trial_timeout=trial_timeout)
+                     trial_timeout=trial_timeout, world_size=world_size,
+                     compressors=compressors)
 
 
 def optimize_script(path: str | os.PathLike[str], **options: Any) -> Result:
@@ -145,6 +167,15 @@ class _Setup:
     base: Plan
     graph: Any
     device: torch.device
+    world_size: int = 1
+
+    @property
+    def reference(self) -> Plan:
+        """The plan the baseline stands for: the default, or plain DDP across ranks (the
+        cost model's calibration is fit to it)."""
+        if self.world_size == 1:
+            return self.base
+        return self.base.replace(shard=ShardPlan(strategy="ddp", world_size=self.world_size))
 
 
 def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource | None,
@@ -161,10 +192,14 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
     if trial_timeout is not None and not trial_timeout > 0:
         raise TunerError(f"trial_timeout must be > 0 seconds or None, got {trial_timeout!r}.")
     setup = _setup(model, example_inputs, **knobs)
+    if setup.world_size > 1 and not isolate:
+        raise TunerError(f"world_size={setup.world_size} measures every trial as "
+                         f"{setup.world_size} worker processes; it cannot run with "
+                         "isolate=False. Drop isolate=False (or --no-isolate).")
     if trials == 0:
-        result = build_result(setup.base, model, loss_fn=loss_fn, inplace=inplace,
-                              graph=setup.graph)
-        result.report = Report(None, None, (), setup.budget, setup.graph.strategy, None)
+        result = _result(setup.reference, model, setup, loss_fn=loss_fn, inplace=inplace)
+        result.report = Report(None, None, (), setup.budget, setup.graph.strategy, None,
+                               setup.world_size)
         return result
     name = study_name or (f"autoscale-{setup.base.fingerprint_digest()}-"
                           f"{setup.budget or 'nobudget'}")
@@ -176,7 +211,7 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
                                              folder=stack))
         baseline, took = _timed(lambda: _baseline(runner, setup.optimizer))
         timeout = trial_timeout or max(_MIN_TRIAL_TIMEOUT_S, _TIMEOUT_FACTOR * took)
-        calibration = calibrate(model, setup.graph, setup.base,
+        calibration = calibrate(model, setup.graph, setup.reference,
                                 peak_bytes=baseline.peak_memory_bytes,
                                 step_time_s=baseline.step_time_s)
         records = run_search(study, setup.space, setup.base, model=model, graph=setup.graph,
@@ -192,9 +227,21 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
                                        rounds=_CONFIRM_ROUNDS)
     plan = _winner(setup, plans, [t.user_attrs["peak_memory_bytes"] for t in finalists],
                    confirmed, baseline)
-    result = build_result(plan, model, loss_fn=loss_fn, inplace=inplace, graph=setup.graph)
+    result = _result(plan, model, setup, loss_fn=loss_fn, inplace=inplace)
     result.report = Report(baseline, plan.measured, tuple(records), setup.budget,
-                           setup.graph.strategy, name)
+                           setup.graph.strategy, name, setup.world_size)
+    return result
+
+
+def _result(plan: Plan, model: nn.Module, setup: _Setup, *, loss_fn: LossFn | None,
+            inplace: bool) -> Result:
+    """The Result of ``plan``; for a multi-rank plan, one that carries it but cannot step."""
+    if setup.world_size == 1:
+        return build_result(plan, model, loss_fn=loss_fn, inplace=inplace, graph=setup.graph)
+    local = plan.replace(shard=ShardPlan(), compress=CompressPlan())
+    result = build_result(local, model, loss_fn=loss_fn, inplace=inplace, graph=setup.graph)
+    result.plan = plan
+    result.needs_ranks = setup.world_size
     return result
 
 
@@ -212,7 +259,8 @@ def _winner(setup: _Setup, plans: Sequence[Plan], peaks: Sequence[int],
         peak_memory_bytes=peaks[pick], memory_budget_bytes=setup.budget,
         baseline_samples_per_s=baseline.samples_per_s,
         baseline_peak_memory_bytes=baseline.peak_memory_bytes,
-        batch_size=setup.graph.batch_size)
+        batch_size=setup.graph.batch_size, comm_bytes_per_step=kept[pick].comm_bytes_per_step,
+        baseline_comm_bytes_per_step=baseline.comm_bytes_per_step)
     return plans[pick].replace(fingerprint=setup.base.fingerprint,
                                environment=setup.base.environment, measured=measured)
 
@@ -220,25 +268,28 @@ def _winner(setup: _Setup, plans: Sequence[Plan], peaks: Sequence[int],
 def _setup(model: nn.Module, example_inputs: Batch, *, memory_budget: int | str | None = None,
            optimizer: str = "adamw", optimizer_kwargs: dict[str, Any] | None = None,
            precisions: Sequence[str] | None = None,
-           allowed_optimizers: Sequence[str] | None = None) -> _Setup:  # fmt: skip
+           allowed_optimizers: Sequence[str] | None = None, world_size: int = 1,
+           compressors: Sequence[str] | None = None) -> _Setup:  # fmt: skip
     batch = check_batch(example_inputs)
     budget = None if memory_budget is None else parse_bytes(memory_budget)
+    device = next(model.parameters()).device
+    _check_world_size(world_size, batch, device)
     opt_plan = optimizer_plan(optimizer, optimizer_kwargs)
     candidates = _optimizer_candidates(opt_plan, allowed_optimizers, optimizer_kwargs)
     graph = capture(model, batch)
-    device = next(model.parameters()).device
     base = Plan(sections={"optimizer": opt_plan},
                 fingerprint=Fingerprint.of(model, graph.structure_hash()),
                 environment=Environment.current(device))
     # Judged with the allowed optimizer that keeps the least state.
     leanest = min((base.replace(optimizer=o) for o in candidates),
                   key=lambda p: static_bytes(model, p)[2])
-    _check_static_fit(model, leanest, budget)
-    space = SearchSpace(batch_size=graph.batch_size,
+    _check_static_fit(model, leanest, budget, world_size)
+    space = SearchSpace(batch_size=graph.batch_size // world_size,
                         block_names=tuple(b.fqn for b in graph.blocks),
                         precisions=_check_precisions(precisions, device),
-                        optimizers=candidates)
-    return _Setup(batch, budget, opt_plan, space, base, graph, device)
+                        optimizers=candidates, world_size=world_size,
+                        compressors=_check_compressors(compressors, world_size))
+    return _Setup(batch, budget, opt_plan, space, base, graph, device, world_size)
 
 
 def _runner(model: nn.Module, setup: _Setup, *, source: WorkloadSource | None,
@@ -253,7 +304,7 @@ def _runner(model: nn.Module, setup: _Setup, *, source: WorkloadSource | None,
         source = pickle_workload(model, setup.batch, loss_fn, tmp)
     return WorkerRunner(source, device=setup.device,
                         fingerprint=setup.base.fingerprint_digest(), warmup=warmup,
-                        iters=iters)
+                        iters=iters, world_size=setup.world_size)
 
 
 def _baseline(runner: TrialRunner, optimizer: OptimizerPlan, *,
@@ -286,6 +337,7 @@ def apply(plan: Plan, model: nn.Module, example_inputs: Batch, *,
     batch = check_batch(example_inputs)
     graph = capture(model, batch)
     plan.check_fingerprint(Fingerprint.of(model, graph.structure_hash()))
+    plan = _at_world_size(plan)
     device = next(model.parameters()).device
     here = Environment.current(device)
     env = plan.environment
@@ -294,6 +346,28 @@ def apply(plan: Plan, model: nn.Module, example_inputs: Batch, *,
                       f"{here.device} with torch {here.torch}: its figures may not hold here.",
                       stacklevel=2)
     return build_result(plan, model, loss_fn=loss_fn, inplace=inplace, graph=graph)
+
+
+def _at_world_size(plan: Plan) -> Plan:
+    """``plan`` for this job's number of ranks: unchanged when it matches; re-sized when
+    the shard section is size-agnostic; otherwise refused with the fix."""
+    import torch.distributed as dist
+
+    here = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    shard = plan.shard
+    if shard.strategy == "none" or shard.world_size == here:
+        return plan
+    if not shard.size_agnostic:
+        how = (f"run it under torchrun --nproc-per-node {shard.world_size} (with "
+               "torch.distributed.init_process_group() called first)" if here == 1 else
+               f"run it with {shard.world_size} ranks")
+        raise PlanMismatchError(
+            f"the plan was made for {shard.world_size} ranks (shard.world_size) but this job "
+            f"has {here}; {how}, or tune a plan at {here} (autoscale tune --nproc {here}). "
+            "A plan whose shard.size_agnostic is true runs at any size.")
+    if here == 1:
+        return plan.replace(shard=ShardPlan(), compress=CompressPlan())
+    return plan.replace(shard=dataclasses.replace(shard, world_size=here, mesh=(here,)))
 
 
 #: Fastest feasible trials re-measured after the search, and interleaved rounds of
@@ -369,10 +443,13 @@ def _check_precisions(precisions: Sequence[str] | None, device: torch.device
     return out
 
 
-def _check_static_fit(model: nn.Module, plan: Plan, budget: int | None) -> None:
+def _check_static_fit(model: nn.Module, plan: Plan, budget: int | None,
+                      world_size: int = 1) -> None:
+    """Refuse a budget below the model's static state (across ranks: its 1/N share under
+    ZeRO-3, the most any strategy can divide it)."""
     if budget is None:
         return
-    params, grads, state = static_bytes(model, plan)
+    params, grads, state = (b // world_size for b in static_bytes(model, plan))
     if params > budget:
         raise InfeasibleError(
             f"memory_budget={format_bytes(budget)} is smaller than the parameters alone "
@@ -386,6 +463,45 @@ def _check_static_fit(model: nn.Module, plan: Plan, budget: int | None) -> None:
             f"{plan.optimizer.kind} state ({format_bytes(state)}); raise the budget or choose "
             "an optimizer with less state (optimizer='adamw8bit' or 'sgd')."
         )
+
+
+def _check_world_size(world_size: int, batch: Batch, device: torch.device) -> None:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise TunerError(f"world_size must be an integer >= 1, got {world_size!r}.")
+    if world_size == 1:
+        return
+    if device.type == "cuda":
+        have, what = torch.cuda.device_count(), "GPUs"
+    else:
+        # A rank per core: more would time-share cores, and the measured step times would
+        # be the scheduler's, not the plan's.
+        have, what = os.cpu_count() or 1, "CPU cores"
+    if world_size > have:
+        raise TunerError(f"world_size={world_size} needs one rank per device, but this machine "
+                         f"has {have} {what}; lower --nproc / world_size to at most {have}.")
+    total = batch_size(batch)
+    if total % world_size:
+        raise TunerError(f"the example batch has {total} samples, which {world_size} ranks "
+                         f"cannot share equally; make it a multiple of {world_size} (it is "
+                         "the global batch: each rank trains on 1/world_size of it).")
+
+
+def _check_compressors(compressors: Sequence[str] | None, world_size: int
+                       ) -> tuple[str, ...]:  # fmt: skip
+    """The compressors the search may try; None: all of them where there are ranks."""
+    allowed = ("none", "bf16", "fp16", "int8", "topk", "powersgd")
+    if compressors is None:
+        # fp16 sends the bytes bf16 does, with less range: by name only.
+        return tuple(c for c in allowed if c != "fp16") if world_size > 1 else ("none",)
+    bad = [c for c in compressors if c not in allowed]
+    if bad:
+        raise TunerError(f"compressors={list(compressors)!r}: each must be one of "
+                         f"{list(allowed)}.")
+    if world_size == 1 and any(c != "none" for c in compressors):
+        raise TunerError("gradient compression needs several ranks (there is no gradient "
+                         "communication at world_size=1); pass world_size >= 2 / --nproc 2, "
+                         "or drop the compressors.")
+    return ("none", *(c for c in dict.fromkeys(compressors) if c != "none"))
 
 
 def _nothing_fits(budget: int | None, baseline: Measurement, study: Any, n: int

@@ -45,6 +45,10 @@ def _plan_summary(plan) -> str:
              plan.precision.mode, f"ckpt={ckpt}"]
     if plan.optimizer.kind != "adamw" or plan.optimizer.kernel not in ("auto", "torch"):
         parts.append(f"{plan.optimizer.kind}/{plan.optimizer.kernel}")
+    if plan.shard.strategy != "none":
+        parts.append(f"{plan.shard.strategy}x{plan.shard.world_size}")
+        if plan.compress.method != "none":
+            parts.append(f"comm={plan.compress.method}")
     return " ".join(parts)
 
 
@@ -72,6 +76,13 @@ def tune(
     isolate: Annotated[bool, typer.Option(
         help="Measure each trial in a worker process (--no-isolate: in this process, for "
              "debugging; a crash then ends the sweep).")] = True,
+    nproc: Annotated[int, typer.Option(
+        help="Ranks of the data-parallel job to plan: each trial runs as this many "
+             "processes, each on 1/nproc of the example batch; the search adds sharding "
+             "(ddp, zero1/2/3) and gradient compression.")] = 1,
+    compress: Annotated[list[str] | None, typer.Option(
+        help="Gradient compression the search may try with --nproc > 1 (repeatable): none, "
+             "bf16, fp16, int8, topk, powersgd; default all but fp16.")] = None,
 ) -> None:
     """Search for the fastest plan that fits the budget and write it to OUT.
 
@@ -80,6 +91,9 @@ def tune(
     """
     from autoscale._api import optimize_script
 
+    if not console.is_terminal:
+        # A log or a pipe: rich would wrap the tables at 80 columns.
+        console.width = max(console.width, 140)
     progress = Progress(TextColumn("[bold]tuning"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
     with progress:
@@ -96,7 +110,8 @@ def tune(
                 study_name=study_name, seed=seed, optimizer=optimizer,
                 allowed_optimizers=allow_optimizer,
                 precisions=tuple(precision) if precision else None, on_trial=on_trial,
-                isolate=isolate, trial_timeout=trial_timeout)
+                isolate=isolate, trial_timeout=trial_timeout, world_size=nproc,
+                compressors=tuple(compress) if compress else None)
         except KeyboardInterrupt:
             progress.stop()
             again = ("run the same command to resume it" if storage else
@@ -112,7 +127,7 @@ def tune(
     elif report.best is not None:  # a resumed study that already held every trial
         console.print(f"the study already holds {trials} trials; none run again")
     if report.best is not None:
-        console.print(_comparison_table(report))
+        console.print(_comparison_table(report, result.plan))
     result.plan.save(out)
     console.print(f"plan written to [bold]{out}[/] (capture: {report.capture_strategy})")
 
@@ -143,28 +158,50 @@ def _failures(report) -> str | None:
     return "failed trials:\n" + "\n".join(lines) if lines else None
 
 
-def _comparison_table(report) -> Table:
+def _baseline_name(report) -> str:
+    if report.world_size > 1:
+        return f"baseline (plain DDP x{report.world_size})"
+    return "baseline (untouched)"
+
+
+def _comparison_table(report, plan) -> Table:
     base, best = report.baseline, report.best
     budget = format_bytes(report.memory_budget) if report.memory_budget else "none"
     from autoscale._api import _CONFIRM_ROUNDS, _FINALISTS
 
     # See Note: [confirming the winner] in autoscale/_api.py.
+    caption = ("sent/step: bytes a rank hands to the gradient reduction per step (FSDP2's "
+               "parameter all-gathers not counted)" if report.world_size > 1 else None)
     table = Table(title=f"best plan vs untouched baseline (budget {budget}); the {_FINALISTS} "
                         f"fastest trials and the baseline re-measured in turn, median of "
-                        f"{_CONFIRM_ROUNDS} rounds")
-    for col in ("", "samples/s", "step ms", "peak memory", "fits budget"):
+                        f"{_CONFIRM_ROUNDS} rounds", caption=caption)
+    ranks = report.world_size > 1
+    cols = ["", "samples/s", "step ms", "peak memory", "fits budget"]
+    if ranks:
+        cols.append("sent/step")
+    for col in cols:
         table.add_column(col, justify="left" if not col else "right")
+
+    def sent(n: int | None) -> list[str]:
+        return [format_bytes(n) if n is not None else "-"] if ranks else []
 
     def fits(peak: int) -> str:
         return "yes" if report.memory_budget is None or peak <= report.memory_budget else "no"
 
-    table.add_row("baseline (untouched)", f"{base.samples_per_s:.1f}",
+    table.add_row(_baseline_name(report), f"{base.samples_per_s:.1f}",
                   f"{base.step_time_s * 1e3:.1f}", format_bytes(base.peak_memory_bytes),
-                  fits(base.peak_memory_bytes))
-    table.add_row("autoscale plan", f"{best.samples_per_s:.1f}", f"{best.step_time_s * 1e3:.1f}",
-                  format_bytes(best.peak_memory_bytes), fits(best.peak_memory_bytes))
+                  fits(base.peak_memory_bytes), *sent(base.comm_bytes_per_step))
+    table.add_row(f"autoscale plan: {_plan_summary(plan)}", f"{best.samples_per_s:.1f}",
+                  f"{best.step_time_s * 1e3:.1f}", format_bytes(best.peak_memory_bytes),
+                  fits(best.peak_memory_bytes), *sent(best.comm_bytes_per_step))
+    ratio = []
+    if ranks and best.comm_bytes_per_step and base.comm_bytes_per_step:
+        ratio = [f"{best.comm_bytes_per_step / base.comm_bytes_per_step:.2f}x"]
+    elif ranks:
+        ratio = [""]
     table.add_row("ratio (plan / baseline)", f"{report.speedup:.2f}x",
-                  f"{best.step_time_s / base.step_time_s:.2f}x", f"{report.memory_ratio:.2f}x", "")
+                  f"{best.step_time_s / base.step_time_s:.2f}x", f"{report.memory_ratio:.2f}x", "",
+                  *ratio)
     return table
 
 

@@ -106,8 +106,11 @@ def estimate_graph(model: nn.Module, graph: Any, plan: Plan, *,
     calibration = calibration or Calibration()
     params, grads, state = static_bytes(model, plan)
     batch = max(graph.batch_size, 1)
-    micro = plan.batch.micro_batch_size or batch
-    scale = min(micro, batch) / batch * calibration.activation_scale
+    # The graph holds the global batch; each of a distributed plan's ranks trains on its
+    # share of it, in micro-batches of that share.
+    share = max(batch // plan.shard.world_size, 1) if plan.shard.strategy != "none" else batch
+    micro = plan.batch.micro_batch_size or share
+    scale = min(micro, share) / batch * calibration.activation_scale
     saved = {b.fqn: b.activation_bytes for b in graph.blocks}
     terms = MemoryTerms(
         parameters=params, gradients=grads, optimizer_state=state, saved=saved,
@@ -131,6 +134,8 @@ def _step_time(graph: ModelGraph, plan: Plan, calibration: Calibration) -> float
     checkpointed = set(plan.checkpoint.blocks)
     recompute = sum(b.flops for b in graph.blocks if b.fqn in checkpointed)
     flops = 3 * graph.flops + recompute  # forward + backward (2x) + recomputed forwards
+    if plan.shard.strategy != "none":  # each rank computes on its share of the batch
+        flops /= plan.shard.world_size
     return flops / calibration.flops_per_s
 
 
@@ -141,5 +146,6 @@ def calibrate(model: nn.Module, graph: ModelGraph, plan: Plan, *, peak_bytes: in
     static = raw.parameters + raw.gradients + raw.optimizer_state
     dynamic = raw.activations + raw.temporaries
     scale = max(peak_bytes - static, 0) / dynamic if dynamic else 1.0
-    rate = 3 * graph.flops / step_time_s if step_time_s > 0 and graph.flops else None
+    ranks = plan.shard.world_size if plan.shard.strategy != "none" else 1
+    rate = 3 * graph.flops / ranks / step_time_s if step_time_s > 0 and graph.flops else None
     return replace(Calibration(), activation_scale=max(scale, 0.05), flops_per_s=rate)

@@ -342,7 +342,11 @@ class Measured:
     baseline_peak_memory_bytes: int | None = None
     """Peak memory of the untouched model in the same run."""
     batch_size: int | None = None
-    """Samples per step the figures were measured with."""
+    """Samples per step the figures were measured with (the global batch across ranks)."""
+    comm_bytes_per_step: int | None = None
+    """Bytes a rank sent in gradient collectives per step (multi-rank plans)."""
+    baseline_comm_bytes_per_step: int | None = None
+    """The same for the baseline (plain DDP: every gradient byte, all-reduced)."""
 
     def __post_init__(self) -> None:
         if self.samples_per_s < 0 or self.step_time_s < 0 or self.peak_memory_bytes < 0:

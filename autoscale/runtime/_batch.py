@@ -14,7 +14,7 @@ Batch = tuple[Any, ...] | dict[str, Any]
 LossFn = Callable[[Any, Batch], torch.Tensor]
 
 __all__ = ["Batch", "LossFn", "batch_size", "call_model", "check_batch", "default_loss",
-           "split_batch", "to_device"]
+           "rank_share", "split_batch", "to_device"]
 
 
 def check_batch(batch: Any, *, name: str = "example_inputs") -> Batch:
@@ -115,3 +115,19 @@ def compute_loss(loss_fn: LossFn, output: Any, batch: Batch) -> torch.Tensor:
         raise AutoscaleError("the loss does not require grad: no parameter of the model "
                              "influences it (all frozen, or computed under no_grad).")
     return loss.reshape(())
+
+
+def rank_share(batch: Batch, rank: int, world_size: int) -> Batch:
+    """This rank's equal share of a global batch: rows ``[rank * B/ws, (rank+1) * B/ws)``.
+
+    Raises ValueError when the batch size is not a multiple of ``world_size``: ranks on
+    unequal shares would not average to the whole batch's gradient.
+    """
+    total = batch_size(batch)
+    if total % world_size:
+        raise ValueError(f"the batch has {total} samples, which {world_size} ranks cannot share "
+                         f"equally; make the batch size a multiple of {world_size}.")
+    if world_size == 1:
+        return batch
+    chunks = list(split_batch(batch, total // world_size))
+    return chunks[rank][0]

@@ -22,8 +22,16 @@ import optuna
 from torch import nn
 
 from autoscale.cost._cost import Calibration, estimate_graph
-from autoscale.errors import TunerError
-from autoscale.plan._plan import BatchPlan, CheckpointPlan, OptimizerPlan, Plan, PrecisionPlan
+from autoscale.errors import PlanError, TunerError
+from autoscale.plan import (
+    BatchPlan,
+    CheckpointPlan,
+    CompressPlan,
+    OptimizerPlan,
+    Plan,
+    PrecisionPlan,
+    ShardPlan,
+)
 
 __all__ = ["SearchSpace", "TrialRecord", "open_study", "run_search"]
 
@@ -34,16 +42,34 @@ _PRUNE_MARGIN = 1.15
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """The knobs the tuner may turn, derived from the model and the user's allowances."""
+    """The knobs the tuner may turn, derived from the model and the user's allowances.
+
+    ``batch_size`` is what one rank trains on per step: the example batch's size, or its
+    share of it (batch / world_size) for a multi-rank plan, where the sharding strategy
+    (``strategies``) and the gradient compression (``compressors``) are knobs too.
+    """
 
     batch_size: int
     block_names: tuple[str, ...]
     precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")
     optimizers: tuple[OptimizerPlan, ...] = ()
+    world_size: int = 1
+    strategies: tuple[str, ...] = ("ddp", "zero1", "zero2", "zero3")
+    compressors: tuple[str, ...] = ("none",)
 
     @property
     def micro_batch_sizes(self) -> list[int]:
         return [d for d in range(1, self.batch_size + 1) if self.batch_size % d == 0]
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def compressors_for(self, strategy: str) -> list[str]:
+        """The compressors that combine with ``strategy`` (PowerSGD rides DDP's comm hook,
+        which FSDP2 has no counterpart of)."""
+        fsdp = strategy in ("zero2", "zero3")
+        return [c for c in self.compressors if not (fsdp and c == "powersgd")]
 
     def plan_from(self, params: dict[str, Any], base: Plan) -> Plan:
         """The plan that a trial's parameters stand for."""
@@ -57,6 +83,11 @@ class SearchSpace:
         }
         if len(self.optimizers) > 1:
             changes["optimizer"] = self.optimizers[params["optimizer"]]
+        if self.distributed:
+            strategy = params.get("shard", "ddp")
+            changes["shard"] = ShardPlan(strategy=strategy, world_size=self.world_size)
+            method = params.get(_compress_param(strategy), "none")
+            changes["compress"] = CompressPlan(method=method)
         return base.replace(**changes)
 
     def suggest(self, trial: optuna.Trial, base: Plan) -> Plan:
@@ -70,25 +101,45 @@ class SearchSpace:
         if len(self.optimizers) > 1:
             params["optimizer"] = trial.suggest_categorical(
                 "optimizer", list(range(len(self.optimizers))))
+        if self.distributed:
+            strategy = trial.suggest_categorical("shard", list(self.strategies))
+            params["shard"] = strategy
+            # One parameter name per family: an Optuna categorical keeps its choices fixed.
+            name = _compress_param(strategy)
+            params[name] = trial.suggest_categorical(name, self.compressors_for(strategy))
         return self.plan_from(params, base)
 
     def frugal_params(self) -> dict[str, Any]:
-        """The plan most likely to fit: every block checkpointed, low precision, 1/8 batch."""
+        """The plan most likely to fit: every block checkpointed, low precision, 1/8 batch
+        (and, across ranks, everything sharded)."""
         sizes = self.micro_batch_sizes
         micro = min((d for d in sizes if d >= self.batch_size / 8), default=sizes[-1])
         low = "bf16" if "bf16" in self.precisions else self.precisions[-1]
-        params = {"micro_batch_size": micro, "precision": low,
-                  "checkpointed_blocks": len(self.block_names)}
+        params: dict[str, Any] = {"micro_batch_size": micro, "precision": low,
+                                  "checkpointed_blocks": len(self.block_names)}
         if len(self.optimizers) > 1:
             params["optimizer"] = 0
+        if self.distributed:
+            strategy = self.strategies[-1]
+            params["shard"] = strategy
+            params[_compress_param(strategy)] = "none"
         return params
 
     def default_params(self) -> dict[str, Any]:
-        params = {"micro_batch_size": self.batch_size, "precision": self.precisions[0],
-                  "checkpointed_blocks": 0}
+        """The untouched model's plan (across ranks: plain DDP, nothing compressed)."""
+        params: dict[str, Any] = {"micro_batch_size": self.batch_size,
+                                  "precision": self.precisions[0], "checkpointed_blocks": 0}
         if len(self.optimizers) > 1:
             params["optimizer"] = 0
+        if self.distributed:
+            strategy = self.strategies[0]
+            params["shard"] = strategy
+            params[_compress_param(strategy)] = "none"
         return params
+
+
+def _compress_param(strategy: str) -> str:
+    return "compress_fsdp" if strategy in ("zero2", "zero3") else "compress_ddp"
 
 
 @dataclass(frozen=True)
@@ -186,7 +237,12 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *, model: nn
     _enqueue_known_good(study, space)
 
     def objective(trial: optuna.Trial) -> float:
-        plan = space.suggest(trial, base)
+        try:
+            plan = space.suggest(trial, base)
+        except PlanError as err:  # a combination of knobs the plan rules refuse
+            trial.set_user_attr(_ERROR, f"refused: {err}")
+            trial.set_constraint(_CONSTRAINT, 1.0)
+            raise _FailedTrial(str(err)) from err
         est = estimate_graph(model, graph, plan, calibration=calibration).total
         trial.set_user_attr("plan", plan.to_dict())
         trial.set_user_attr("estimated_bytes", est)

@@ -8,11 +8,14 @@ read: each trial trains a deep copy of it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from autoscale.measure import Measurement, measure
 from autoscale.plan import OptimizerPlan, Plan
@@ -34,9 +37,19 @@ def measure_plan(plan: Plan, model: nn.Module, batch: Batch, *, loss_fn: LossFn 
                  graph: object, warmup: int, iters: int,
                  device: torch.device | str | None = None) -> Measurement:
     """Build ``plan`` on a copy of ``model`` (moved to ``device`` if given) and measure it."""
+    from autoscale.passes.compress import comm_stats
+
     result = build_result(plan, model, loss_fn=loss_fn, graph=graph, device=device)
     try:
-        return measure(result, to_device(batch, result.device), warmup=warmup, iters=iters)
+        out = measure(result, to_device(batch, result.device), warmup=warmup, iters=iters)
+        stats = comm_stats(result.model)
+        if stats is not None and stats.calls:
+            # Every step measure() ran (warm-up, tracked, timed) sent the same collectives.
+            steps = warmup + 1 + iters
+            return dataclasses.replace(out, comm_bytes_per_step=stats.bytes_sent // steps)
+        if plan.shard.strategy != "none":
+            return dataclasses.replace(out, comm_bytes_per_step=_gradient_bytes(model))
+        return out
     finally:
         del result
         free_memory()
@@ -49,10 +62,15 @@ def measure_baseline(model: nn.Module, batch: Batch, *, loss_fn: LossFn | None,
 
     The optimizer is torch.optim's where it has the kind (its defaults), else autoscale's.
     The model is deep-copied (and moved to ``device`` if given); ``model`` is not changed.
+    Inside a process group (a multi-rank trial) the baseline is plain DDP as a user writes
+    it, ``DistributedDataParallel(model)`` with torch's defaults, on this rank's share.
     """
     model = copy.deepcopy(model)
     if device is not None:
         model.to(device)
+    trained: nn.Module = model
+    if dist.is_available() and dist.is_initialized():
+        trained = DistributedDataParallel(model)
     kernel: Literal["torch", "auto"] = (
         "torch" if optimizer.kind in ("adamw", "adam", "sgd") else "auto")
     opt = build_optimizer(OptimizerPlan(kind=optimizer.kind, kernel=kernel,
@@ -64,7 +82,7 @@ def measure_baseline(model: nn.Module, batch: Batch, *, loss_fn: LossFn | None,
 
     def step(b: Batch) -> float:
         model.train()
-        loss = compute_loss(loss_fn, call_model(model, b), b)
+        loss = compute_loss(loss_fn, call_model(trained, b), b)
         loss.backward()
         loss = loss.detach()
         opt.step()
@@ -73,7 +91,16 @@ def measure_baseline(model: nn.Module, batch: Batch, *, loss_fn: LossFn | None,
 
     out = measure(step, batch, model=model, optimizer=opt, warmup=warmup, iters=iters)
     free_memory()
+    if trained is not model:
+        out = dataclasses.replace(out, comm_bytes_per_step=_gradient_bytes(model))
     return out
+
+
+def _gradient_bytes(model: nn.Module) -> int:
+    """What an uncompressed step hands to its gradient reduction: every fp32 gradient byte
+    (DDP's reducer and FSDP2's reduce-scatter are not instrumented; the compression pass
+    counts what it sends itself). FSDP2's parameter all-gathers are not counted."""
+    return sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
 
 
 def free_memory(*, collect: bool = False) -> None:

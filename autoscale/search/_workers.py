@@ -25,6 +25,17 @@ marks that trial failed with the reason and starts a fresh worker for the next o
 - It ignores SIGINT and runs in its own session: Ctrl-C reaches the tuner, which stops
   its worker and leaves the study as it was after the last finished trial. It also dies
   with the tuner (PR_SET_PDEATHSIG on Linux, EOF on its socket elsewhere).
+
+Note: [multi-rank trials]
+A plan for N ranks is measured as a real N-process job: N workers, each a rank of one
+torch.distributed process group (gloo on CPU over loopback, NCCL on CUDA with a GPU per
+rank), on a fresh TCP port per worker set. Every task goes to all ranks; each trains on
+its own 1/N of the example batch (the global batch) and measures its own step. The
+trial's figures are the job's: the slowest rank's step time, the global batch over it as
+throughput, and the largest rank's peak memory, since the budget is per device. When one
+rank dies or raises, the others would wait on it in a collective forever, so the whole
+set is killed and restarted, as one worker is after a failure. On CPU each rank gets
+``cores // N`` OpenMP threads unless OMP_NUM_THREADS is set.
 """
 
 from __future__ import annotations
@@ -171,19 +182,20 @@ class InProcessRunner(TrialRunner):
 
 
 class WorkerRunner(TrialRunner):
-    """Trials in one worker process at a time, restarted after any failure."""
+    """Trials in worker processes, one per rank (``world_size`` of them), restarted after any
+    failure. See Note: [isolated trials] and Note: [multi-rank trials]."""
 
     def __init__(self, source: WorkloadSource, *, device: torch.device, fingerprint: str,
-                 warmup: int, iters: int, start_timeout_s: float = _START_TIMEOUT_S) -> None:
+                 warmup: int, iters: int, world_size: int = 1,
+                 start_timeout_s: float = _START_TIMEOUT_S) -> None:
         self._init = {"source": dataclasses.asdict(source), "device": str(device),
                       "warmup": warmup, "iters": iters, "sys_path": list(sys.path),
-                      "fingerprint": fingerprint}
+                      "fingerprint": fingerprint, "world_size": world_size}
+        self.world_size = world_size
         self._start_timeout_s = start_timeout_s
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._conn: Connection | None = None
-        self._log: Any = None
+        self._ranks: list[_Worker] = []
         self.started = 0
-        """Workers started so far (the first, and one after each failure)."""
+        """Worker sets started so far (the first, and one after each failure)."""
 
     def baseline(self, optimizer: OptimizerPlan, *, timeout_s: float | None = None
                  ) -> Measurement:  # fmt: skip
@@ -195,65 +207,134 @@ class WorkerRunner(TrialRunner):
         return self._run(_Task("plan", plan=plan.to_dict()), timeout_s)
 
     def _run(self, task: _Task, timeout_s: float | None) -> Measurement:
-        if self._proc is None:
+        if not self._ranks:
             self._start()
-        assert self._conn is not None
         try:
-            self._conn.send(task)
-            reply = self._receive(timeout_s, what="trial")
+            for worker in self._ranks:
+                worker.send(task)
+            replies = self._gather(timeout_s, what="trial")
         except BaseException:  # a death, the time limit, Ctrl-C: no worker outlives it
             self._stop()
             raise
-        status, payload = reply
-        if status == "ok":
-            return payload
-        self._stop()  # an exception leaves the worker's state untrusted
-        raise TrialFailed(payload["reason"], kind=payload["kind"])
+        failed = [payload for status, payload in replies if status != "ok"]
+        if failed:
+            self._stop()  # an exception leaves the workers' state untrusted
+            raise TrialFailed(failed[0]["reason"], kind=failed[0]["kind"])
+        return combine_ranks([payload for _, payload in replies])
 
     def _start(self) -> None:
-        parent, child = socket.socketpair()
-        # Closed in _stop(), which every path out of a worker goes through.
-        self._log = tempfile.TemporaryFile(prefix="autoscale-worker-")  # noqa: SIM115
-        code = ("import sys; sys.path.pop(0); "
-                "from autoscale.search._workers import worker_main; worker_main()")
+        port = _free_port() if self.world_size > 1 else 0
+        threads = _threads_per_rank(self.world_size)
         try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-c", code, str(child.fileno())], pass_fds=(child.fileno(),),
-                stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-                start_new_session=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
-        finally:
-            child.close()
-        self._conn = Connection(parent.detach())
-        self.started += 1
-        try:
-            self._conn.send(self._init)
-            status, payload = self._receive(self._start_timeout_s, what="start-up")
+            for rank in range(self.world_size):
+                worker = _Worker()
+                self._ranks.append(worker)
+                worker.start({**self._init, "rank": rank, "master_port": port}, threads)
+            self.started += 1
+            replies = self._gather(self._start_timeout_s, what="start-up")
         except BaseException:
             self._stop()
             raise
-        if status != "ready":
+        failed = [payload for status, payload in replies if status != "ready"]
+        if failed:
             self._stop()
             raise TunerError(f"the tuner's worker process could not load the workload: "
-                             f"{payload['reason']}")
+                             f"{failed[0]['reason']}")
 
-    def _receive(self, timeout_s: float | None, *, what: str) -> Any:
-        assert self._conn is not None and self._proc is not None
+    def _gather(self, timeout_s: float | None, *, what: str) -> list[Any]:
+        """One reply from every rank, in rank order; raises TrialFailed as soon as one rank
+        dies or errs (the others would wait on it in a collective forever) or at the limit."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            # Poll in slices so that a dead worker is noticed at once, not at the limit.
-            if self._conn.poll(0.2 if left is None else min(left, 0.2)):
-                try:
-                    return self._conn.recv()
-                except (EOFError, OSError):
-                    break
-            if self._proc.poll() is not None:
+        replies: dict[int, Any] = {}
+        while len(replies) < len(self._ranks):
+            for rank, worker in enumerate(self._ranks):
+                if rank in replies:
+                    continue
+                reply = worker.poll()
+                if reply is not None:
+                    replies[rank] = reply
+                    if reply[0] not in ("ok", "ready"):
+                        self._blame_a_death()
+                        return [reply]
+            if len(replies) == len(self._ranks):
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 raise TrialFailed(f"timed out: no result within the {what} time limit of "
                                   f"{timeout_s:.0f} s (the worker was killed)", kind="timeout")
+            time.sleep(0.02)
+        return [replies[r] for r in range(len(self._ranks))]
+
+    def _blame_a_death(self, grace_s: float = 2.0) -> None:
+        """Raise the death of a rank that died just before another reported an error.
+
+        A rank that crashes makes its peers' collectives fail ("connection closed by
+        peer"); the crash, not the peer's error, is the trial's reason.
+        """
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            for worker in self._ranks:
+                if worker.died():
+                    worker.poll()  # raises the death's TrialFailed
+            time.sleep(0.05)
+
+    def _stop(self) -> None:
+        for worker in self._ranks:
+            worker.stop()
+        self._ranks = []
+
+    def close(self) -> None:
+        self._stop()
+
+
+class _Worker:
+    """One worker process and its socket; ``poll`` returns its reply, or raises TrialFailed
+    when it died."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+        self._log: Any = None
+
+    def start(self, init: dict[str, Any], threads: int | None) -> None:
+        parent, child = socket.socketpair()
+        # Closed in stop(), which every path out of a worker goes through.
+        self._log = tempfile.TemporaryFile(prefix="autoscale-worker-")  # noqa: SIM115
+        code = ("import sys; sys.path.pop(0); "
+                "from autoscale.search._workers import worker_main; worker_main()")
+        env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", code, str(child.fileno())], pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+                start_new_session=True, env=env)
+        finally:
+            child.close()
+        self._conn = Connection(parent.detach())
+        self._conn.send(init)
+
+    def send(self, task: _Task) -> None:
+        assert self._conn is not None
+        self._conn.send(task)
+
+    def poll(self) -> Any:
+        """The worker's reply if one is waiting, else None; TrialFailed if it died."""
+        assert self._conn is not None and self._proc is not None
+        if self._conn.poll(0):
+            try:
+                return self._conn.recv()
+            except (EOFError, OSError):
+                pass
+        elif self._proc.poll() is None:
+            return None
         self._proc.wait()
         raise _death(self._proc.returncode, self._log_tail())
+
+    def died(self) -> bool:
+        """The process ended by a signal or a failing exit status (a worker that reported
+        an error returns with status 0)."""
+        return self._proc is not None and self._proc.poll() not in (None, 0)
 
     def _log_tail(self) -> str:
         if self._log is None:
@@ -264,7 +345,7 @@ class WorkerRunner(TrialRunner):
                                                                  "Thread 0x", "Extension"))]
         return useful[0][:160] if useful else ""
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -277,8 +358,33 @@ class WorkerRunner(TrialRunner):
             self._log.close()
             self._log = None
 
-    def close(self) -> None:
-        self._stop()
+
+def combine_ranks(runs: list[Measurement]) -> Measurement:
+    """One measurement of an N-rank step from each rank's: see Note: [multi-rank trials]."""
+    if len(runs) == 1:
+        return runs[0]
+    slowest = max(runs, key=lambda m: m.step_time_s)
+    total = sum(m.batch_size for m in runs)
+    comm = [m.comm_bytes_per_step for m in runs if m.comm_bytes_per_step is not None]
+    return dataclasses.replace(
+        slowest, batch_size=total, samples_per_s=total / slowest.step_time_s,
+        peak_memory_bytes=max(m.peak_memory_bytes for m in runs),
+        baseline_bytes=max(m.baseline_bytes for m in runs),
+        comm_bytes_per_step=max(comm) if comm else None)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _threads_per_rank(world_size: int) -> int | None:
+    """OpenMP threads for each rank: the cores shared out, so N ranks do not oversubscribe
+    the machine (torch would give each rank every core); None keeps the user's setting."""
+    if world_size == 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, (os.cpu_count() or 1) // world_size)
 
 
 def _death(code: int | None, log_tail: str) -> TrialFailed:
@@ -344,7 +450,9 @@ class _WorkerState:
     def load(cls, init: dict[str, Any]) -> _WorkerState:
         from autoscale.capture import capture
         from autoscale.plan import Fingerprint, Plan
+        from autoscale.runtime._batch import rank_share
 
+        device = _join_ranks(init)
         source = WorkloadSource(**init["source"])
         if source.kind == "script":
             from autoscale.search._workload import load_workload
@@ -363,8 +471,10 @@ class _WorkerState:
                 f"({init['fingerprint']}); build() must return the same architecture on "
                 "every call.")
         model.to("cpu")  # the pristine copy: each trial moves its own copy to the device
-        return cls(model, batch, loss_fn, graph, torch.device(init["device"]),
-                   init["warmup"], init["iters"])
+        # The graph stays the global batch's (the plan's and the cost model's reference);
+        # each rank trains on its own rows of it.
+        share = rank_share(batch, init["rank"], init["world_size"])
+        return cls(model, share, loss_fn, graph, device, init["warmup"], init["iters"])
 
     def run(self, task: _Task) -> Measurement:
         from autoscale.plan._fields import from_json_dataclass
@@ -378,6 +488,27 @@ class _WorkerState:
         return measure_plan(Plan.from_dict(task.plan), self.model, self.batch,
                             loss_fn=self.loss_fn, graph=self.graph, warmup=self.warmup,
                             iters=self.iters, device=self.device)
+
+
+def _join_ranks(init: dict[str, Any]) -> torch.device:
+    """Join the trial's process group (N > 1 ranks) and return this rank's device: gloo on
+    CPU, NCCL with one GPU per rank on CUDA."""
+    device = torch.device(init["device"])
+    world, rank = init["world_size"], init["rank"]
+    if world == 1:
+        return device
+    import datetime
+
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"tcp://127.0.0.1:{init['master_port']}",
+                            rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=_START_TIMEOUT_S))
+    return device
 
 
 def _die_with_parent() -> None:
