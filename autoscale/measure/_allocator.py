@@ -35,14 +35,16 @@ Note: [frees on untraced threads]
 The profiler follows a thread only while it runs traced work: gloo's worker threads are
 traced while they run a collective (their temporaries show up), but the Work object, and
 the copy of the input that gloo's reduce-scatter makes on the calling thread, is often
-released by the worker after the collective finished, untraced. Such a block's address
-is later allocated again with no free between. Its free is then placed at the end of the
-outermost op that allocated it (``FSDP::post_backward_reduce`` inside its autograd node),
-or at the reuse if that is earlier. Measured on FSDP2 zero3, 3 blocks of 1 MiB, 2 gloo
-ranks: 2 of the 3 reduce-scatter copies were freed untraced; counted until the reuse of
-their address they put one whole unit's gradient (1 MiB, +10%) on the peak. A block that
-is never freed in the trace and whose address is not reused stays live to the end
-(``end_bytes`` is then high by it; the peak only if it is live at the peak).
+released by the worker after the collective finished, untraced (which thread drops the
+Work last is a race). Such a block either is allocated inside a ``c10d::`` op (the
+ProcessGroup collectives take their outputs from the caller, so what they allocate is
+their own temporary), or has its address allocated again with no free between. Its free
+is placed at the end of the outermost op that allocated it (``FSDP::post_backward_reduce``
+inside its autograd node), or at the reuse if that is earlier. Measured on FSDP2 zero3,
+3 blocks of 1 MiB, 2 gloo ranks: 0 to 2 of the 3 reduce-scatter copies per step were
+freed untraced; counted as live until their address came back (or to the end) they put
+one or two whole units' gradients (1-2 MiB, +10-20%) on the peak, at random. Any other
+block never freed in the trace stays live to the end (``end_bytes`` counts it).
 
 Note: [profiler logging]
 Kineto prints a ``USDT: ... profiler_start`` line on stderr each time a trace starts and
@@ -79,13 +81,16 @@ _ROOT_FREE = "autoscale::root_free::"
 class AllocatorEvent(NamedTuple):
     """One CPU allocator report: ``nbytes > 0`` an allocation at ``ptr``, ``< 0`` a free.
 
-    ``scope_end_ns`` is when the outermost traced op around it ended (on its thread).
+    ``scope_end_ns`` is when the outermost traced op around it ended (on its thread);
+    ``in_collective``: it was allocated inside a ``c10d::`` op, a ProcessGroup collective
+    whose outputs the caller passed in, so whatever it allocates is the collective's own.
     """
 
     time_ns: int
     ptr: int
     nbytes: int
     scope_end_ns: int
+    in_collective: bool = False
 
 
 class _Marker(NamedTuple):
@@ -141,15 +146,16 @@ def _trace_events(roots: list[Any]) -> tuple[list[AllocatorEvent], list[_Marker]
     markers: list[_Marker] = []
     # Allocations are children of the op that made them, at any depth; each carries the
     # end of its outermost op (see Note: [frees on untraced threads]).
-    stack = [(ev, ev.end_time_ns) for ev in roots]
+    stack = [(ev, ev.end_time_ns, False) for ev in roots]
     while stack:
-        ev, scope_end = stack.pop()
-        stack.extend((child, scope_end) for child in ev.children)
+        ev, scope_end, in_c10d = stack.pop()
+        in_c10d = in_c10d or ev.name.startswith("c10d::")
+        stack.extend((child, scope_end, in_c10d) for child in ev.children)
         if ev.tag == _EventType.Allocation:
             fields = ev.extra_fields
             if fields.device.type == "cpu":
                 allocs.append(AllocatorEvent(ev.start_time_ns, fields.ptr, fields.alloc_size,
-                                             max(scope_end, ev.start_time_ns)))
+                                             max(scope_end, ev.start_time_ns), in_c10d))
         elif ev.name.startswith(_ROOT_FREE):
             markers.append(_Marker(ev.start_time_ns, ev.name))
     return allocs, markers
@@ -162,8 +168,8 @@ def replay(baseline: int, allocs: list[AllocatorEvent],
     ``root_frees`` are ``(time_ns, nbytes)`` of storages live at the start and freed inside.
     A free counts only if its address was allocated earlier in ``allocs`` (see Note:
     [what the allocator trace cannot know]); a block whose address is allocated again
-    with no free between was freed by an untraced thread (Note: [frees on untraced
-    threads]).
+    with no free between, or a collective's temporary never freed, was freed by an
+    untraced thread (Note: [frees on untraced threads]).
     """
     deltas: list[tuple[int, int]] = [(t, -n) for t, n in root_frees]
     live: dict[int, AllocatorEvent] = {}
@@ -176,6 +182,8 @@ def replay(baseline: int, allocs: list[AllocatorEvent],
             deltas.append((ev.time_ns, ev.nbytes))
         elif (block := live.pop(ev.ptr, None)) is not None:
             deltas.append((ev.time_ns, -block.nbytes))
+    # A collective's temporary never freed in the trace was freed with its Work, untraced.
+    deltas += [(b.scope_end_ns, -b.nbytes) for b in live.values() if b.in_collective]
     deltas.sort(key=lambda d: d[0])  # stable: ties keep allocation-before-free order
     total = peak = baseline
     for _, nbytes in deltas:
