@@ -101,12 +101,11 @@ def test_shaped_link_is_made_and_torn_down(netns) -> None:
     reason = netns.unavailable()
     if reason is not None:
         pytest.skip(f"network namespaces unavailable: {reason}")
-    with pytest.raises(RuntimeError, match="inside"), netns.shaped_link("100mbit",
-                                                                         tag="t") as link:
+    made = netns.shaped_link("100mbit", tag="t")
+    with pytest.raises(RuntimeError, match="inside"), made as link:
         assert set(link.namespaces) <= set(_our_namespaces(netns))
-        qdisc = subprocess.run(link.exec_prefix(1) + ["tc", "qdisc", "show", "dev",
-                                                      link.ifnames[1]],
-                               capture_output=True, text=True, check=True).stdout
+        show = [*link.exec_prefix(1), "tc", "qdisc", "show", "dev", link.ifnames[1]]
+        qdisc = subprocess.run(show, capture_output=True, text=True, check=True).stdout
         assert "tbf" in qdisc and "100Mbit" in qdisc
         raise RuntimeError("inside")  # torn down on an exception too
     assert not set(link.namespaces) & set(_our_namespaces(netns))
