@@ -1,37 +1,71 @@
-"""Data parallelism: DDP, or FSDP2 sharding of gradients, optimizer state and parameters."""
+"""Data parallelism: DDP (+ a sharded optimizer), or FSDP2 sharding of gradients, optimizer
+state and parameters.
+
+Note: [zero1 is torch's ZeroRedundancyOptimizer over DDP]
+zero1 keeps DDP for the gradients (all-reduced in buckets, every rank holds them whole)
+and shards only the optimizer state, with ``torch.distributed.optim.ZeroRedundancyOptimizer``
+wrapped around the plan's optimizer class (torch.optim's or autoscale.optim's: ZeRO builds
+``optimizer_class(local_params, **defaults)``, so a kernel= choice passes through). It is
+torch's own, kept implementation of ZeRO stage 1: each rank owns whole parameters (a greedy
+partition by size), steps only those, then broadcasts them. A hand-written sharded-state
+optimizer would repeat that and its state-dict consolidation for no gain; its one cost,
+that shards are whole parameters and so only near-even, is what the cost model's
+``optimizer_state / world_size`` leaves out (tests bound it). Its ``state_dict`` needs
+``consolidate_state_dict`` on every rank first: :func:`full_optimizer_state` does that for
+each rank in turn, so every rank gets the same full (torch-format, global-index) state.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from autoscale.capture import ModelGraph
 from autoscale.errors import PassError
 from autoscale.passes.base import MemoryTerms, PassContext
-from autoscale.plan import ShardPlan
+from autoscale.plan import PrecisionPlan, ShardPlan
 
-__all__ = ["ShardPass", "shard_model"]
+__all__ = ["ShardPass", "full_optimizer_state", "shard_model", "shard_optimizer",
+           "shard_units"]
+
+# Leaf modules outside the blocks that get their own FSDP2 unit: embeddings and output
+# heads, the big matrices outside the repeated layers. Norms and biases stay with the root
+# (an all-gather of a few KiB per step buys nothing).
+_UNIT_TYPES = (nn.Embedding, nn.Linear)
 
 
 def shard_model(model: nn.Module, *, plan: ShardPlan, graph: ModelGraph | None,
-                process_group: Any, device_type: str) -> nn.Module:
+                process_group: Any, device_type: str,
+                precision: PrecisionPlan | None = None) -> nn.Module:
     """Make ``model`` train data-parallel over ``process_group`` as ``plan.strategy`` says.
 
-    ddp wraps the model in ``DistributedDataParallel`` (the returned module is the wrapper;
-    its ``.module`` is ``model``). zero2/zero3 call FSDP2's ``fully_shard`` on every block
-    the captured ``graph`` names, then on the root (as torchtitan wraps), in place; without
-    a graph the root is the one unit.
+    ddp and zero1 wrap the model in ``DistributedDataParallel`` (the returned module is the
+    wrapper; its ``.module`` is ``model``); zero1's sharded optimizer is
+    :func:`shard_optimizer`'s. zero2/zero3 call FSDP2's ``fully_shard`` in place on each of
+    :func:`shard_units` (the captured blocks, then embeddings and heads), then on the root.
+    Under bf16 ``precision`` the units get ``MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=fp32)`` (see Note: [bf16 under FSDP2]); with ``plan.offload``,
+    ``CPUOffloadPolicy(pin_memory=False)``.
 
     Invariant: when every rank steps on its own equal share of a batch, the gradients (hence
     the parameters after each optimizer step) equal those of one process on the whole batch,
-    up to the reordering of fp32 sums in the all-reduce / reduce-scatter (tests bound it).
-    Parameter names are unchanged; DDP prefixes state_dict keys with ``module.``, which the
-    runtime's Result.state_dict removes (it saves the wrapped model's own state_dict).
+    up to the reordering of fp32 sums in the all-reduce / reduce-scatter (tests bound it);
+    under bf16, up to the rounding of the bf16 forward and backward that one process under
+    autocast also does. Parameter names are unchanged; DDP prefixes state_dict keys with
+    ``module.``, which the runtime's Result.state_dict removes.
     """
     size = dist.get_world_size(process_group)
     if size != plan.world_size:
@@ -40,25 +74,62 @@ def shard_model(model: nn.Module, *, plan: ShardPlan, graph: ModelGraph | None,
             f"run with torchrun --nproc-per-node {plan.world_size}, or re-plan for {size} "
             "ranks (ShardPlan(world_size=...))."
         )
-    if plan.strategy == "ddp":
+    if plan.uses_ddp:
         # gradient_as_bucket_view: the gradients are views into DDP's buckets, so the
         # buckets are not a second copy of every gradient (torch's default copies them).
         return DistributedDataParallel(model, process_group=process_group,
                                        bucket_cap_mb=plan.bucket_cap_mb,
                                        gradient_as_bucket_view=True)
     mesh = DeviceMesh.from_group(process_group, device_type)
-    for fqn in _block_fqns(model, graph):
+    options = _fsdp_options(plan, precision)
+    for fqn in shard_units(model, graph):
         fully_shard(model.get_submodule(fqn), mesh=mesh,
-                    reshard_after_forward=plan.reshard_after_forward)
-    # The root's own parameters (embeddings, head, final norm) are needed again as soon as
-    # backward starts, so it is not resharded after forward (FSDP2's own root heuristic).
-    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+                    reshard_after_forward=plan.reshard_after_forward, **options)
+    # The root's own parameters (final norm, tied embedding/head) are needed again as soon
+    # as backward starts, so it is not resharded after forward (FSDP2's own root heuristic).
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, **options)
     return model
 
 
-def _block_fqns(model: nn.Module, graph: ModelGraph | None) -> list[str]:
-    fqns = [b.fqn for b in graph.blocks] if graph is not None else []
-    for fqn in fqns:
+# Note: [bf16 under FSDP2]
+# FSDP2 casts each unit's all-gathered parameters to bf16 (param_dtype) and its gradients
+# back to fp32 before the reduce-scatter (reduce_dtype), so the sharded master weights,
+# gradients and optimizer state stay fp32, as under autocast alone. Autocast (the precision
+# pass, applied before this one) still wraps the root's forward: with bf16 weights the
+# matmuls need no cast, and autocast keeps the ops on its fp32 list (softmax, norms, losses)
+# in fp32, which FSDP2's parameter cast alone would run in bf16. FSDP2's cast of each unit's
+# inputs is off (cast_forward_inputs=False): autocast casts what the matmuls take, and float
+# inputs that are no matmul's (regression targets) keep their precision, as under autocast
+# on one process. fp16 is refused by a plan rule: torch.amp.GradScaler's unscale on DTensor
+# gradients is not checked here.
+def _fsdp_options(plan: ShardPlan, precision: PrecisionPlan | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if precision is not None and precision.mode == "bf16":
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                    reduce_dtype=torch.float32,
+                                                    cast_forward_inputs=False)
+    elif precision is not None and precision.mode != "fp32":
+        raise PassError(f"precision.mode={precision.mode!r} under shard.strategy="
+                        f"{plan.strategy!r} is not supported; use 'bf16' or 'fp32'.")
+    # pin_memory needs an accelerator; on a CPU-only job the offloaded state stays put.
+    options["offload_policy"] = (CPUOffloadPolicy(pin_memory=False) if plan.offload
+                                 else OffloadPolicy())
+    return options
+
+
+def shard_units(model: nn.Module, graph: ModelGraph | None) -> list[str]:
+    """FQNs of the modules that become their own FSDP2 unit, in module order (root excluded).
+
+    Each block the captured ``graph`` names, then each leaf ``nn.Embedding``/``nn.Linear``
+    outside every block (token and position embeddings, output heads) that shares no
+    parameter with another module: FSDP2 needs tied parameters (a GPT's embedding and head)
+    in one unit, so those stay with the root. Without a graph, nothing: the root is the
+    one unit.
+    """
+    if graph is None:
+        return []
+    blocks = [b.fqn for b in graph.blocks]
+    for fqn in blocks:
         try:
             model.get_submodule(fqn)
         except AttributeError as err:
@@ -66,7 +137,60 @@ def _block_fqns(model: nn.Module, graph: ModelGraph | None) -> list[str]:
                 f"the captured graph names block {fqn!r}, which is not a submodule of "
                 f"{type(model).__name__}; capture this model (capture(model, inputs))."
             ) from err
-    return fqns
+    owners: dict[int, set[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(name)
+    extra = []
+    for name, module in model.named_modules():
+        inside = any(name == b or name.startswith(b + ".") for b in blocks)
+        own = list(module.parameters(recurse=False))
+        if (name and not inside and isinstance(module, _UNIT_TYPES) and own
+                and not any(module.children())
+                and all(owners[id(p)] == {name} for p in own)):
+            extra.append(name)
+    return blocks + extra
+
+
+def shard_optimizer(optimizer_class: type[torch.optim.Optimizer],
+                    params: Iterable[torch.nn.Parameter], *, plan: ShardPlan,
+                    process_group: Any = None, **defaults: Any) -> torch.optim.Optimizer:
+    """``optimizer_class(params, **defaults)``, its state sharded across ranks under zero1.
+
+    zero1: a ``ZeroRedundancyOptimizer`` over ``process_group`` (see Note: [zero1 is
+    torch's ZeroRedundancyOptimizer over DDP]); every other strategy: the optimizer itself
+    (FSDP2's parameters are already shards). Invariant: the parameters after each step are
+    those the unsharded optimizer gives (each rank steps its own parameters with the same
+    maths, then broadcasts them).
+    """
+    if plan.strategy != "zero1":
+        return optimizer_class(params, **defaults)  # type: ignore[call-arg]
+    if process_group is None:
+        process_group = dist.group.WORLD
+    return ZeroRedundancyOptimizer(list(params), optimizer_class=optimizer_class,
+                                   process_group=process_group, **defaults)
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state_dict; under zero1 the full one, on every rank (collective).
+
+    ZeroRedundancyOptimizer's state is consolidated onto each rank in turn and read there,
+    so every rank returns the same torch-format state (global parameter indices) that a
+    plain optimizer or a ZeroRedundancyOptimizer at any world size loads. Every rank must
+    call it. The consolidated copy is not kept in the optimizer afterwards (it would be a
+    full copy of the state on the host until the next call).
+    """
+    if not isinstance(optimizer, ZeroRedundancyOptimizer):
+        return optimizer.state_dict()
+    state: dict[str, Any] = {}
+    for rank in range(optimizer.world_size):
+        optimizer.consolidate_state_dict(to=rank)
+        if rank == optimizer.rank:
+            state = optimizer.state_dict()
+    # torch keeps the gathered per-rank states here until the next consolidation (private;
+    # tests/distributed/shard_worker.py checks that it is still the attribute emptied).
+    optimizer._all_state_dicts = []  # type: ignore[attr-defined]
+    return state
 
 
 class ShardPass:
@@ -87,38 +211,59 @@ class ShardPass:
                 "torch.distributed.init_process_group() before building the result (or pass "
                 "process_group=...)."
             )
+        precision = ctx.plan.precision if ctx.plan is not None else None
         return shard_model(model, plan=section, graph=ctx.graph,
-                           process_group=ctx.process_group, device_type=ctx.device.type)
+                           process_group=ctx.process_group, device_type=ctx.device.type,
+                           precision=precision)
 
     def memory(self, section: ShardPlan, graph: ModelGraph,
                terms: MemoryTerms) -> MemoryTerms:
         """Per-rank bytes. See Note: [per-rank memory of each strategy]."""
+        ws = section.world_size
         if section.strategy in ("none", "ddp"):
             return terms
-        ws = section.world_size
+        if section.strategy == "zero1":
+            return terms.replace(optimizer_state=terms.optimizer_state // ws)
         blocks = [b.param_bytes for b in graph.blocks]
         largest = max(blocks, default=0)
-        gradients = terms.gradients // ws
-        temporaries = terms.temporaries + largest  # one unit's unsharded grad, pre-reduce
+        root_own = max(graph.param_bytes - sum(blocks), 0)
         if section.strategy == "zero2":
-            parameters = terms.parameters // ws + graph.param_bytes
+            live = graph.param_bytes
+        elif section.reshard_to is None:
+            live = root_own + 2 * largest
         else:
-            root_own = max(graph.param_bytes - sum(blocks), 0) if blocks else graph.param_bytes
-            parameters = terms.parameters // ws + root_own + 2 * largest
-        return terms.replace(parameters=parameters, gradients=gradients,
+            live = root_own + 2 * largest + sum(blocks) // section.reshard_to
+        return terms.replace(parameters=terms.parameters // ws + live,
+                             gradients=terms.gradients // ws,
                              optimizer_state=terms.optimizer_state // ws,
-                             temporaries=temporaries)
+                             temporaries=terms.temporaries + 2 * largest)
 
 
 # Note: [per-rank memory of each strategy]
 # ddp: every rank holds parameters, gradients and state whole; with gradient_as_bucket_view
 # the buckets are the gradients, so DDP adds nothing to the terms (bucket_cap_mb sets how
 # the gradient bytes are cut for the all-reduce, not how many there are).
+# zero1: as ddp, but each rank keeps the optimizer state of its own parameters only
+# (optimizer_state / ws; ZeRO's partition is by whole parameters, so a rank's share is
+# near, not exactly, 1/ws). The step's broadcast writes into the parameters: no buffer.
 # zero2 (FSDP2, blocks not resharded after forward): every rank keeps its 1/ws shard of
 # parameters, gradients and optimizer state; the all-gathered parameters of every unit stay
 # live from forward to the end of backward, so the whole unsharded model is live at the
-# peak (parameters/ws + param_bytes); one unit's unsharded gradient is live until its
-# reduce-scatter (the largest block's, among the temporaries).
-# zero3: blocks reshard after forward, so at most two blocks are unsharded at once (the one
-# running and the one prefetched); the root's own parameters (embeddings, head) stay
-# unsharded through the step (the root is not resharded after forward).
+# peak (parameters/ws + param_bytes). Among the temporaries, two units' gradient bytes:
+# the running unit's unsharded gradient, and the previous unit's reduce-scatter input,
+# which FSDP2 keeps until the next unit's reduce-scatter starts
+# (reduce_scatter_max_input_buffers=1); the largest block's, twice.
+# zero3: blocks reshard after forward, so at most two units are unsharded at once (the one
+# running and the one prefetched: FSDP2's all-gather buffers); the root's own parameters
+# stay unsharded through the step (the root is not resharded after forward). With
+# reshard_to=r each block keeps a 1/r shard from its forward to its backward on top.
+# The graph names blocks only, so embeddings and heads that shard_units makes units are
+# counted as the root's own here: an over-estimate for zero3 by their unsharded bytes.
+# offload: on a CPU machine the host is the device, so moving the sharded state to host
+# memory saves nothing of a per-device budget there and the terms stay as they are; on an
+# accelerator the sharded parameters, gradients and optimizer state (the "/ ws" terms) would
+# leave the device, which MemoryTerms cannot tell apart (it has no device): the estimate
+# keeps them, an over-estimate for offload on an accelerator.
+# bf16 (MixedPrecisionPolicy): the unsharded parameters are bf16, half the bytes counted
+# above, and autocast then caches no weight copies; Pass.memory sees only its own section,
+# so this too is left as an over-estimate.

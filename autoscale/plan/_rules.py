@@ -108,20 +108,20 @@ def optimizer_kind_kernel_precision(plan: Plan) -> None:
 
 @plan_rule
 def shard_precision(plan: Plan) -> None:
-    """FSDP2 strategies (zero2/zero3) run in fp32 only: autocast is not their precision knob.
+    """FSDP2 strategies (zero2/zero3) run in fp32 or bf16; fp16 is refused.
 
-    Under FSDP2 the precision knob is ``MixedPrecisionPolicy(param_dtype=, reduce_dtype=)``
-    (issue 14: params cast per unit, gradients reduced in fp32), which the shard pass does
-    not set yet. Autocast around FSDP2 units and torch.amp.GradScaler on DTensor gradients
-    are untested here, so the pair is refused rather than run unchecked. DDP composes with
-    autocast and GradScaler as one process does (they act on the forward and the loss, DDP
-    on the gradients after backward).
+    Under FSDP2, bf16 is FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=fp32)`` with autocast kept around the forward (passes/shard.py, Note:
+    [bf16 under FSDP2]). fp16 needs torch.amp.GradScaler on DTensor gradients, whose
+    unscale and inf check across shards autoscale does not check, so the pair is refused
+    rather than run unchecked. DDP and zero1 compose with autocast and GradScaler as one
+    process does (they act on the forward and the loss, DDP on the gradients after backward).
     """
     strategy, mode = plan.shard.strategy, plan.precision.mode
-    if strategy in ("zero2", "zero3") and mode != "fp32":
+    if strategy in ("zero2", "zero3") and mode == "fp16":
         raise PlanError(
-            f"shard.strategy={strategy!r} with precision.mode={mode!r} is not supported: "
-            "under FSDP2 mixed precision is FSDP2's MixedPrecisionPolicy, which autoscale "
-            "does not set yet. Use precision.mode='fp32', or shard.strategy='ddp' (which "
-            "composes with autocast)."
+            f"shard.strategy={strategy!r} with precision.mode='fp16' is not supported: "
+            "loss scaling of FSDP2's sharded gradients is not checked by autoscale. Use "
+            "precision.mode='bf16' (FSDP2's MixedPrecisionPolicy) or 'fp32', or "
+            "shard.strategy='ddp'/'zero1' (which compose with fp16 autocast and GradScaler)."
         )

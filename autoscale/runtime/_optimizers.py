@@ -8,8 +8,10 @@ from typing import Any
 import torch
 
 from autoscale.errors import PlanError
+from autoscale.passes.shard import shard_optimizer
 from autoscale.plan._plan import OptimizerPlan
 from autoscale.plan._rules import OPTIMIZER_TABLE, check_optimizer
+from autoscale.plan._shard import ShardPlan
 
 __all__ = ["OPTIMIZER_KINDS", "build_optimizer", "optimizer_plan"]
 
@@ -48,13 +50,17 @@ def optimizer_plan(name: str, kwargs: Mapping[str, Any] | None, *, kernel: str =
                          kwargs=kwargs)
 
 
-def build_optimizer(plan: OptimizerPlan, params: Iterable[torch.nn.Parameter]
+def build_optimizer(plan: OptimizerPlan, params: Iterable[torch.nn.Parameter], *,
+                    shard: ShardPlan | None = None, process_group: Any = None
                     ) -> torch.optim.Optimizer:
     """Construct the optimizer ``plan`` names over ``params``.
 
     kernel='torch' uses torch.optim; any other kernel uses autoscale.optim's class with
     that kernel choice ('auto' lets its dispatcher pick by measurement), except kind
-    'adam', which autoscale.optim lacks: 'auto' builds torch.optim.Adam.
+    'adam', which autoscale.optim lacks: 'auto' builds torch.optim.Adam. Under a
+    ``shard`` plan of strategy zero1 that optimizer is built sharded over
+    ``process_group`` (passes/shard.py's ``shard_optimizer``: a ZeroRedundancyOptimizer
+    around the class).
 
     Raises PlanError (naming field, value and fix) for a combination outside
     autoscale.plan._rules.OPTIMIZER_TABLE, the same table a Plan is checked against,
@@ -65,15 +71,17 @@ def build_optimizer(plan: OptimizerPlan, params: Iterable[torch.nn.Parameter]
     # optimizer here takes, are handed over as they are.
     kwargs = dict(plan.kwargs)
     params = [p for p in params if p.requires_grad]
-    try:
-        if plan.kernel == "torch" or plan.kind not in _AUTOSCALE:
-            opt: torch.optim.Optimizer = getattr(torch.optim, _TORCH[plan.kind])(
-                params, **kwargs)
-            return opt
+    if plan.kernel == "torch" or plan.kind not in _AUTOSCALE:
+        cls: type[torch.optim.Optimizer] = getattr(torch.optim, _TORCH[plan.kind])
+    else:
         import autoscale.optim as optim
 
         cls = getattr(optim, _AUTOSCALE[plan.kind])
-        return cls(params, kernel=plan.kernel, **kwargs)  # type: ignore[no-any-return]
+        kwargs["kernel"] = plan.kernel
+    try:
+        return shard_optimizer(cls, params, plan=shard or ShardPlan(),
+                               process_group=process_group, **kwargs)
     except TypeError as err:
+        given = sorted(k for k in kwargs if k != "kernel")
         raise PlanError(f"optimizer {plan.kind!r} does not take these arguments "
-                        f"{sorted(kwargs)}: {err}. Fix optimizer_kwargs.") from err
+                        f"{given}: {err}. Fix optimizer_kwargs.") from err

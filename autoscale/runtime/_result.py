@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from autoscale.passes import PIPELINE, PassContext
+from autoscale.passes.shard import full_optimizer_state
 from autoscale.plan._plan import Plan, SchedulePlan
 from autoscale.runtime._batch import (
     Batch,
@@ -103,10 +104,13 @@ class Result:
         """Model, optimizer and loss-scaler state, for checkpoint and resume.
 
         The model's keys are the user's model's under every plan (DDP's ``module.`` prefix
-        is not added); under FSDP2 its values are the rank's DTensor shards.
+        is not added); under FSDP2 its values are the rank's DTensor shards. Under zero1
+        the optimizer's state is consolidated from every rank: a collective, so every rank
+        calls this, and each gets the whole state in torch's format (passes/shard.py,
+        ``full_optimizer_state``).
         """
         state = {"model": self._user_module.state_dict(),
-                 "optimizer": self.optimizer.state_dict()}
+                 "optimizer": full_optimizer_state(self.optimizer)}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         if self.scheduler is not None:
@@ -114,8 +118,12 @@ class Result:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; ``state`` itself is not changed."""
         self._user_module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer = state["optimizer"]
+        # ZeroRedundancyOptimizer.load_state_dict sets the entries of other ranks'
+        # parameters to None in the dict it is given: hand it a copy of the mapping.
+        self.optimizer.load_state_dict({**optimizer, "state": dict(optimizer["state"])})
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         if self.scheduler is not None and "scheduler" in state:
@@ -145,7 +153,8 @@ def build_result(plan: Plan, model: nn.Module, *, loss_fn: LossFn | None = None,
         section = plan.sections[rewrite.section]
         if rewrite.enabled(section):
             model = rewrite.apply(model, section, ctx)
-    optimizer = build_optimizer(plan.optimizer, model.parameters())
+    optimizer = build_optimizer(plan.optimizer, model.parameters(), shard=plan.shard,
+                                process_group=process_group)
     scheduler = _build_schedule(plan.schedule, optimizer)
     scaler = None
     if plan.precision.mode == "fp16":
