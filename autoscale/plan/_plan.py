@@ -353,6 +353,20 @@ class Measured:
             raise PlanError("measured figures must be >= 0.")
 
 
+#: Measured fields added after schema 1, written only when set, so a schema-1 file
+#: round-trips to the same text.
+_MEASURED_LATER = ("comm_bytes_per_step", "baseline_comm_bytes_per_step")
+
+
+def _measured_json(measured: Measured | None) -> Any:
+    data = to_json_value(measured)
+    if isinstance(data, dict):
+        for key in _MEASURED_LATER:
+            if data.get(key) is None:
+                data.pop(key, None)
+    return data
+
+
 def _default_sections() -> dict[str, Any]:
     return {name: cls() for name, cls in _SECTIONS.items()}
 
@@ -426,7 +440,7 @@ class Plan:
             "schema_version": self.schema_version,
             "fingerprint": to_json_value(self.fingerprint),
             "environment": to_json_value(self.environment),
-            "measured": to_json_value(self.measured),
+            "measured": _measured_json(self.measured),
             "sections": {name: to_json_value(s) for name, s in self._written().items()},
         }
 

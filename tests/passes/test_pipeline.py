@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import autoscale.runtime._result as runtime
-from autoscale import CheckpointPlan, Plan, PrecisionPlan, ShardPlan, capture
+from autoscale import CheckpointPlan, CompressPlan, Plan, PrecisionPlan, ShardPlan, capture
 from autoscale.cost._cost import estimate_graph
 from autoscale.passes import PIPELINE, MemoryTerms, Pass, PassContext
 from autoscale.plan._plan import _SECTIONS
@@ -117,8 +117,16 @@ def test_each_pass_reports_memory_on_the_terms(rewrite) -> None:
     assert off == terms, "a switched-off pass changes nothing"
     on = {"checkpoint": CheckpointPlan(blocks=tuple(b.fqn for b in graph.blocks)),
           "precision": PrecisionPlan(mode="bf16"),
-          "shard": ShardPlan(strategy="zero3", world_size=2)}[rewrite.section]
+          "shard": ShardPlan(strategy="zero3", world_size=2),
+          "compress": CompressPlan(method="int8")}[rewrite.section]
     after = rewrite.memory(on, graph, terms)
+    if rewrite.section == "compress":
+        # Error feedback keeps an fp32 residual of the gradient, and the packed send
+        # buffers are temporaries; the forward is untouched.
+        assert after.gradients > terms.gradients
+        assert after.temporaries > terms.temporaries
+        assert after.activations == terms.activations
+        return
     if rewrite.section == "shard":
         # Sharding divides static memory across ranks; activations stay per rank.
         assert after.gradients < terms.gradients
