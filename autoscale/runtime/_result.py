@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from autoscale.errors import TunerError
 from autoscale.passes import PIPELINE, PassContext
 from autoscale.passes.shard import full_optimizer_state
 from autoscale.plan._plan import Plan, SchedulePlan
@@ -48,6 +49,9 @@ class Result:
     scaler: torch.amp.GradScaler | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     graph: Any = field(default=None, repr=False)
+    needs_ranks: int | None = None
+    """Set when the plan is for N ranks but this Result was built in one process (what
+    optimize(world_size=N) returns): it carries the plan and report, and step() refuses."""
 
     @property
     def device(self) -> torch.device:
@@ -66,6 +70,11 @@ class Result:
         run under ``no_sync()`` and accumulate locally). FSDP2 reduce-scatters every
         micro-batch's gradients, which keeps only the shard between micro-batches.
         """
+        if self.needs_ranks is not None:
+            raise TunerError(
+                f"this plan is for a {self.needs_ranks}-rank job and this process is one: "
+                f"save it (result.plan.save('plan.json')) and run autoscale.apply(plan, model, "
+                f"inputs) in each rank under torchrun --nproc-per-node {self.needs_ranks}.")
         batch = to_device(check_batch(batch, name="batch"), self.device)
         total = batch_size(batch)
         loss_sum = torch.zeros((), device=self.device)
