@@ -51,7 +51,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -70,6 +69,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _netns  # noqa: E402
+from bench_large_batch import cpu_name  # noqa: E402  (one CPU-model probe for bench/)
 
 GOAL_LINK = "100mbit"
 GOAL_SPEEDUP = 1.5
@@ -83,17 +83,6 @@ def device_line() -> str:
     """CPU model, cores, threads per rank, torch version."""
     return (f"device: cpu ({cpu_name()}, {os.cpu_count()} cores), 1 torch thread per rank, "
             f"{WORLD} gloo ranks; torch {torch.__version__}")
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one (platform.processor() is often '')."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def compress_available() -> bool:
