@@ -30,6 +30,7 @@ from torch.distributed.fsdp import (
     OffloadPolicy,
     fully_shard,
 )
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
@@ -38,8 +39,8 @@ from autoscale.errors import PassError
 from autoscale.passes.base import MemoryTerms, PassContext
 from autoscale.plan import PrecisionPlan, ShardPlan
 
-__all__ = ["ShardPass", "full_optimizer_state", "shard_model", "shard_optimizer",
-           "shard_units"]
+__all__ = ["ShardPass", "full_optimizer_state", "grad_scaler", "shard_model",
+           "shard_optimizer", "shard_units"]
 
 # Leaf modules outside the blocks that get their own FSDP2 unit: embeddings and output
 # heads, the big matrices outside the repeated layers. Norms and biases stay with the root
@@ -56,16 +57,17 @@ def shard_model(model: nn.Module, *, plan: ShardPlan, graph: ModelGraph | None,
     wrapper; its ``.module`` is ``model``); zero1's sharded optimizer is
     :func:`shard_optimizer`'s. zero2/zero3 call FSDP2's ``fully_shard`` in place on each of
     :func:`shard_units` (the captured blocks, then embeddings and heads), then on the root.
-    Under bf16 ``precision`` the units get ``MixedPrecisionPolicy(param_dtype=bf16,
-    reduce_dtype=fp32)`` (see Note: [bf16 under FSDP2]); with ``plan.offload``,
-    ``CPUOffloadPolicy(pin_memory=False)``.
+    Under bf16 or fp16 ``precision`` the units get ``MixedPrecisionPolicy(param_dtype=bf16
+    or fp16, reduce_dtype=fp32)`` (see Note: [bf16 under FSDP2]; fp16's loss scaler is
+    :func:`grad_scaler`'s); with ``plan.offload``, ``CPUOffloadPolicy(pin_memory=False)``.
 
     Invariant: when every rank steps on its own equal share of a batch, the gradients (hence
     the parameters after each optimizer step) equal those of one process on the whole batch,
     up to the reordering of fp32 sums in the all-reduce / reduce-scatter (tests bound it);
-    under bf16, up to the rounding of the bf16 forward and backward that one process under
-    autocast also does. Parameter names are unchanged; DDP prefixes state_dict keys with
-    ``module.``, which the runtime's Result.state_dict removes.
+    under bf16/fp16, up to the rounding of the low-precision forward and backward that one
+    process under autocast also does (fp16: with the same steps skipped by the loss
+    scaler). Parameter names are unchanged; DDP prefixes state_dict keys with ``module.``,
+    which the runtime's Result.state_dict removes.
     """
     size = dist.get_world_size(process_group)
     if size != plan.world_size:
@@ -100,21 +102,57 @@ def shard_model(model: nn.Module, *, plan: ShardPlan, graph: ModelGraph | None,
 # in fp32, which FSDP2's parameter cast alone would run in bf16. FSDP2's cast of each unit's
 # inputs is off (cast_forward_inputs=False): autocast casts what the matmuls take, and float
 # inputs that are no matmul's (regression targets) keep their precision, as under autocast
-# on one process. fp16 is refused by a plan rule: torch.amp.GradScaler's unscale on DTensor
-# gradients is not checked here.
+# on one process. fp16 is the same policy with param_dtype=fp16; see Note: [fp16 under
+# FSDP2] for its loss scaling.
+_LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _fsdp_options(plan: ShardPlan, precision: PrecisionPlan | None) -> dict[str, Any]:
     options: dict[str, Any] = {}
-    if precision is not None and precision.mode == "bf16":
-        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+    if precision is not None and precision.mode in _LOW_DTYPES:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=_LOW_DTYPES[precision.mode],
                                                     reduce_dtype=torch.float32,
                                                     cast_forward_inputs=False)
     elif precision is not None and precision.mode != "fp32":
         raise PassError(f"precision.mode={precision.mode!r} under shard.strategy="
-                        f"{plan.strategy!r} is not supported; use 'bf16' or 'fp32'.")
+                        f"{plan.strategy!r} is not supported; use 'bf16', 'fp16' or 'fp32'.")
     # pin_memory needs an accelerator; on a CPU-only job the offloaded state stays put.
     options["offload_policy"] = (CPUOffloadPolicy(pin_memory=False) if plan.offload
                                  else OffloadPolicy())
     return options
+
+
+# Note: [fp16 under FSDP2]
+# fp16's loss scaling must skip the same steps on every rank: a rank that stepped while
+# another skipped would leave the shards of one parameter from two different models.
+# Under FSDP2 each rank unscales and checks only its own gradient shards (fp32: the
+# reduce-scatter ran in reduce_dtype, so an fp16 overflow in backward arrives as an inf in
+# some rank's shard). torch's ShardedGradScaler is GradScaler with an all-reduce of
+# found_inf over the process group after the unscale, so every rank sees any rank's inf;
+# on DTensor gradients torch 2.13's _amp_foreach_non_finite_check_and_unscale_ runs on the
+# local shards (DTensor's found_inf_reduce_handler also max-reduces found_inf over the
+# mesh, once per device and dtype group). ShardedGradScaler's own all-reduce is kept
+# anyway: it does not depend on every gradient being a DTensor, and it covers a rank that
+# holds no gradient at all. Checked on 2 gloo ranks (tests/passes/test_shard.py): an inf
+# put into one rank's shard makes both ranks skip that step and halve the scale.
+def grad_scaler(precision: PrecisionPlan, shard: ShardPlan, *, device_type: str,
+                process_group: Any = None) -> torch.amp.GradScaler | None:
+    """The loss scaler for ``precision``: None unless fp16, then a GradScaler.
+
+    Under FSDP2 (zero2/zero3) it is torch's ShardedGradScaler over ``process_group`` (the
+    default group when None), so that every rank skips the same steps (see Note: [fp16
+    under FSDP2]); otherwise ``torch.amp.GradScaler`` (DDP and zero1 gradients are whole
+    on every rank after the all-reduce, so each rank finds the same infs). Both start at
+    ``precision.init_scale``.
+    """
+    if precision.mode != "fp16":
+        return None
+    if not shard.uses_fsdp:
+        return torch.amp.GradScaler(device_type, init_scale=precision.init_scale)
+    if process_group is None:
+        process_group = dist.group.WORLD
+    return ShardedGradScaler(device_type, init_scale=precision.init_scale,
+                             process_group=process_group)
 
 
 def shard_units(model: nn.Module, graph: ModelGraph | None) -> list[str]:
@@ -264,6 +302,6 @@ class ShardPass:
 # accelerator the sharded parameters, gradients and optimizer state (the "/ ws" terms) would
 # leave the device, which MemoryTerms cannot tell apart (it has no device): the estimate
 # keeps them, an over-estimate for offload on an accelerator.
-# bf16 (MixedPrecisionPolicy): the unsharded parameters are bf16, half the bytes counted
-# above, and autocast then caches no weight copies; Pass.memory sees only its own section,
-# so this too is left as an over-estimate.
+# bf16, fp16 (MixedPrecisionPolicy): the unsharded parameters are 16-bit, half the bytes
+# counted above, and autocast then caches no weight copies; Pass.memory sees only its own
+# section, so this too is left as an over-estimate.

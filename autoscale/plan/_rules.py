@@ -2,8 +2,8 @@
 
 A section's ``__post_init__`` checks what involves its own fields alone (ranges, a null
 that needs a 1). Every rule that ties fields together (the optimizer's kind, kernel and
-state precision) or ties sections together (sharding x precision, compression x world
-size, as passes add them) is a function ``(plan) -> None`` registered with
+state precision) or ties sections together (compression x precision, compression x
+world size, as passes add them) is a function ``(plan) -> None`` registered with
 :func:`plan_rule`; :class:`~autoscale.plan.Plan` runs all of them when it is built, so
 a plan that constructs (from Python or from a file) satisfies every rule.
 Each rule raises PlanError naming the field, the value and the fix.
@@ -104,24 +104,6 @@ def optimizer_kind_kernel_precision(plan: Plan) -> None:
 
 
 # -- shard x precision -----------------------------------------------------------------
-
-
-@plan_rule
-def shard_precision(plan: Plan) -> None:
-    """FSDP2 strategies (zero2/zero3) run in fp32 or bf16; fp16 is refused.
-
-    Under FSDP2, bf16 is FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16,
-    reduce_dtype=fp32)`` with autocast kept around the forward (passes/shard.py, Note:
-    [bf16 under FSDP2]). fp16 needs torch.amp.GradScaler on DTensor gradients, whose
-    unscale and inf check across shards autoscale does not check, so the pair is refused
-    rather than run unchecked. DDP and zero1 compose with autocast and GradScaler as one
-    process does (they act on the forward and the loss, DDP on the gradients after backward).
-    """
-    strategy, mode = plan.shard.strategy, plan.precision.mode
-    if strategy in ("zero2", "zero3") and mode == "fp16":
-        raise PlanError(
-            f"shard.strategy={strategy!r} with precision.mode='fp16' is not supported: "
-            "loss scaling of FSDP2's sharded gradients is not checked by autoscale. Use "
-            "precision.mode='bf16' (FSDP2's MixedPrecisionPolicy) or 'fp32', or "
-            "shard.strategy='ddp'/'zero1' (which compose with fp16 autocast and GradScaler)."
-        )
+# Every strategy composes with every precision mode: FSDP2 (zero2/zero3) runs bf16 and fp16
+# through its MixedPrecisionPolicy and fp16's loss scaling through ShardedGradScaler
+# (passes/shard.py, Note: [fp16 under FSDP2]), so no rule ties the two sections.

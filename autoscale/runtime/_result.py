@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from autoscale.errors import TunerError
 from autoscale.passes import PIPELINE, PassContext
-from autoscale.passes.shard import full_optimizer_state
+from autoscale.passes.shard import full_optimizer_state, grad_scaler
 from autoscale.plan._plan import Plan, SchedulePlan
 from autoscale.runtime._batch import (
     Batch,
@@ -165,9 +165,9 @@ def build_result(plan: Plan, model: nn.Module, *, loss_fn: LossFn | None = None,
     optimizer = build_optimizer(plan.optimizer, model.parameters(), shard=plan.shard,
                                 process_group=process_group)
     scheduler = _build_schedule(plan.schedule, optimizer)
-    scaler = None
-    if plan.precision.mode == "fp16":
-        scaler = torch.amp.GradScaler(device.type, init_scale=plan.precision.init_scale)
+    # Under FSDP2 a sharded scaler, so that every rank skips the same steps.
+    scaler = grad_scaler(plan.precision, plan.shard, device_type=device.type,
+                         process_group=process_group)
     return Result(model=model, optimizer=optimizer, plan=plan,
                   loss_fn=loss_fn or default_loss, scaler=scaler, scheduler=scheduler,
                   graph=graph)

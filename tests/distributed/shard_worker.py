@@ -7,9 +7,11 @@ torch on the whole batch in this process.
 - train (2 ranks): per case, the per-step losses (averaged across ranks) and the plain
   run's, the largest difference between the final parameters (gathered with full_tensor
   under FSDP2) and the plain run's, how far the params moved, the wrapper types, whether
-  Result.state_dict kept the user's keys and whether it round-trips; and per strategy
-  ("memory/<strategy>") the measured per-rank peak of one step (the largest over ranks)
-  next to the cost model's estimate.
+  Result.state_dict kept the user's keys and whether it round-trips, the loss scaler's type
+  and final scale; per strategy ("memory/<strategy>") the measured per-rank peak of one
+  step (the largest over ranks) next to the cost model's estimate; and for zero2/zero3
+  under fp16 ("overflow/<strategy>-fp16"), each rank's view of a step with an inf put
+  into rank 1's gradient shard.
 - reshard (4 ranks): zero3 with reshard_to=2 against the plain run.
 """
 
@@ -78,6 +80,10 @@ SGD = OptimizerPlan(kind="sgd", kernel="torch", kwargs={"lr": 0.1, "momentum": 0
 ADAMW = OptimizerPlan(kind="adamw", kernel="torch", kwargs={"lr": 1e-2})
 CKPT = CheckpointPlan(blocks=("blocks.0", "blocks.1"))
 BF16 = PrecisionPlan(mode="bf16")
+# A moderate initial scale: this Net's backward stays finite in fp16 at 2**8, so the plain
+# run and the sharded one skip no step and their figures compare (the overflow case forces
+# one skip).
+FP16 = PrecisionPlan(mode="fp16", init_scale=2.0**8)
 
 
 def _shard(strategy: str, **kwargs: Any) -> ShardPlan:
@@ -104,6 +110,11 @@ def _cases() -> dict[str, dict[str, Any]]:
         # FSDP2's MixedPrecisionPolicy (bf16 params, fp32 reduce) under autocast.
         "zero2-bf16": dict(shard=_shard("zero2"), precision=BF16),
         "zero3-bf16": dict(shard=_shard("zero3"), precision=BF16),
+        # FSDP2's MixedPrecisionPolicy (fp16 params, fp32 reduce) under autocast, loss
+        # scaled by ShardedGradScaler; DDP's fp16 (plain GradScaler) next to it.
+        "ddp-fp16": dict(shard=_shard("ddp"), precision=FP16),
+        "zero2-fp16": dict(shard=_shard("zero2"), precision=FP16),
+        "zero3-fp16": dict(shard=_shard("zero3"), precision=FP16),
         "zero2-offload": dict(shard=_shard("zero2", offload=True), optimizer=ADAMW),
         "zero3-offload": dict(shard=_shard("zero3", offload=True), optimizer=ADAMW),
     }
@@ -126,13 +137,17 @@ def _plain(model: nn.Module, plan: Plan) -> tuple[list[float], list[torch.Tensor
     model = copy.deepcopy(model)
     cls = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[plan.optimizer.kind]
     opt = cls(model.parameters(), **plan.optimizer.kwargs)
-    low = plan.precision.mode == "bf16"
+    mode = plan.precision.mode
+    dtype = torch.float16 if mode == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cpu", init_scale=plan.precision.init_scale,
+                                  enabled=mode == "fp16")
     losses = []
     for x, y in _batches():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+        with torch.autocast("cpu", dtype=dtype, enabled=mode != "fp32"):
             loss = model(x, y)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad()
         losses.append(loss.item())
     return losses, [p.detach() for p in model.parameters()]
@@ -176,6 +191,8 @@ def _run(name: str, sections: dict, model: nn.Module, graph) -> dict:
         "block_types": [type(b).__name__ for b in user.blocks],
         "block_weight_after_forward": sorted(set(seen)),
         "keys_kept": list(result.state_dict()["model"]) == list(model.state_dict()),
+        "scaler": type(result.scaler).__name__,
+        "scale": result.scaler.get_scale() if result.scaler is not None else None,
     }
     if name.startswith("zero1"):
         out.update(_round_trip(result, plan, model, graph))
@@ -290,6 +307,40 @@ def _live_bytes(result, batch: tuple[torch.Tensor, ...]) -> int:
     return total
 
 
+def _overflow(strategy: str, model: nn.Module, graph) -> dict:
+    """fp16 under FSDP2 with an inf put into rank 1's shard of one gradient at step 1
+    (of 0, 1, 2), just before the loss scaler unscales: per rank, whether the parameters
+    moved at each step, the scale after it, and whether the rank's own shards held an inf
+    when the unscale began."""
+    plan = Plan(sections={"optimizer": SGD, "shard": _shard(strategy), "precision": FP16})
+    result = build_result(plan, model, graph=graph)
+    scaler, rank = result.scaler, dist.get_rank()
+    unscale, step = scaler.unscale_, [0]
+    saw_inf: list[bool] = []
+
+    def unscale_with_inf(optimizer: torch.optim.Optimizer) -> None:
+        weight = _user(result.model).blocks[0].up.weight  # 26 rows: 13 on each rank
+        if rank == 1 and step[0] == 1:
+            weight.grad.to_local()[0, 0] = float("inf")
+        saw_inf.append(not all(p.grad.to_local().isfinite().all().item()
+                               for p in result.model.parameters() if p.grad is not None))
+        unscale(optimizer)
+
+    scaler.unscale_ = unscale_with_inf  # type: ignore[method-assign]
+    moved, scales = [], []
+    for step[0], batch in enumerate(_batches()[:3]):
+        before = [p.detach().to_local().clone() for p in result.model.parameters()]
+        result.step(_mine(batch))
+        moved.append(any(not torch.equal(b, p.detach().to_local())
+                         for b, p in zip(before, result.model.parameters(), strict=True)))
+        scales.append(scaler.get_scale())
+    mine = {"moved": moved, "scales": scales, "saw_inf": saw_inf,
+            "scaler": type(scaler).__name__}
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {"ranks": every}
+
+
 def _reshard() -> dict:
     torch.manual_seed(0)
     model = Net()
@@ -314,6 +365,8 @@ def main(out: str, mode: str) -> None:
         graph = capture(model, _batches()[0])
         results.update({name: _run(name, sections, model, graph)
                         for name, sections in _cases().items()})
+        for strategy in ("zero2", "zero3"):
+            results[f"overflow/{strategy}-fp16"] = _overflow(strategy, model, graph)
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(results, f)
