@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import optuna
 import torch
 from torch import nn
 
@@ -33,6 +34,7 @@ from autoscale.runtime._batch import Batch, LossFn, batch_size, check_batch
 from autoscale.runtime._optimizers import optimizer_plan
 from autoscale.runtime._result import Result, build_result
 from autoscale.search._study import (
+    LinkCheck,
     SearchSpace,
     TrialRecord,
     closest_miss,
@@ -66,6 +68,9 @@ class Report:
     study_name: str | None
     world_size: int = 1
     """Ranks every trial ran as; above 1 the baseline is plain DDP at the same global batch."""
+    notes: tuple[str, ...] = ()
+    """Decisions the tuner took outside the trials, one line each: the link check that
+    decided whether compression was searched, a lossy finalist set aside for its exact twin."""
 
     @property
     def speedup(self) -> float | None:
@@ -211,10 +216,12 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
                                              folder=stack))
         baseline, took = _timed(lambda: _baseline(runner, setup.optimizer))
         timeout = trial_timeout or max(_MIN_TRIAL_TIMEOUT_S, _TIMEOUT_FACTOR * took)
+        space, notes = _space_for_the_link(setup.space, runner, baseline, study,
+                                           timeout_s=timeout)
         calibration = calibrate(model, setup.graph, setup.reference,
                                 peak_bytes=baseline.peak_memory_bytes,
                                 step_time_s=baseline.step_time_s)
-        records = run_search(study, setup.space, setup.base, model=model, graph=setup.graph,
+        records = run_search(study, space, setup.base, model=model, graph=setup.graph,
                              budget=setup.budget, calibration=calibration, trials=trials,
                              measure=lambda plan: runner.measure(plan, timeout_s=timeout),
                              on_trial=on_trial)
@@ -223,14 +230,60 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
             raise _nothing_fits(setup.budget, baseline, study,
                                     sum(1 for r in records if not r.is_repeat))
         plans = [Plan.from_dict(t.user_attrs["plan"]) for t in finalists]
+        peaks: list[int | None] = [t.user_attrs["peak_memory_bytes"] for t in finalists]
+        twins = _exact_twins(plans, peaks)
         baseline, confirmed = _confirm(runner, plans, setup.optimizer, timeout_s=timeout,
                                        rounds=_CONFIRM_ROUNDS)
-    plan = _winner(setup, plans, [t.user_attrs["peak_memory_bytes"] for t in finalists],
-                   confirmed, baseline)
+    plan, why = _winner(setup, plans, peaks, confirmed, baseline, twins)
     result = _result(plan, model, setup, loss_fn=loss_fn, inplace=inplace)
     result.report = Report(baseline, plan.measured, tuple(records), setup.budget,
-                           setup.graph.strategy, name, setup.world_size)
+                           setup.graph.strategy, name, setup.world_size,
+                           notes=(*notes, *why))
     return result
+
+
+def _twin_note(plan: Plan, lossy: Measurement, exact: Measurement, *, chosen: bool) -> str:
+    verdict = "kept" if chosen else f"set aside: it needs over {1 + LOSSY_MARGIN:.2f}x"
+    return (f"finalist with compress={plan.compress.method}: "
+            f"{lossy.samples_per_s / exact.samples_per_s:.2f}x its uncompressed twin "
+            f"({verdict})")
+
+
+def _space_for_the_link(space: SearchSpace, runner: TrialRunner, baseline: Measurement,
+                        study: optuna.Study, *, timeout_s: float
+                        ) -> tuple[SearchSpace, tuple[str, ...]]:  # fmt: skip
+    """The search space with compression dropped where the link says it cannot pay (Note:
+    [when compression can pay]); the check is stored on the study and reported."""
+    if not isinstance(runner, WorkerRunner) or runner.world_size == 1 or not any(
+            c != "none" for c in space.compressors):
+        return space, ()
+    grads = baseline.comm_bytes_per_step or 0
+    try:
+        seconds = runner.all_reduce_seconds(grads, timeout_s=timeout_s)
+    except TrialFailed as err:
+        raise TunerError(f"the link between the trial ranks could not be timed: "
+                         f"{err.reason}. Re-run; compressors=['none'] skips this check.") from err
+    link = LinkCheck(grads, seconds, baseline.step_time_s)
+    study.set_user_attr("link_check", link.to_dict())
+    if not link.worth_searching:
+        space = dataclasses.replace(space, compressors=("none",))
+    return space, (link.describe(),)
+
+
+def _exact_twins(plans: list[Plan], peaks: list[int | None]) -> dict[int, int]:
+    """Add to ``plans`` the uncompressed twin of every compressed finalist that is not a
+    finalist itself (its peak unknown until confirmed: None in ``peaks``); returns each
+    compressed finalist's index -> its twin's. See Note: [lossy plans earn their place]."""
+    twins: dict[int, int] = {}
+    for i in range(len(plans)):
+        if plans[i].compress.method == "none":
+            continue
+        twin = plans[i].replace(compress=CompressPlan())
+        if twin not in plans:
+            plans.append(twin)
+            peaks.append(None)
+        twins[i] = plans.index(twin)
+    return twins
 
 
 def _result(plan: Plan, model: nn.Module, setup: _Setup, *, loss_fn: LossFn | None,
@@ -245,24 +298,45 @@ def _result(plan: Plan, model: nn.Module, setup: _Setup, *, loss_fn: LossFn | No
     return result
 
 
-def _winner(setup: _Setup, plans: Sequence[Plan], peaks: Sequence[int],
-            confirmed: Sequence[Measurement | None], baseline: Measurement) -> Plan:
-    """The finalist with the best confirmed throughput, carrying its figures."""
-    kept = {i: m for i, m in enumerate(confirmed) if m is not None}
+def _winner(setup: _Setup, plans: Sequence[Plan], peaks: Sequence[int | None],
+            confirmed: Sequence[Measurement | None], baseline: Measurement,
+            twins: dict[int, int] | None = None) -> tuple[Plan, tuple[str, ...]]:
+    """The finalist with the best confirmed throughput, carrying its figures, and the notes
+    on how it was chosen.
+
+    Note: [lossy plans earn their place]
+    A compressed plan changes the gradients every step, so it wins only by a clear margin:
+    its median confirmed throughput must beat its exact twin's (the same plan uncompressed,
+    confirmed in the same rounds) by more than LOSSY_MARGIN, the confirm rounds' noise on
+    this shared machine; otherwise the twin takes its place, if the twin fits. A twin that
+    was no finalist gets its peak from its confirm rounds.
+    """
+    budget = setup.budget
+    kept = {i: m for i, m in enumerate(confirmed) if m is not None
+            and (peaks[i] is not None or budget is None or m.peak_memory_bytes <= budget)}
     if not kept:
         raise TunerError("every finalist failed when measured again after the search; the "
                          "machine may be short of memory. Re-run, or run with isolate=False "
                          "to see the error.")
     pick = max(kept, key=lambda i: kept[i].samples_per_s)
+    twin = (twins or {}).get(pick)
+    if twin is not None and twin in kept and (
+            kept[pick].samples_per_s <= (1 + LOSSY_MARGIN) * kept[twin].samples_per_s):
+        pick = twin
+    notes = tuple(_twin_note(plans[i], kept[i], kept[t], chosen=i == pick)
+                  for i, t in sorted((twins or {}).items()) if i in kept and t in kept)
+    peak = peaks[pick]
+    if peak is None:
+        peak = kept[pick].peak_memory_bytes
     measured = Measured(
         samples_per_s=kept[pick].samples_per_s, step_time_s=kept[pick].step_time_s,
-        peak_memory_bytes=peaks[pick], memory_budget_bytes=setup.budget,
+        peak_memory_bytes=peak, memory_budget_bytes=setup.budget,
         baseline_samples_per_s=baseline.samples_per_s,
         baseline_peak_memory_bytes=baseline.peak_memory_bytes,
         batch_size=setup.graph.batch_size, comm_bytes_per_step=kept[pick].comm_bytes_per_step,
         baseline_comm_bytes_per_step=baseline.comm_bytes_per_step)
     return plans[pick].replace(fingerprint=setup.base.fingerprint,
-                               environment=setup.base.environment, measured=measured)
+                               environment=setup.base.environment, measured=measured), notes
 
 
 def _setup(model: nn.Module, example_inputs: Batch, *, memory_budget: int | str | None = None,
@@ -373,6 +447,9 @@ def _at_world_size(plan: Plan) -> Plan:
 #: Fastest feasible trials re-measured after the search, and interleaved rounds of
 #: (baseline, each finalist): see Note: [confirming the winner].
 _FINALISTS = 3
+#: How much faster than its exact twin a compressed plan must be: Note: [lossy plans earn
+#: their place]. Confirmed medians of one plan spread by up to ~4% here.
+LOSSY_MARGIN = 0.05
 _CONFIRM_ROUNDS = 3
 #: A trial's time limit when the caller sets none: generous against the baseline, whose
 #: task includes the worker's first steps (kernel choice, allocator warm-up).

@@ -126,6 +126,8 @@ def tune(
             console.print(failures, highlight=False, soft_wrap=True)
     elif report.best is not None:  # a resumed study that already held every trial
         console.print(f"the study already holds {trials} trials; none run again")
+    for note in report.notes:
+        console.print(note, highlight=False, soft_wrap=True)
     if report.best is not None:
         console.print(_comparison_table(report, result.plan))
     result.plan.save(out)

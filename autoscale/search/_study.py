@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 from torch import nn
 
+from autoscale._units import format_bytes
 from autoscale.cost._cost import Calibration, estimate_graph
 from autoscale.errors import PlanError, TunerError
 from autoscale.plan import (
@@ -33,7 +34,7 @@ from autoscale.plan import (
     ShardPlan,
 )
 
-__all__ = ["SearchSpace", "TrialRecord", "open_study", "run_search"]
+__all__ = ["LinkCheck", "SearchSpace", "TrialRecord", "open_study", "run_search"]
 
 _CONSTRAINT = "peak_over_budget_bytes"  # Optuna: <= 0 is feasible
 # The cost model over-counts saved activations; prune only what it is sure will not fit.
@@ -140,6 +141,60 @@ class SearchSpace:
 
 def _compress_param(strategy: str) -> str:
     return "compress_fsdp" if strategy in ("zero2", "zero3") else "compress_ddp"
+
+
+#: The uncompressed all-reduce's share of the baseline step below which compression is
+#: not searched: see Note: [when compression can pay].
+COMPRESS_MIN_SHARE = 0.15
+
+
+@dataclass(frozen=True)
+class LinkCheck:
+    """Whether gradient compression can pay between the ranks, judged before any trial.
+
+    Note: [when compression can pay]
+    Compression can save at most the time the uncompressed gradient reduction takes: the
+    all-reduce of every gradient byte, timed on the trial ranks' own link before the
+    search (a bound: DDP overlaps part of it with backward). It costs encode and decode
+    work on every step, which bench/bench_compress.py measured at 5-15% of the step on
+    loopback, where every compressor lost to plain DDP (the all-reduce there: ~10% of
+    the GPT example's step). So compression is searched only when that all-reduce takes
+    at least COMPRESS_MIN_SHARE of the baseline step: on loopback it is not tried at
+    all; over a 1 Gbit/s or 100 Mbit/s link (half the step or more) it is. What a lossy
+    plan must then show is in Note: [lossy plans earn their place] (autoscale/_api.py).
+    """
+
+    gradient_bytes: int
+    all_reduce_s: float
+    step_time_s: float
+
+    @property
+    def share(self) -> float:
+        """The uncompressed all-reduce over the baseline step time."""
+        return self.all_reduce_s / self.step_time_s
+
+    @property
+    def worth_searching(self) -> bool:
+        return self.share >= COMPRESS_MIN_SHARE
+
+    @property
+    def bytes_per_s(self) -> float:
+        """Gradient bytes all-reduced per second (the algorithm's, not the wire's)."""
+        return self.gradient_bytes / self.all_reduce_s
+
+    def describe(self) -> str:
+        verdict = ("compression searched" if self.worth_searching else
+                   f"compression not searched (under {COMPRESS_MIN_SHARE:.0%}: it cannot "
+                   "win back its own encode/decode time)")
+        return (f"link: an all-reduce of the {format_bytes(self.gradient_bytes)} of "
+                f"gradients takes {self.all_reduce_s * 1e3:.1f} ms, {self.share:.0%} of the "
+                f"baseline's {self.step_time_s * 1e3:.1f} ms step "
+                f"({format_bytes(int(self.bytes_per_s))}/s): {verdict}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gradient_bytes": self.gradient_bytes, "all_reduce_s": self.all_reduce_s,
+                "step_time_s": self.step_time_s, "share": self.share,
+                "compression_searched": self.worth_searching}
 
 
 @dataclass(frozen=True)

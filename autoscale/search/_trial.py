@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import statistics
+import time
 from typing import Literal
 
 import torch
@@ -30,7 +32,7 @@ from autoscale.runtime._batch import (
 )
 from autoscale.runtime._optimizers import build_optimizer
 
-__all__ = ["measure_baseline", "measure_plan"]
+__all__ = ["measure_baseline", "measure_plan", "time_all_reduce"]
 
 
 def measure_plan(plan: Plan, model: nn.Module, batch: Batch, *, loss_fn: LossFn | None,
@@ -94,6 +96,26 @@ def measure_baseline(model: nn.Module, batch: Batch, *, loss_fn: LossFn | None,
     if trained is not model:
         out = dataclasses.replace(out, comm_bytes_per_step=_gradient_bytes(model))
     return out
+
+
+def time_all_reduce(nbytes: int, *, device: torch.device | str = "cpu", reps: int = 5
+                    ) -> float:  # fmt: skip
+    """Seconds one all-reduce of ``nbytes`` (fp32) takes in this rank's process group: the
+    median of ``reps`` after one to open the connections, each started together on every
+    rank (a barrier first). Every rank must call it with the same arguments."""
+    buf = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    dist.all_reduce(buf)
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        if buf.is_cuda:
+            torch.cuda.synchronize(buf.device)
+        start = time.perf_counter()
+        dist.all_reduce(buf)
+        if buf.is_cuda:
+            torch.cuda.synchronize(buf.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _gradient_bytes(model: nn.Module) -> int:

@@ -121,9 +121,10 @@ def pickle_workload(model: nn.Module, batch: Batch, loss_fn: LossFn | None,
 
 @dataclass(frozen=True)
 class _Task:
-    kind: Literal["baseline", "plan"]
+    kind: Literal["baseline", "plan", "link"]
     plan: dict[str, Any] | None = None
     optimizer: dict[str, Any] | None = None
+    nbytes: int = 0
 
 
 class TrialRunner:
@@ -206,7 +207,18 @@ class WorkerRunner(TrialRunner):
     def measure(self, plan: Plan, *, timeout_s: float | None = None) -> Measurement:
         return self._run(_Task("plan", plan=plan.to_dict()), timeout_s)
 
+    def all_reduce_seconds(self, nbytes: int, *, timeout_s: float | None = None) -> float:
+        """Seconds one all-reduce of ``nbytes`` takes between this runner's ranks (the
+        median of a few, the slowest rank's); the link the trials' gradients cross."""
+        if self.world_size == 1:
+            raise TunerError("all_reduce_seconds needs a runner with world_size > 1.")
+        return max(self._exchange(_Task("link", nbytes=nbytes), timeout_s))
+
     def _run(self, task: _Task, timeout_s: float | None) -> Measurement:
+        return combine_ranks(self._exchange(task, timeout_s))
+
+    def _exchange(self, task: _Task, timeout_s: float | None) -> list[Any]:
+        """Send ``task`` to every rank; their payloads in rank order."""
         if not self._ranks:
             self._start()
         try:
@@ -220,7 +232,7 @@ class WorkerRunner(TrialRunner):
         if failed:
             self._stop()  # an exception leaves the workers' state untrusted
             raise TrialFailed(failed[0]["reason"], kind=failed[0]["kind"])
-        return combine_ranks([payload for _, payload in replies])
+        return [payload for _, payload in replies]
 
     def _start(self) -> None:
         port = _free_port() if self.world_size > 1 else 0
@@ -476,10 +488,12 @@ class _WorkerState:
         share = rank_share(batch, init["rank"], init["world_size"])
         return cls(model, share, loss_fn, graph, device, init["warmup"], init["iters"])
 
-    def run(self, task: _Task) -> Measurement:
+    def run(self, task: _Task) -> Measurement | float:
         from autoscale.plan._fields import from_json_dataclass
-        from autoscale.search._trial import measure_baseline, measure_plan
+        from autoscale.search._trial import measure_baseline, measure_plan, time_all_reduce
 
+        if task.kind == "link":
+            return time_all_reduce(task.nbytes, device=self.device)
         if task.kind == "baseline":
             optimizer = from_json_dataclass(OptimizerPlan, task.optimizer, "optimizer")
             return measure_baseline(self.model, self.batch, loss_fn=self.loss_fn,

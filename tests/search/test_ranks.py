@@ -62,6 +62,8 @@ def test_two_rank_trials_report_the_jobs_figures_and_survive_a_dead_rank() -> No
         assert worker_pids() == []  # the live rank was killed with the dead one
         again = runner.measure(ddp, timeout_s=120)
         assert again.batch_size == 8
+        # The link check's probe: one all-reduce between the live ranks, timed.
+        assert 0 < runner.all_reduce_seconds(1 << 20, timeout_s=60) < 60
         assert runner.started == 2
     assert worker_pids() == []
 
@@ -84,6 +86,12 @@ def test_a_plan_tuned_at_two_ranks_runs_unchanged_under_torchrun(tmp_path) -> No
                              compressors=("none", "bf16"), optimizer="adam", iters=2)
     plan = result.plan
     assert plan.shard.world_size == 2 and plan.shard.strategy in SHARD_STRATEGIES[1:]
+    # The link was timed before the search and decided whether bf16 was tried; a
+    # compressed winner beat its uncompressed twin, confirmed beside it.
+    notes = result.report.notes
+    assert notes[0].startswith("link: an all-reduce of the"), notes
+    if plan.compress.method != "none":
+        assert any("uncompressed twin (kept)" in n for n in notes), notes
     assert plan.measured is not None and plan.measured.batch_size == 8
     with pytest.raises(TunerError, match="2-rank job"):
         result.step(torch.zeros(8, 16))  # this process is not a rank of the job

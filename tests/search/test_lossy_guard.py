@@ -1,0 +1,79 @@
+"""Compression in the tuner: searched only where the link says it can pay (Note: [when
+compression can pay]), and a compressed finalist chosen only when it beats its exact twin
+by more than the confirm rounds' noise (Note: [lossy plans earn their place])."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from tests_helpers import tiny_gpt
+
+from autoscale import CompressPlan, ShardPlan
+from autoscale._api import LOSSY_MARGIN, _exact_twins, _setup, _winner
+from autoscale.measure import Measurement
+from autoscale.search._study import COMPRESS_MIN_SHARE, LinkCheck
+
+
+def _measured(samples_per_s: float, peak: int) -> Measurement:
+    step = 8 / samples_per_s
+    return Measurement(samples_per_s=samples_per_s, step_time_s=step, step_times_s=(step,),
+                       peak_memory_bytes=peak, baseline_bytes=peak // 2, device="cpu",
+                       batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, batch = tiny_gpt(batch_size=8, dropout=0.0)
+    return _setup(model, batch, memory_budget=1 << 30)
+
+
+def _finalists(setup):
+    """A compressed plan and a plain one: the first's twin is not a finalist."""
+    shard = ShardPlan(strategy="ddp", world_size=2)
+    lossy = setup.base.replace(shard=shard, compress=CompressPlan(method="int8"))
+    plain = setup.base.replace(shard=ShardPlan(strategy="zero2", world_size=2))
+    plans, peaks = [lossy, plain], [100, 90]
+    twins = _exact_twins(plans, peaks)
+    return plans, peaks, twins
+
+
+def test_the_exact_twin_of_a_compressed_finalist_is_confirmed_beside_it(setup) -> None:
+    plans, peaks, twins = _finalists(setup)
+    assert twins == {0: 2}
+    assert plans[2].compress.method == "none" and plans[2].shard == plans[0].shard
+    assert peaks[2] is None  # not measured in the search: its confirm rounds give it
+
+
+@pytest.mark.parametrize(("gain", "chosen"), [(1.0 + LOSSY_MARGIN / 2, "none"),
+                                              (0.9, "none"), (1.3, "int8")])
+def test_a_compressed_plan_must_beat_its_twin_by_the_margin(setup, gain, chosen) -> None:
+    plans, peaks, twins = _finalists(setup)
+    confirmed = [_measured(100.0 * gain, 100), _measured(50.0, 90), _measured(100.0, 95)]
+    plan, notes = _winner(setup, plans, peaks, confirmed, _measured(80.0, 200), twins)
+    assert plan.compress.method == chosen
+    assert plan.shard.strategy == "ddp"
+    assert len(notes) == 1 and f"{gain:.2f}x its uncompressed twin" in notes[0]
+    if chosen == "none":  # the twin's peak comes from its own confirm rounds
+        assert plan.measured.peak_memory_bytes == 95 and "set aside" in notes[0]
+
+
+def test_a_twin_over_the_budget_does_not_replace_a_plan_that_fits(setup) -> None:
+    plans, peaks, twins = _finalists(setup)
+    over = setup.budget + 1
+    confirmed = [_measured(101.0, 100), _measured(50.0, 90), _measured(100.0, over)]
+    plan, notes = _winner(setup, plans, peaks, confirmed, _measured(80.0, 200), twins)
+    assert plan.compress.method == "int8" and notes == ()
+
+
+def test_the_link_check_searches_compression_only_where_the_all_reduce_is_a_real_share(
+) -> None:  # fmt: skip
+    loopback = LinkCheck(gradient_bytes=3 << 20, all_reduce_s=0.005, step_time_s=0.055)
+    slow = LinkCheck(gradient_bytes=3 << 20, all_reduce_s=0.27, step_time_s=0.33)
+    assert loopback.share < COMPRESS_MIN_SHARE <= slow.share
+    assert not loopback.worth_searching and slow.worth_searching
+    assert "compression not searched" in loopback.describe()
+    assert "compression searched" in slow.describe()
+    assert dataclasses.asdict(slow) | {"share": slow.share} == {
+        k: v for k, v in slow.to_dict().items() if k != "compression_searched"}
+    assert slow.bytes_per_s == pytest.approx((3 << 20) / 0.27)
