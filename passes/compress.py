@@ -16,7 +16,11 @@ Under FSDP2 each unit's reduce-scatter input is one flat (ws, C) buffer whose ro
 destined for rank j; the custom reduce-scatter packs every row as above, exchanges them
 with one ``all_to_all_single`` (row j to rank j), and decodes and sums what it received.
 gloo's own reduce-scatter is an all-reduce, so the exchange also sends fewer bytes than
-uncompressed on the wire, not only in payload.
+uncompressed on the wire, not only in payload. PowerSGD's factors, unlike codes, can be
+summed: under DDP torch's hook all-reduces each bucket's P and Q; under FSDP2 each unit's
+reduce-scatter views every parameter's padded gradient as a matrix in its (ws, C) input and
+all-reduces the unit's Ps (with the parameters sent whole) and then its Qs, each rank
+keeping its rows of P Q^T (Note: [PowerSGD under FSDP2] in passes/_powersgd_fsdp.py).
 
 Note: [byte convention]
 ``CommStats.bytes_sent`` is the payload this rank hands to collectives: the bytes of the
@@ -44,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from autoscale.capture import ModelGraph
 from autoscale.errors import PassError
 from autoscale.kernels.quant import dequantize_blockwise, quantize_with_feedback
+from autoscale.passes._powersgd_fsdp import UnitPowerSGD
 from autoscale.passes.base import MemoryTerms, PassContext
 from autoscale.plan import CompressPlan
 
@@ -369,15 +374,60 @@ class _CompressedReduceScatter(ReduceScatter):
         received = torch.empty_like(packed)
         self.stats.record(packed.nbytes, input_tensor.nbytes)
         dist.all_to_all_single(received, packed, group=group)
-        total = self.codec.decode_sum(received, n)
-        if op == dist.ReduceOp.AVG:
-            total /= world
-        elif op != dist.ReduceOp.SUM:
-            raise PassError(f"the compressed reduce-scatter sums or averages, FSDP2 asked for "
-                            f"{op}; leave set_force_sum_reduction_for_comms(True) as the "
-                            "compress pass sets it.")
-        output_tensor.copy_(total)
+        output_tensor.copy_(self.codec.decode_sum(received, n))
+        _finish_op(output_tensor, op, world)
         # Synchronous: FSDP2 (foreach_reduce) calls it without async_op and reads the output.
+
+
+class _PowerSGDReduceScatter(ReduceScatter):
+    """One FSDP2 unit's reduce-scatter as PowerSGD: :class:`UnitPowerSGD`'s two all-reduces
+    of rank-r factors (Note: [PowerSGD under FSDP2] in passes/_powersgd_fsdp.py).
+
+    Invariant: ``output`` is this rank's shard of the rank-r approximation of the summed
+    gradient-plus-residual matrices (the sum, or for op AVG the mean); parameters PowerSGD
+    would not shrink 2x are summed exactly.
+    """
+
+    def __init__(self, unit: FSDPModule, plan: CompressPlan, stats: CommStats) -> None:
+        self.unit = unit
+        self.state = UnitPowerSGD(plan.powersgd_rank)
+        self.stats = stats
+
+    def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
+                 group: dist.ProcessGroup, op: Any, async_op: bool = False) -> None:
+        world = group.size()
+        rows = input_tensor.view(world, -1)
+        before = self.state.held_bytes()
+        self.state.reset_if_changed(_grad_params(self.unit), world, rows.shape[1],
+                                    rows.device)
+        after = self.state.held_bytes()
+        self.stats.residual_bytes += after[0] - before[0]
+        self.stats.state_bytes += after[1] - before[1]
+        sent = self.state.reduce_scatter(output_tensor, rows, group)
+        self.stats.record(sent, input_tensor.nbytes)
+        _finish_op(output_tensor, op, world)
+
+
+def _finish_op(output: torch.Tensor, op: Any, world: int) -> None:
+    """Turn the sum in ``output`` into what FSDP2's ``op`` asked for."""
+    if op == dist.ReduceOp.AVG:
+        output /= world
+    elif op != dist.ReduceOp.SUM:
+        raise PassError(f"the compressed reduce-scatter sums or averages, FSDP2 asked for "
+                        f"{op}; leave set_force_sum_reduction_for_comms(True) as the "
+                        "compress pass sets it.")
+
+
+def _grad_params(unit: FSDPModule) -> list[Any]:
+    """The unit's FSDPParams that each of its reduce-scatters holds, in the input's order:
+    those that require grad (with set_reduce_scatter_unused_params(True), an unused one
+    is there as zeros). Note: [FSDP2's comm interface]: private attributes, tested."""
+    group = unit._get_fsdp_state()._fsdp_param_group
+    return [] if group is None else [fp for fp in group.fsdp_params
+                                     if fp.sharded_param.requires_grad]
 
 
 def _compress_fsdp(units: list[FSDPModule], plan: CompressPlan, stats: CommStats) -> None:
@@ -385,10 +435,20 @@ def _compress_fsdp(units: list[FSDPModule], plan: CompressPlan, stats: CommStats
         stats.residual_where = ("each FSDP2 unit's custom reduce-scatter: one fp32 tensor the "
                                 "size of the unit's unsharded gradient (its (world_size, "
                                 "shard) input), i.e. the whole model's gradient per rank")
+    if plan.method == "powersgd":
+        stats.residual_where += "; the Qs (kept for warm start) in state_bytes"
     for unit in units:
         # Not recursive: every unit gets its own comm (and residual). Sum-only comms: the
         # custom comm then never sees PREMUL_SUM, and FSDP2 divides after it.
-        unit.set_custom_reduce_scatter(_CompressedReduceScatter(plan, stats))
+        comm: ReduceScatter
+        if plan.method == "powersgd":
+            comm = _PowerSGDReduceScatter(unit, plan, stats)
+            # PowerSGD reads each parameter's place in the input from the unit's layout,
+            # which holds only if every parameter is in every reduce-scatter.
+            unit.set_reduce_scatter_unused_params(True, recurse=False)
+        else:
+            comm = _CompressedReduceScatter(plan, stats)
+        unit.set_custom_reduce_scatter(comm)
         unit.set_force_sum_reduction_for_comms(True)
 
 
@@ -403,8 +463,11 @@ def compress_model(model: nn.Module, *, plan: CompressPlan, process_group: Any) 
     error: bf16/fp16 the relative rounding of each rank's gradient (2**-8 / 2**-11, and of
     the sum for DDP's 16-bit all-reduce); int8 at most scale / 2 per element per rank
     (scale = block absmax / 127); topk the entries a rank did not send; powersgd its
-    rank-r approximation. With error feedback (int8, topk, powersgd), on every rank the sum
-    over steps of what was sent equals the sum of its gradients minus the current residual.
+    rank-r approximation (under DDP torch's hook, its first 2 steps uncompressed; under
+    FSDP2 from the first step, and every unit reduce-scatters all its parameters, zeros
+    for one without a gradient). With error feedback (int8, topk, powersgd), on every
+    rank the sum over steps of what was sent equals the sum of its gradients minus the
+    current residual.
     """
     if process_group is None:
         raise PassError(f"compress.method={plan.method!r} needs torch.distributed ranks: run "
@@ -420,9 +483,6 @@ def compress_model(model: nn.Module, *, plan: CompressPlan, process_group: Any) 
                 f"compress.method={plan.method!r} found neither a DistributedDataParallel "
                 f"wrapper nor FSDP2 units on {type(model).__name__}; the shard pass must run "
                 "first (shard.strategy ddp, zero1, zero2 or zero3).")
-        if plan.method == "powersgd":
-            raise PassError("compress.method='powersgd' runs under DDP only; the plan rule "
-                            "refuses it with zero2/zero3. Use int8, topk, bf16 or fp16.")
         _compress_fsdp(units, plan, stats)
     setattr(model, _STATS_ATTR, stats)
     return model
@@ -495,7 +555,12 @@ class CompressPass:
 # the residuals add up to the whole model's gradient there too. It is fp32 (parameters
 # are fp32 in every precision mode), so it adds param_bytes to the gradients term: under
 # zero2/zero3 that is ws times the sharded gradients, more than ZeRO-2 saved on them.
-# PowerSGD adds its P and Q (warm start keeps them): (n + m) * rank fp32 per matrix.
+# PowerSGD adds its P and Q (warm start keeps them): (n + m) * rank fp32 per matrix. Under
+# FSDP2 its residual is the unit's padded (ws, C) input (dim 0 padded to a multiple of
+# ws: a few rows more than param_bytes, not counted), and only Q is kept between steps; P
+# lives during the unit's reduce-scatter, so counting it here over-estimates by n * rank
+# fp32 per matrix (the pass sees only its own section, not the strategy).
 # While one unit (or bucket) is compressed, a working copy of its gradient in fp32 (the
-# decoded sum, the top-k input plus residual) is live: the largest block's parameter
-# bytes, among the temporaries (a DDP bucket larger than any block is not accounted).
+# decoded sum, the top-k input plus residual; PowerSGD's whole-sent parameters and one
+# matrix's P Q^T) is live: the largest block's parameter bytes, among the temporaries
+# (a DDP bucket larger than any block is not accounted).

@@ -38,8 +38,8 @@ class CompressPlan:
     Invariants: a knob is set away from its default only for the method that reads it
     (``topk_ratio`` for topk, ``powersgd_rank`` for powersgd, ``int8_block`` for int8), and
     ``error_feedback`` is False only for int8/topk, so one behaviour has one plan (and one
-    digest). Rules across sections (a compressor needs ranks to talk to; PowerSGD is DDP's
-    only) are the ``@plan_rule`` functions below.
+    digest). Rules across sections (a compressor needs ranks to talk to; PowerSGD refuses
+    fp16 loss scaling) are the ``@plan_rule`` functions below.
     """
 
     method: Literal["none", "bf16", "fp16", "int8", "topk", "powersgd"] = "none"
@@ -47,9 +47,11 @@ class CompressPlan:
     to 16 bits (2x fewer bytes; no residual: the rounding is relative, ~2**-8 / 2**-11).
     int8: block-wise int8 with one fp32 scale per ``int8_block`` elements (~4x fewer).
     topk: each rank sends the ``topk_ratio`` fraction of entries of largest magnitude as
-    (value, int32 index) pairs (1 / (2 * topk_ratio) fewer bytes). powersgd: torch's
-    PowerSGD hook, rank-``powersgd_rank`` factors P, Q of every gradient matrix (DDP only;
-    its first 2 steps all-reduce uncompressed while DDP settles its buckets)."""
+    (value, int32 index) pairs (1 / (2 * topk_ratio) fewer bytes). powersgd:
+    rank-``powersgd_rank`` factors P, Q of every gradient matrix, all-reduced: under DDP
+    torch's PowerSGD hook (its first 2 steps all-reduce uncompressed while DDP settles its
+    buckets), under FSDP2 each unit's reduce-scatter (passes/_powersgd_fsdp.py; from the
+    first step)."""
     error_feedback: bool = True
     """int8/topk: carry what compression dropped into the next step's gradient (a residual
     the size of the gradient each rank sends: the whole model's, under DDP and FSDP2 alike).
@@ -118,24 +120,6 @@ def compress_needs_ranks(plan: Plan) -> None:
             "(shard.strategy='none'): one process sends no gradients. Set shard.strategy to "
             "'ddp', 'zero1', 'zero2' or 'zero3' with shard.world_size >= 2 (the job under "
             "torchrun --nproc-per-node N), or compress.method='none'."
-        )
-
-
-@plan_rule
-def compress_powersgd_ddp_only(plan: Plan) -> None:
-    """PowerSGD runs as a DDP comm hook; under FSDP2 (zero2/zero3) it is refused.
-
-    PowerSGD all-reduces the low-rank factors of each gradient *matrix*, whole; FSDP2 hands
-    its reduce-scatter one flat buffer of a unit's gradients cut into per-rank chunks, which
-    no longer holds the matrices, and each rank keeps only its shard of the result.
-    """
-    strategy = plan.shard.strategy
-    if plan.compress.method == "powersgd" and strategy in ("zero2", "zero3"):
-        raise PlanError(
-            f"compress.method='powersgd' with shard.strategy={strategy!r} is not supported: "
-            "PowerSGD compresses whole gradient matrices in DDP's all-reduce, and FSDP2 "
-            "reduce-scatters flat per-rank chunks. Use method 'int8', 'topk', 'bf16' or "
-            "'fp16' under zero2/zero3, or shard.strategy='ddp' for PowerSGD."
         )
 
 

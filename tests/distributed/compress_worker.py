@@ -3,7 +3,7 @@ passes/compress.py, under DDP and FSDP2, through autoscale.runtime.build_result 
 examples/gpt.py GPT, next to plain torch in this process.
 
 argv: the JSON path rank 0 writes, then "fast" or "slow" (the slow run trains 300 steps
-instead of 60, and more cases). The JSON holds three groups of cases:
+instead of 60, and more cases). The JSON holds four groups of cases:
 
 - "step": one case per (method, strategy). The first backward's reduced gradient (the
   residual is still zero) against the exact mean of the two ranks' local gradients, which
@@ -12,6 +12,9 @@ instead of 60, and more cases). The JSON holds three groups of cases:
   rebuilt its buckets and PowerSGD is past its 2 uncompressed steps).
 - "drift": the same batch T times with no optimizer step: the mean of the T reduced
   gradients against the exact one, with and without error feedback.
+- "exact": PowerSGD under FSDP2 on a small MLP whose ranks' gradients sum to a matrix of
+  known rank, against the exact mean (a sum of rank <= powersgd_rank comes back whole),
+  and the error-feedback identity (held back = summed gradients - delivered).
 - "train": the GPT trained STEPS steps on this rank's half of each batch of stdlib text,
   then the mean cross-entropy on a fixed held-out batch.
 """
@@ -30,14 +33,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import gpt
 from text import CharBatches
 
 from autoscale import CompressPlan, OptimizerPlan, Plan, ShardPlan, capture
-from autoscale.passes.compress import comm_stats
+from autoscale.passes.compress import comm_stats, compress_model
 from autoscale.runtime import build_result
 
 BATCH = 16  # global rows per step; each of the 2 ranks takes 8
@@ -58,10 +61,13 @@ STEP_CASES = (
                                        "powersgd-4": dict(method="powersgd", powersgd_rank=4)})
     | _cases("zero2", bf16=dict(method="bf16"), int8=dict(method="int8"),
              topk=dict(method="topk"))
-    | _cases("zero3", int8=dict(method="int8")))
+    | _cases("zero3", int8=dict(method="int8"), **{"powersgd-1": dict(method="powersgd")})
+    | _cases("zero2", **{"powersgd-1": dict(method="powersgd")}))
 SLOW_STEP_CASES = (_cases("ddp", **{"topk-0.1": TOPK})
                    | _cases("zero2", fp16=dict(method="fp16"), **{"topk-0.1": TOPK})
-                   | _cases("zero3", topk=dict(method="topk"), bf16=dict(method="bf16")))
+                   | _cases("zero3", topk=dict(method="topk"), bf16=dict(method="bf16"))
+                   | _cases("zero2", **{"powersgd-4": dict(method="powersgd",
+                                                           powersgd_rank=4)}))
 
 DRIFT_STEPS = 16
 DRIFT_CASES = (_cases("ddp", **{"int8-ef": dict(method="int8"), "int8-noef": INT8_NOEF,
@@ -79,13 +85,22 @@ TRAIN_CASES = _cases("ddp", none=dict(method="none"), bf16=dict(method="bf16"),
                      fp16=dict(method="fp16"), int8=dict(method="int8"), topk=TOPK1,
                      **{"topk-noef": TOPK1_NOEF,
                         "powersgd": dict(method="powersgd", powersgd_rank=2)}) | _cases(
-                     "zero2", int8=dict(method="int8"), **{"topk-0.1": TOPK})
+                     "zero2", int8=dict(method="int8"), **{"topk-0.1": TOPK,
+                     "powersgd": dict(method="powersgd", powersgd_rank=2)})
 SLOW_TRAIN_CASES = (
     _cases("ddp", **{"int8-noef": INT8_NOEF, "topk-0.1": TOPK, "topk-0.1-noef": TOPK_NOEF,
                      "powersgd-1": dict(method="powersgd")})
     | _cases("zero2", none=dict(method="none"), bf16=dict(method="bf16"),
              **{"topk-0.1-noef": TOPK_NOEF, "topk": TOPK1})
-    | _cases("zero3", bf16=dict(method="bf16")))
+    | _cases("zero2", **{"powersgd-1": dict(method="powersgd")})
+    | _cases("zero3", bf16=dict(method="bf16"),
+             powersgd=dict(method="powersgd", powersgd_rank=2)))
+# PowerSGD under FSDP2 on a small MLP whose two ranks' gradient sum has a known rank:
+# (powersgd_rank, same input on both ranks). One sample per rank makes each layer's
+# gradient rank 1 (dh x^T); with the same x on both ranks the sum is rank 1 too.
+EXACT_CASES = {"rank1-sum1": (1, True), "rank2-sum2": (2, False), "rank1-sum2": (1, False)}
+EXACT_STEPS = 2  # a random first Q, then a warm-started one
+
 # SGD with momentum, the optimizer of the error-feedback analyses (EF-SGD): AdamW divides
 # every entry by its own running scale, which blurs what top-k leaves out.
 SGD = OptimizerPlan(kind="sgd", kernel="torch", kwargs={"lr": 0.2, "momentum": 0.9})
@@ -202,14 +217,66 @@ def _train_case(model: nn.Module, graph: Any, case: dict[str, Any], steps: int,
             "ratio": stats.ratio if stats else None}
 
 
+def _exact_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    # Over 2 ranks the (9, 16) weight's dim 0 pads to 10; at rank 2 the (3, 12) weight
+    # would not shrink 2x and is sent whole, like the bias.
+    return nn.Sequential(nn.Linear(16, 9), nn.ReLU(), nn.Linear(9, 12, bias=False),
+                         nn.Linear(12, 3, bias=False))
+
+
+def _held_back(model: nn.Module) -> torch.Tensor:
+    """The ranks' PowerSGD residuals summed, in the parameters' order and shapes, flat."""
+    state = model._get_fsdp_state()._fsdp_param_group._reduce_scatter_comm.state
+    res = state.residual.clone()
+    dist.all_reduce(res)
+    ws = res.shape[0]
+    return torch.cat([res[:, s.offset:s.offset + s.numel].reshape(ws * s.rows, s.cols)
+                      [:s.valid_rows].reshape(-1) for s in state.slots])
+
+
+def _exact_case(rank: int, same_x: bool) -> dict[str, Any]:
+    base = _exact_mlp()
+    model = copy.deepcopy(base)
+    fully_shard(model)
+    compress_model(model, plan=CompressPlan(method="powersgd", powersgd_rank=rank),
+                   process_group=dist.group.WORLD)
+    me, ws = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(1)  # the same draws on every rank
+    errs, grad_sum, delivered = [], torch.zeros(()), torch.zeros(())
+    for _ in range(EXACT_STEPS):
+        xs = [torch.randn(1, 16, generator=gen) for _ in range(ws)]
+        xs = [xs[0]] * ws if same_x else xs
+        ys = [torch.randn(1, 3, generator=gen) for _ in range(ws)]
+        locals_ = []
+        for r in range(ws):
+            plain = copy.deepcopy(base)
+            nn.functional.mse_loss(plain(xs[r]), ys[r]).backward()
+            locals_.append(_flat_grads(plain))
+        exact = torch.stack(locals_).mean(0)
+        nn.functional.mse_loss(model(xs[me]), ys[me]).backward()
+        got = _flat_grads(model)  # FSDP2's mean of the ranks' PowerSGD sum
+        errs.append(float((got - exact).norm() / exact.norm()))
+        grad_sum = grad_sum + exact * ws
+        delivered = delivered + got * ws
+        model.zero_grad(set_to_none=True)
+    # Error feedback: what the ranks hold back is what they had less what was delivered.
+    held = _held_back(model)
+    stats = comm_stats(model)
+    assert stats is not None
+    return {"rel_err": errs,
+            "feedback_err": float((grad_sum - delivered - held).norm() / grad_sum.norm()),
+            "ratio": stats.ratio}
+
+
 def main(out: str, mode: str) -> None:
     dist.init_process_group("gloo")
     model, batch = gpt.build(batch_size=BATCH, config=_config(), seed=0)
     graph = capture(model, _mine(batch, 0))
     locals_ = _local_grads(model, batch)
     exact = torch.stack(locals_).mean(0)
-    results: dict[str, Any] = {"step": {}, "drift": {}, "train": {}, "mode": mode,
-                               "seconds": {}}
+    results: dict[str, Any] = {"step": {}, "drift": {}, "exact": {}, "train": {},
+                               "mode": mode, "seconds": {}}
     slow = mode == "slow"
     steps = 300 if slow else 60
     held_out = CharBatches(block_size=model.config.block_size, seed=2).get(64, split="val")
@@ -218,6 +285,7 @@ def main(out: str, mode: str) -> None:
          lambda case: _step_case(model, graph, batch, locals_, case)),
         ("drift", DRIFT_CASES | (SLOW_DRIFT_CASES if slow else {}),
          lambda case: _drift_case(model, graph, batch, exact, case)),
+        ("exact", EXACT_CASES, lambda case: _exact_case(*case)),
         ("train", TRAIN_CASES | (SLOW_TRAIN_CASES if slow else {}),
          lambda case: _train_case(model, graph, case, steps, held_out)),
     )

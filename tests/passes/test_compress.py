@@ -7,6 +7,7 @@ steps and more cases); the rest run in this process.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -81,6 +82,16 @@ def test_each_compressor_sends_fewer_bytes_by_its_factor(fast: dict) -> None:
     ratio1, ratio4 = (r["bytes_uncompressed"] / r["bytes_sent"] for r in (r1, r4))
     assert ratio1 > ratio4 > 2, (ratio1, ratio4)
     assert r4["state_bytes"] > r1["state_bytes"] > 0  # P and Q, kept for warm start
+    # Under FSDP2 the units' reduce-scatters hand over the same Ps and Qs and the same
+    # whole-sent vectors as DDP's one bucket (the GPT's dims are even: no dim-0 padding):
+    # measured 14.3x at rank 1. Only Q is kept between steps there (P lives in the call).
+    for s in ("zero2", "zero3"):
+        r = fast["step"][f"{s}-powersgd-1"]
+        ratio = r["bytes_uncompressed"] / r["bytes_sent"]
+        print(f"{s}-powersgd-1: {r['bytes_uncompressed']} / {r['bytes_sent']} bytes = "
+              f"{ratio:.2f}x")
+        assert ratio > 5 and r["bytes_sent"] == r1["bytes_sent"], (s, ratio)
+        assert 0 < r["state_bytes"] < r1["state_bytes"], s
 
 
 @pytest.mark.distributed
@@ -107,10 +118,12 @@ def test_one_step_reduced_gradient_is_within_the_compression_bound(fast: dict) -
     for case, r in fast["step"].items():
         method = _method(case)
         if method.startswith("powersgd"):
-            # Two uncompressed steps first (DDP settles its buckets): exact up to fp32 sums.
-            assert r["rel_err"] < 1e-6, case
+            # Under DDP two uncompressed steps first (DDP settles its buckets): exact up to
+            # fp32 sums; under FSDP2 compressed from the first step (measured 0.38 at rank
+            # 1, then 0.21 on the third step).
+            assert r["rel_err"] < (1e-6 if case.startswith("ddp") else 0.6), case
             # Then rank-r factors plus error feedback: a biased approximation, measured
-            # 0.41 (rank 1) and 0.20 (rank 4) relative error on the third step.
+            # 0.41 (rank 1) and 0.20 (rank 4) relative error on the third step (DDP).
             assert r["rel_err_last"] < 0.6, case
             continue
         # Elementwise, from a zero residual (the worker's _bound): bf16/fp16 2u of each
@@ -143,6 +156,25 @@ def test_error_feedback_removes_the_accumulated_drift(fast: dict) -> None:
     assert drift["zero2-int8-ef"] < 2e-3 and drift["zero2-topk-ef"] < 0.1
 
 
+@pytest.mark.distributed
+def test_powersgd_under_fsdp2_returns_low_rank_sums_whole(fast: dict) -> None:
+    # A small MLP under FSDP2, one sample per rank: every weight's gradient sum over the 2
+    # ranks has rank 1 (same input on both ranks) or 2. PowerSGD at that rank gives it back
+    # up to fp32 rounding, with a random first Q and then a warm-started one (measured
+    # <= 2e-6 and 8e-6; the rounding grows with each step's warm start, about 3x here);
+    # rank 1 on a rank-2 sum cannot (measured 0.72 and 2.99). The weight whose dim 0
+    # FSDP2 pads, the bias and a matrix sent whole are among them.
+    exact = fast["exact"]
+    assert max(exact["rank1-sum1"]["rel_err"]) < 1e-4
+    assert max(exact["rank2-sum2"]["rel_err"]) < 1e-4
+    assert min(exact["rank1-sum2"]["rel_err"]) > 0.1
+    for case, r in exact.items():
+        # Error feedback: summed over ranks, the residuals hold exactly what the ranks'
+        # gradients had and the reduce-scatters did not deliver (measured 6e-8).
+        assert r["feedback_err"] < 1e-5, case
+        assert r["ratio"] > 2, case
+
+
 def _val(results: dict, case: str) -> float:
     return results["train"][case]["val_loss"]
 
@@ -152,11 +184,12 @@ def test_the_gpt_trains_to_the_uncompressed_loss(fast: dict) -> None:
     base = _val(fast, "ddp-none")
     assert base < 3.2  # it learned: ln(128) = 4.85 at the start, 3.03 after 60 steps
     # Held-out loss after 60 momentum-SGD steps against uncompressed DDP's. Measured
-    # differences: bf16, fp16, int8 (DDP and FSDP2) <= 1e-4; PowerSGD rank 2 2.2e-3; top-k
-    # 1 % (DDP) 0.017; top-k 10 % (FSDP2) 0.007.
+    # differences: bf16, fp16, int8 (DDP and FSDP2) <= 1e-4; PowerSGD rank 2 2.2e-3 (DDP),
+    # 1.1e-3 (FSDP2); top-k 1 % (DDP) 0.017; top-k 10 % (FSDP2) 0.007.
     for case in ("ddp-bf16", "ddp-fp16", "ddp-int8", "zero2-int8"):
         assert abs(_val(fast, case) - base) < 2e-3, case
     assert abs(_val(fast, "ddp-powersgd") - base) < 0.01
+    assert abs(_val(fast, "zero2-powersgd") - base) < 0.01
     assert abs(_val(fast, "ddp-topk") - base) < 0.05
     assert abs(_val(fast, "zero2-topk-0.1") - base) < 0.02
     # Without error feedback top-k 1 % ends clearly higher: measured +0.063 against +0.017.
@@ -231,12 +264,10 @@ def test_bad_compress_plans_are_refused_naming_the_field(kwargs: dict, message: 
         CompressPlan(**kwargs)
 
 
-@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
-def test_powersgd_under_fsdp2_is_refused(strategy: str) -> None:
-    with pytest.raises(PlanError, match=rf"'powersgd' with shard.strategy='{strategy}' is not "
-                                        r"supported.*shard.strategy='ddp' for PowerSGD"):
-        _plan("powersgd", strategy)
-    _plan("int8", strategy)  # the other compressors run under FSDP2
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3"])
+def test_every_compressor_plans_under_every_strategy(strategy: str) -> None:
+    for method in ("bf16", "fp16", "int8", "topk", "powersgd"):
+        assert _plan(method, strategy).compress.method == method
 
 
 def test_powersgd_with_fp16_loss_scaling_is_refused() -> None:
@@ -266,6 +297,17 @@ def test_fsdp2_comm_interface_is_where_the_pass_imports_it() -> None:
     assert {"allocate", "__call__"} <= ReduceScatter.__abstractmethods__
     assert hasattr(FSDPModule, "set_custom_reduce_scatter")
     assert hasattr(FSDPModule, "set_force_sum_reduction_for_comms")
+    assert hasattr(FSDPModule, "set_reduce_scatter_unused_params")
+    # PowerSGD reads a unit's parameter layout (passes/compress.py, _grad_params).
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    assert hasattr(FSDPModule, "_get_fsdp_state")
+    assert isinstance(inspect.getattr_static(FSDPState, "_fsdp_param_group"), property)
+    assert "self.fsdp_params =" in inspect.getsource(FSDPParamGroup.__init__)
+    assert {"padded_sharded_param_size", "sharded_param"} <= set(FSDPParam.__annotations__)
+    assert "self.fsdp_placement =" in inspect.getsource(FSDPParam)
 
 
 @pytest.mark.parametrize("n", [1, 255, 256, 1000])
@@ -327,7 +369,9 @@ def test_memory_counts_the_residual_and_powersgd_factors() -> None:
         assert int8.temporaries == plain.temporaries + largest
     zero2, zero2_int8 = estimate("zero2"), estimate("zero2", method="int8")
     assert zero2_int8.gradients > estimate("ddp").gradients > zero2.gradients
-    psgd = estimate("ddp", method="powersgd", powersgd_rank=2)
     factors = powersgd_factor_bytes(graph, 2)
     assert 0 < factors < graph.param_bytes
-    assert psgd.gradients == estimate("ddp").gradients + graph.param_bytes + factors
+    for strategy in ("ddp", "zero2", "zero3"):
+        # Under FSDP2 too: the residual is each unit's unsharded gradient (whole model).
+        psgd = estimate(strategy, method="powersgd", powersgd_rank=2)
+        assert psgd.gradients == estimate(strategy).gradients + graph.param_bytes + factors
