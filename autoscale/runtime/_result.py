@@ -75,7 +75,21 @@ class Result:
                 f"this plan is for a {self.needs_ranks}-rank job and this process is one: "
                 f"save it (result.plan.save('plan.json')) and run autoscale.apply(plan, model, "
                 f"inputs) in each rank under torchrun --nproc-per-node {self.needs_ranks}.")
-        batch = to_device(check_batch(batch, name="batch"), self.device)
+        loss_sum = self.accumulate(to_device(check_batch(batch, name="batch"), self.device))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss_sum)
+
+    def accumulate(self, batch: Batch) -> torch.Tensor:
+        """Forward and backward of every micro-batch of ``batch`` (on this Result's device),
+        gradients accumulated, no optimizer step; returns the weighted mean loss as a 0-dim
+        tensor (no host sync: the cost model runs this on fake tensors)."""
         total = batch_size(batch)
         loss_sum = torch.zeros((), device=self.device)
         self.model.train()
@@ -86,15 +100,7 @@ class Result:
                 weighted = loss.float() * (size / total)
                 (self.scaler.scale(weighted) if self.scaler else weighted).backward()
             loss_sum += weighted.detach()
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(loss_sum)
+        return loss_sum
 
     def _sync(self, *, last: bool) -> contextlib.AbstractContextManager[Any]:
         if isinstance(self.model, DistributedDataParallel) and not last:
