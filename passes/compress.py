@@ -60,7 +60,8 @@ __all__ = ["CommStats", "CompressPass", "comm_stats", "compress_model"]
 
 _STATS_ATTR = "_autoscale_comm_stats"
 # torch's minimum with error feedback and warm start: DDP rebuilds its buckets after the
-# first step, and PowerSGD's per-bucket state must not see the old layout.
+# first step, and PowerSGD's per-bucket state must not see the old layout. DDP only: an
+# FSDP2 unit's layout is fixed, so its PowerSGD compresses from the first step.
 _POWERSGD_START = 2
 
 
