@@ -14,7 +14,7 @@ import itertools
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -25,6 +25,7 @@ from autoscale.kernels._native import BoundState
 from autoscale.kernels.adamw import adamw
 from autoscale.kernels.adamw8bit import KERNELS, Kernel, adamw8bit_multi, state_numel
 
+from ._adamw8bit_state import internal_state, portable_state
 from ._base import FusedOptimizer, adam_state, host_step
 
 __all__ = ["AdamW8bit"]
@@ -43,12 +44,19 @@ class AdamW8bit(FusedOptimizer):
         min_8bit_size: parameters with fewer elements keep fp32 moments.
         kernel: kernel path ("auto", "triton", "native", "compiled", "reference"), see
             ``autoscale.kernels.adamw8bit.adamw8bit_multi``; "auto" picks by measurement.
+        state_dict_moments: how :meth:`state_dict` hands out 8-bit moments. "codes": as
+            kept (exact, ~2 bytes/param, loads only where the shard has the same size);
+            "fp32": dequantized, as torch's AdamW ``exp_avg`` / ``exp_avg_sq`` (DTensors
+            sharded like the param under FSDP2), which torch.distributed.checkpoint
+            re-shards to any world size; "auto": fp32 for DTensor params, codes for the
+            rest. See Note: [8-bit state in distributed checkpoints].
 
     State per parameter (all in ``self.state``, so ``state_dict`` round-trips exactly):
     ``step`` (fp32 scalar tensor, as torch's AdamW) and either ``exp_avg_q`` (int8),
     ``exp_avg_scale`` (fp32, one per block), ``exp_avg_sq_q`` (uint8),
     ``exp_avg_sq_scale`` (fp32), or fp32 ``exp_avg`` / ``exp_avg_sq`` for small tensors.
-    Params may be fp32 or bf16; the update maths is fp32 either way.
+    Params may be fp32 or bf16; the update maths is fp32 either way. ``load_state_dict``
+    takes either form of the moments, and DTensors.
     """
 
     def __init__(
@@ -62,6 +70,7 @@ class AdamW8bit(FusedOptimizer):
         block_size: int = 256,
         min_8bit_size: int = 4096,
         kernel: Kernel = "auto",
+        state_dict_moments: Literal["auto", "codes", "fp32"] = "auto",
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}; use lr >= 0.")
@@ -78,6 +87,10 @@ class AdamW8bit(FusedOptimizer):
             )
         if min_8bit_size < 0:
             raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size}.")
+        if state_dict_moments not in ("auto", "codes", "fp32"):
+            raise ValueError(f"state_dict_moments must be 'auto', 'codes' or 'fp32', got "
+                             f"{state_dict_moments!r}.")
+        self.state_dict_moments = state_dict_moments
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             block_size=block_size, min_8bit_size=min_8bit_size,
@@ -93,11 +106,49 @@ class AdamW8bit(FusedOptimizer):
         self._steady: list[_SteadyGroup] | None = None
         super().__init__(params, defaults, kernel=kernel)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "state_dict_moments": self.state_dict_moments}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        # load_state_dict calls this without the key: the live choice then stays.
+        if not hasattr(self, "state_dict_moments"):
+            self.state_dict_moments = "auto"
         if not hasattr(self, "_step_packs"):  # unpickled; load_state_dict keeps the caches
             self._step_packs, self._bound = {}, {}
         self._steady = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict, with 8-bit moments as ``state_dict_moments`` says.
+
+        Invariant: ``load_state_dict`` of it gives back the same state (codes and scales)
+        wherever the param's shard has the size it had; where it has another (fp32 form,
+        another world size) each element is re-rounded once into its new block.
+        """
+        sd = super().state_dict()
+        if self.state_dict_moments == "codes":
+            return sd
+        state = dict(sd["state"])
+        for group, packed in zip(self.param_groups, sd["param_groups"], strict=True):
+            for p, pid in zip(group["params"], packed["params"], strict=True):
+                if pid in state and (self.state_dict_moments == "fp32" or is_dtensor(p)):
+                    state[pid] = portable_state(state[pid], p, group["block_size"])
+        return {**sd, "state": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` (of any ``state_dict_moments``, at any world size
+        when fp32) or torch.optim.AdamW gave: fp32 moments of 8-bit-sized params are
+        quantized into this shard's blocks, DTensors become their local shards.
+        ``state_dict`` itself is not changed."""
+        state = dict(state_dict["state"])
+        for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
+            block = saved.get("block_size", group["block_size"])
+            smallest = saved.get("min_8bit_size", group["min_8bit_size"])
+            for p, pid in zip(group["params"], saved["params"], strict=True):
+                if pid in state:
+                    state[pid] = internal_state(state[pid], p, block=block,
+                                                min_8bit_size=smallest)
+        super().load_state_dict({**state_dict, "state": state})
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One AdamW step over every param with a gradient; returns ``closure()``'s loss.
