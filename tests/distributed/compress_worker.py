@@ -9,7 +9,8 @@ instead of 60, and more cases). The JSON holds four groups of cases:
   residual is still zero) against the exact mean of the two ranks' local gradients, which
   each rank computes itself with a plain copy on both halves; the elementwise error bound
   of the method; the bytes, calls, residual and state of a later step (the third: DDP has
-  rebuilt its buckets and PowerSGD is past its 2 uncompressed steps).
+  rebuilt its buckets and its PowerSGD is past its 2 uncompressed steps; FSDP2's
+  compresses from the first).
 - "drift": the same batch T times with no optimizer step: the mean of the T reduced
   gradients against the exact one, with and without error feedback.
 - "exact": PowerSGD under FSDP2 on a small MLP whose ranks' gradients sum to a matrix of
@@ -171,7 +172,7 @@ def _step_case(model: nn.Module, graph: Any, batch: tuple, locals_: list[torch.T
     err = (first - exact).abs()
     return {
         "rel_err": float((first - exact).norm() / exact.norm()),
-        # The third step's: PowerSGD's first two steps are uncompressed all-reduces.
+        # The third step's: under DDP, PowerSGD's first two steps are uncompressed.
         "rel_err_last": float((last - exact).norm() / exact.norm()),
         "bound_excess": float((err - _bound(plan, locals_)).max()),
         "nonzero_fraction": float((first != 0).float().mean()),
