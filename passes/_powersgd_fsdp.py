@@ -19,17 +19,24 @@ Parameters whose rank-r factors would not be 2x smaller (vectors, small matrices
 ``_should_compress`` with its default ``min_compression_rate=2``) travel whole in the
 first all-reduce, next to the Ps, and keep no residual.
 
-The residual differs from torch's hook, which keeps ``M_i - P Q_avg^T``: the same sum over
-ranks (M - P Q^T, hence bit-for-bit the same P, Q and output in exact arithmetic, since
-those depend on the ranks' M_i through their sum only), but torch's also carries each
-rank's deviation from the mean gradient, a random walk, and so does its whole-sent part.
-Here each rank keeps only the projection (I - P P^T) M_i of what it had: bounded by its own
-gradient, and zero for whole-sent parameters.
+The residual differs from torch's hook, which keeps ``M_i - P Q_avg^T``: both have the
+same sum over ranks (M - P Q^T), and P, Q and the output depend on the ranks' M_i only
+through their sum, so in exact arithmetic the two run the same. torch's also holds
+P P^T (M_i - mean M), this rank's deviation from the mean in P's span, and for the
+whole-sent parameters M_i - mean M, which adds up over steps as a random walk; here each
+rank keeps only (I - P P^T) M_i, what the projection missed of what it had, and nothing
+for the whole-sent parameters.
 
 Q is warm-started (kept from the previous call, orthogonalized again as torch does); the
 first Q of each matrix is drawn from a generator with a fixed seed, so it is the same on
-every rank without a broadcast. Compression starts at the first reduce-scatter: torch's
-DDP hook waits 2 steps for DDP to rebuild its buckets, and a unit's layout is fixed.
+every rank without a broadcast. After a call whose matrix was zero (a zero-initialized
+layer's neighbour on the first step) the kept Q is zero, and warm start would keep it so;
+such a Q is replaced by a fresh draw from that generator (drawn on every call, so that the
+choice needs no host sync and every rank draws the same). P and Q are orthogonalized by
+QR, which returns orthonormal columns for rank-deficient input too, where Gram-Schmidt
+(torch's choice for rank <= 2) divides by a zero norm. Compression starts at the first
+reduce-scatter: torch's DDP hook waits 2 steps for DDP to rebuild its buckets, and a
+unit's layout is fixed.
 After orthogonalization the rows of P that are FSDP2's dim-0 padding are zeroed, so the
 padding never enters the output or the residual even when P is rank-deficient.
 """
@@ -108,6 +115,7 @@ class UnitPowerSGD:
         self.key: tuple[int, ...] = ()
         self.qs: list[torch.Tensor] = []
         self.residual: torch.Tensor | None = None
+        self.gen: torch.Generator | None = None
 
     def held_bytes(self) -> tuple[int, int]:
         """(residual bytes, Q bytes) held between calls."""
@@ -129,8 +137,8 @@ class UnitPowerSGD:
                 f"{sum(s.numel for s in slots)}; the compress pass sets "
                 "set_reduce_scatter_unused_params(True) so every such parameter is in each "
                 "reduce-scatter: leave it set (or use compress.method 'int8'/'topk').")
-        gen = torch.Generator().manual_seed(_SEED)  # the same Qs on every rank
-        self.qs = [torch.randn(s.cols, s.rank, generator=gen).to(device)
+        self.gen = torch.Generator(device).manual_seed(_SEED)  # the same Qs on every rank
+        self.qs = [torch.randn(s.cols, s.rank, generator=self.gen, device=device)
                    for s in slots if s.rank]
         self.residual = torch.zeros(world, width, dtype=torch.float32, device=device)
         self.slots, self.key = slots, key
@@ -176,6 +184,8 @@ class UnitPowerSGD:
         """P_i = M_i Q for each matrix, each a (ws, rows, r) view into ``buf``."""
         world, ps, at = m.shape[0], [], 0
         for s, q in zip(low, self.qs, strict=True):
+            fresh = torch.randn(q.shape, generator=self.gen, device=q.device)
+            q.copy_(torch.where(q.abs().amax() > 0, q, fresh))  # see the module's note
             q.copy_(torch.linalg.qr(q).Q)  # torch's hook orthogonalizes the warm Q too
             p = buf[at:at + world * s.rows * s.rank].view(world, s.rows, s.rank)
             torch.matmul(_matrix(m, s), q, out=p)

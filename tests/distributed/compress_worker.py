@@ -97,9 +97,11 @@ SLOW_TRAIN_CASES = (
     | _cases("zero3", bf16=dict(method="bf16"),
              powersgd=dict(method="powersgd", powersgd_rank=2)))
 # PowerSGD under FSDP2 on a small MLP whose two ranks' gradient sum has a known rank:
-# (powersgd_rank, same input on both ranks). One sample per rank makes each layer's
-# gradient rank 1 (dh x^T); with the same x on both ranks the sum is rank 1 too.
-EXACT_CASES = {"rank1-sum1": (1, True), "rank2-sum2": (2, False), "rank1-sum2": (1, False)}
+# (powersgd_rank, same input on both ranks, a zero gradient first). One sample per rank
+# makes each layer's gradient rank 1 (dh x^T); with the same x on both ranks the sum is
+# rank 1 too. After an all-zero gradient the warm-started Q is zero.
+EXACT_CASES = {"rank1-sum1": (1, True, False), "rank2-sum2": (2, False, False),
+               "rank1-sum2": (1, False, False), "rank1-sum1-after-zero": (1, True, True)}
 EXACT_STEPS = 2  # a random first Q, then a warm-started one
 
 # SGD with momentum, the optimizer of the error-feedback analyses (EF-SGD): AdamW divides
@@ -236,7 +238,7 @@ def _held_back(model: nn.Module) -> torch.Tensor:
                       [:s.valid_rows].reshape(-1) for s in state.slots])
 
 
-def _exact_case(rank: int, same_x: bool) -> dict[str, Any]:
+def _exact_case(rank: int, same_x: bool, zero_first: bool) -> dict[str, Any]:
     base = _exact_mlp()
     model = copy.deepcopy(base)
     fully_shard(model)
@@ -245,19 +247,23 @@ def _exact_case(rank: int, same_x: bool) -> dict[str, Any]:
     me, ws = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(1)  # the same draws on every rank
     errs, grad_sum, delivered = [], torch.zeros(()), torch.zeros(())
-    for _ in range(EXACT_STEPS):
+    for step in range(EXACT_STEPS + zero_first):
         xs = [torch.randn(1, 16, generator=gen) for _ in range(ws)]
         xs = [xs[0]] * ws if same_x else xs
         ys = [torch.randn(1, 3, generator=gen) for _ in range(ws)]
+        weight = 0.0 if zero_first and step == 0 else 1.0
         locals_ = []
         for r in range(ws):
             plain = copy.deepcopy(base)
-            nn.functional.mse_loss(plain(xs[r]), ys[r]).backward()
+            (weight * nn.functional.mse_loss(plain(xs[r]), ys[r])).backward()
             locals_.append(_flat_grads(plain))
         exact = torch.stack(locals_).mean(0)
-        nn.functional.mse_loss(model(xs[me]), ys[me]).backward()
+        (weight * nn.functional.mse_loss(model(xs[me]), ys[me])).backward()
         got = _flat_grads(model)  # FSDP2's mean of the ranks' PowerSGD sum
-        errs.append(float((got - exact).norm() / exact.norm()))
+        if weight:
+            errs.append(float((got - exact).norm() / exact.norm()))
+        else:
+            errs.append(float(got.abs().max()))  # nothing in, nothing out
         grad_sum = grad_sum + exact * ws
         delivered = delivered + got * ws
         model.zero_grad(set_to_none=True)
