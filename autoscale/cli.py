@@ -257,14 +257,29 @@ def estimate(
 
     work = load_workload(script)
     plan = autoscale.Plan.load(plan_path) if plan_path else autoscale.Plan()
-    est = autoscale.estimate(work.model, work.example_inputs, plan)
-    table = Table(title="estimated peak memory (uncalibrated: activations over-counted)")
+    try:
+        est = autoscale.estimate(work.model, work.example_inputs, plan, loss_fn=work.loss_fn)
+    except autoscale.PlanError as err:
+        console.print(f"[bold red]error[/]: {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    ranks = plan.shard.world_size if plan.shard.strategy != "none" else 1
+    where = f"per rank of {ranks}" if ranks > 1 else "one device"
+    table = Table(title=f"estimated peak memory of one training step ({where}; the step "
+                        "simulated on fake tensors)")
     table.add_column("category")
     table.add_column("bytes", justify="right")
-    for name in ("parameters", "gradients", "optimizer_state", "activations", "temporaries"):
-        table.add_row(name, format_bytes(getattr(est, name)))
-    table.add_row("total", format_bytes(est.total), style="bold")
+    rows = (("parameters and buffers", est.parameters), ("gradients", est.gradients),
+            ("optimizer state", est.optimizer_state), ("batch", est.batch),
+            ("activations saved for backward", est.activations),
+            ("peak temporaries", est.temporaries),
+            ("communication buffers", est.comm_buffers),
+            ("error-feedback residuals", est.residuals))
+    for name, value in rows:
+        table.add_row(name, format_bytes(value))
+    table.add_row(f"predicted peak (in {est.phase})", format_bytes(est.total), style="bold")
     console.print(table)
+    console.print("the peak is not the sum of the rows: gradients grow while activations are "
+                  "freed in backward", highlight=False)
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""The cost model: exact static memory, monotone activation estimate, calibration."""
+"""The graph estimate (the tuner's fallback when a model cannot be simulated): exact static
+memory, monotone activation estimate, calibration."""
 
 from __future__ import annotations
 
@@ -11,24 +12,26 @@ from autoscale import BatchPlan, CheckpointPlan, OptimizerPlan, Plan, PrecisionP
 def test_static_categories_are_exact_and_knobs_only_lower_activations() -> None:
     from tests_helpers import tiny_gpt
 
+    from autoscale.cost._cost import estimate_graph
+
     model, batch = tiny_gpt(batch_size=8)
     graph = autoscale.capture(model, batch)
     n = sum(p.numel() for p in model.parameters())  # tied weight counted once
-    base = autoscale.estimate(model, batch, Plan(), graph=graph)
+    base = estimate_graph(model, graph, Plan())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     assert base.parameters == 4 * n + buffers
     assert base.gradients == 4 * n
     assert base.optimizer_state == 8 * n  # AdamW: exp_avg + exp_avg_sq
     sgd = Plan(sections={"optimizer": OptimizerPlan(kind="sgd", kwargs={"lr": 0.1})})
-    assert autoscale.estimate(model, batch, sgd, graph=graph).optimizer_state == 0
+    assert estimate_graph(model, graph, sgd).optimizer_state == 0
 
     blocks = tuple(b.fqn for b in graph.blocks)
-    ckpt = autoscale.estimate(model, batch, Plan(sections={
-        "checkpoint": CheckpointPlan(blocks=blocks)}), graph=graph)
-    micro = autoscale.estimate(model, batch, Plan(sections={
-        "batch": BatchPlan(micro_batch_size=2, grad_accum_steps=4)}), graph=graph)
-    bf16 = autoscale.estimate(model, batch, Plan(sections={
-        "precision": PrecisionPlan(mode="bf16")}), graph=graph)
+    ckpt = estimate_graph(model, graph, Plan(sections={
+        "checkpoint": CheckpointPlan(blocks=blocks)}))
+    micro = estimate_graph(model, graph, Plan(sections={
+        "batch": BatchPlan(micro_batch_size=2, grad_accum_steps=4)}))
+    bf16 = estimate_graph(model, graph, Plan(sections={
+        "precision": PrecisionPlan(mode="bf16")}))
     assert ckpt.activations < base.activations
     assert micro.activations < base.activations
     assert bf16.activations < base.activations

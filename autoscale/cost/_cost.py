@@ -25,7 +25,8 @@ from autoscale.passes import PIPELINE, MemoryTerms
 from autoscale.plan import Plan
 
 __all__ = [
-    "Calibration", "MemoryEstimate", "calibrate", "estimate", "estimate_graph", "static_bytes",
+    "Calibration", "MemoryEstimate", "calibrate", "estimate", "estimate_graph",
+    "simulated_estimate", "static_bytes",
 ]
 
 # Bytes of optimizer state per fp32 byte of trainable parameter; 8-bit AdamW keeps two
@@ -35,17 +36,37 @@ _STATE_FACTOR = {"adamw": 2.0, "adam": 2.0, "lamb": 2.0, "lars": 1.0, "adamw8bit
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Estimated peak memory of one training step, by category, and its time."""
+    """Estimated peak memory of one training step (per rank), by category, and its time.
+
+    ``method`` says how: "simulated" (the planned step run on fake tensors: Note: [the
+    estimate is a simulated step]), where ``peak_bytes`` is the simulated high-water mark
+    and ``phase`` where it falls; or "graph" (a sum over the captured graph's tensors,
+    the tuner's fallback), where the total is the sum of the categories.
+    """
 
     parameters: int
     gradients: int
     optimizer_state: int
     activations: int
+    """Saved for backward by one micro-batch's forward."""
     temporaries: int
+    """The transient high-water mark above what is held (inside forward, backward or the
+    optimizer step), FSDP2's all-gather buffers included."""
     step_time_s: float | None = None
+    batch: int = 0
+    comm_buffers: int = 0
+    """Sharding's communication buffers (FSDP2 all-gather/reduce-scatter, DDP buckets)."""
+    residuals: int = 0
+    """Error-feedback residuals of gradient compression."""
+    peak_bytes: int | None = None
+    phase: str | None = None
+    method: str = "graph"
 
     @property
     def total(self) -> int:
+        """The predicted peak."""
+        if self.peak_bytes is not None:
+            return self.peak_bytes
         return (self.parameters + self.gradients + self.optimizer_state + self.activations
                 + self.temporaries)
 
@@ -82,18 +103,82 @@ def static_bytes(model: nn.Module, plan: Plan) -> tuple[int, int, int]:
     return param_bytes, trainable, int(trainable * factor)
 
 
-def estimate(model: nn.Module, example_inputs: Any, plan: Plan, *, graph: Any = None,
-             calibration: Calibration | None = None) -> MemoryEstimate:
-    """Estimate ``plan``'s peak step memory (by category) for ``model`` on ``example_inputs``.
+def estimate(model: nn.Module, example_inputs: Any, plan: Plan | None = None, *,
+             graph: Any = None, loss_fn: Any = None) -> MemoryEstimate:
+    """Estimate ``plan``'s peak memory per device for one training step of ``model`` on
+    ``example_inputs`` (the global batch), by category, with the phase of the peak.
 
-    Computed on fake tensors (capture), no real compute. Without a ``calibration`` the
-    activation term is the graph's raw count (an over-estimate) and there is no time.
+    The planned step is simulated on fake tensors (no real compute, no allocation): see
+    Note: [the estimate is a simulated step]. ``model`` is only read. Raises PlanError
+    when the plan was made for another model or the model cannot be simulated.
     """
-    if graph is None:
-        from autoscale.capture._capture import capture
+    from autoscale.capture._capture import capture
+    from autoscale.runtime._batch import check_batch
 
-        graph = capture(model, example_inputs)
-    return estimate_graph(model, graph, plan, calibration=calibration)
+    plan = plan or Plan()
+    batch = check_batch(example_inputs)
+    if graph is None:
+        graph = capture(model, batch)
+    _check_fingerprint(model, graph, plan)
+    return simulated_estimate(model, batch, plan, graph=graph, loss_fn=loss_fn)
+
+
+def _check_fingerprint(model: nn.Module, graph: Any, plan: Plan) -> None:
+    if plan.fingerprint is None:
+        return
+    from autoscale.errors import PlanError
+    from autoscale.plan import Fingerprint
+
+    here = Fingerprint.of(model, graph.structure_hash())
+    if diff := plan.fingerprint.differences(here):
+        raise PlanError(f"the plan was made for another model ({', '.join(diff)} differ); "
+                        "estimate it for the model it was tuned on, or tune this one.")
+
+
+def simulated_estimate(model: nn.Module, batch: Any, plan: Plan, *, graph: Any,
+                       loss_fn: Any = None) -> MemoryEstimate:
+    """The simulated step's figures, with what sharding and compression change per rank
+    taken from those passes' own reports (the plan against its unsharded twin)."""
+    from autoscale.cost._simulate import simulate_step
+
+    sim = simulate_step(model, batch, plan, loss_fn=loss_fn, graph=graph)
+    est = MemoryEstimate(parameters=sim.parameters, gradients=sim.gradients,
+                         optimizer_state=sim.optimizer_state, activations=sim.activations,
+                         temporaries=sim.temporaries, batch=sim.batch,
+                         peak_bytes=sim.peak, phase=sim.phase, method="simulated")
+    if plan.shard.strategy == "none":
+        return est
+    return _sharded(est, model, graph, plan)
+
+
+def _sharded(est: MemoryEstimate, model: nn.Module, graph: Any, plan: Plan) -> MemoryEstimate:
+    """``est`` (one rank's step, unsharded) with the shard and compress passes' deltas:
+    parameters, gradients and state divided, FSDP2's unsharded units and buffers, the
+    compression residual and working copy (passes/shard.py, passes/compress.py)."""
+    from autoscale.plan import BatchPlan, CompressPlan, ShardPlan
+
+    share = max(graph.batch_size // plan.shard.world_size, 1)
+    micro = plan.batch.micro_batch_size or share
+    local = plan.replace(shard=ShardPlan(), compress=CompressPlan(),
+                         batch=BatchPlan(micro_batch_size=micro,
+                                         grad_accum_steps=plan.batch.grad_accum_steps))
+    whole = estimate_graph(model, graph, plan)
+    exact = estimate_graph(model, graph, plan.replace(compress=CompressPlan()))
+    alone = estimate_graph(model, graph, local)
+    d_params = exact.parameters - alone.parameters
+    d_grads = exact.gradients - alone.gradients
+    d_state = exact.optimizer_state - alone.optimizer_state
+    comm = exact.temporaries - alone.temporaries
+    residual = whole.gradients - exact.gradients
+    working = whole.temporaries - exact.temporaries
+    # Held through the whole step, so they move the peak wherever it falls; the sharded
+    # gradients too (the backward peak holds all but the last unit's).
+    moved = d_params + d_state + d_grads + comm + residual + working
+    return replace(est, parameters=est.parameters + d_params,
+                   gradients=est.gradients + d_grads,
+                   optimizer_state=est.optimizer_state + d_state,
+                   temporaries=est.temporaries + working, comm_buffers=comm,
+                   residuals=residual, peak_bytes=est.total + moved)
 
 
 def estimate_graph(model: nn.Module, graph: Any, plan: Plan, *,

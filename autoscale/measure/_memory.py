@@ -110,9 +110,10 @@ def _storages(t: torch.Tensor) -> Iterator[torch.UntypedStorage]:
     yield t.untyped_storage()
 
 
-def _on_device(st: torch.UntypedStorage, device: torch.device | None) -> bool:
-    if st.device.type == "meta":  # fake/meta tensors hold no memory
-        return False
+def _on_device(st: torch.UntypedStorage, device: torch.device | None, *,
+               fake: bool = False) -> bool:
+    if st.device.type == "meta":  # fake/meta tensors hold no memory, unless simulated
+        return fake
     if device is None:
         return True
     # "cuda" matches "cuda:0" when no index was given.
@@ -121,7 +122,8 @@ def _on_device(st: torch.UntypedStorage, device: torch.device | None) -> bool:
     )
 
 
-def live_bytes(roots: Any, *, device: torch.device | str | None = None) -> int:
+def live_bytes(roots: Any, *, device: torch.device | str | None = None,
+               fake: bool = False) -> int:
     """Bytes of the distinct tensor storages reachable from ``roots``.
 
     Invariant: each storage counts once however many tensors view it (tied weights,
@@ -131,6 +133,8 @@ def live_bytes(roots: Any, *, device: torch.device | str | None = None) -> int:
     Args:
         roots: tensors, modules, optimizers, or nested dicts/lists/tuples of them.
         device: count only storages on this device.
+        fake: count the storages of fake tensors (FakeTensorMode: a meta storage stands
+            for one on the simulated device) too; the cost model's simulated step.
 
     Returns:
         The sum of ``UntypedStorage.nbytes()`` over the distinct storages.
@@ -140,7 +144,7 @@ def live_bytes(roots: Any, *, device: torch.device | str | None = None) -> int:
     distinct: dict[int, torch.UntypedStorage] = {}
     for t in _iter_root_tensors(roots):
         for st in _storages(t):
-            if _on_device(st, dev):
+            if _on_device(st, dev, fake=fake):
                 distinct.setdefault(id(st), st)
     return sum(st.nbytes() for st in distinct.values())
 
@@ -202,14 +206,19 @@ class PeakMemoryTracker:
     A tracker is single-use and not reentrant; nest two trackers rather than reusing one.
     """
 
-    def __init__(self, roots: Any = (), *, device: torch.device | str | None = None) -> None:
+    def __init__(self, roots: Any = (), *, device: torch.device | str | None = None,
+                 fake: bool = False) -> None:
         """
         Args:
             roots: what is live at the start (modules, optimizers, tensors, nested
                 containers); their storages form the CPU baseline.
             device: the device whose memory is tracked; default: the device of the first
                 tensor under ``roots``, else CPU.
+            fake: the region runs under FakeTensorMode (the cost model's simulated step):
+                fake tensors' storages count as the device's, and the ledger is used on
+                every device (nothing reaches an allocator).
         """
+        self.fake = fake
         self.device = self._resolve_device(roots, device)
         self._roots = roots
         self.baseline_bytes = 0
@@ -236,7 +245,7 @@ class PeakMemoryTracker:
     @property
     def uses_allocator_stats(self) -> bool:
         """True on CUDA, where the allocator's statistics are read instead of a ledger."""
-        return self.device.type == "cuda"
+        return self.device.type == "cuda" and not self.fake
 
     def __enter__(self) -> PeakMemoryTracker:
         if self._used:
@@ -275,7 +284,7 @@ class PeakMemoryTracker:
         with self._lock:
             for t in tensors:
                 for st in _storages(t):
-                    if not _on_device(st, self.device):
+                    if not _on_device(st, self.device, fake=self.fake):
                         continue
                     nbytes = st.nbytes()
                     entry = self._live.get(id(st))

@@ -1,0 +1,228 @@
+"""Peak memory of a plan's training step, by simulating that step on fake tensors.
+
+Note: [the estimate is a simulated step]
+The estimate is not a formula over the graph: it is the planned training step itself,
+built by the same runtime (autoscale.runtime.build_result applies the real passes:
+micro-batching, autocast, checkpoint wrappers, the optimizer class) and run forward and
+backward under torch's FakeTensorMode, with the same storage ledger that measures a step
+(autoscale/measure/_memory.py, Note: [how the CPU ledger works]) counting what is live
+after every op. Fake tensors carry shape, dtype and storage but no data and allocate
+nothing, so the simulation costs a fraction of one real step (no kernels run) and needs no
+memory for the model beyond its module objects. What is estimated is what is measured:
+the same ops, saved tensors, recomputation, autocast weight copies, views and frees, in
+the same order. This is the approach of torch's own FSDPMemTracker (which runs a model
+under FakeTensorMode with a ledger); measured on the examples it matches the CPU
+allocator's peak to the byte where every op allocates through the dispatcher.
+
+What the simulation cannot run, it adds from exact counts:
+- The optimizer's state is created by the optimizer's own ``_init_state`` on the fake
+  parameters (autoscale.optim: the exact tensors, 8-bit codes and scales included); for
+  torch.optim classes, and SGD's momentum (made in its first step), it is counted from
+  the model (``static_bytes``).
+- The optimizer step does not run (the CPU kernels reach raw pointers, which fake tensors
+  lack). On every CPU path the dispatcher picks, it updates in place (torch's fused
+  kernels, autoscale's C loops), so the step's peak is what is live when it starts:
+  parameters, gradients, state and the batch.
+- A distributed plan simulates one rank's share of the batch on the local plan; what
+  sharding and compression change per rank (parameters, gradients and state divided,
+  FSDP2's all-gather and reduce-scatter buffers, error-feedback residuals) comes from
+  those passes' own ``Pass.memory`` reports (passes/base.py), as a difference between the
+  plan and its unsharded twin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoscale.errors import PlanError
+from autoscale.measure._memory import PeakMemoryTracker
+from autoscale.plan import CompressPlan, Plan, ShardPlan
+from autoscale.runtime._batch import Batch, LossFn, call_model, compute_loss, split_batch
+
+__all__ = ["SimulatedStep", "simulate_step"]
+
+
+@dataclass(frozen=True)
+class SimulatedStep:
+    """One rank's training step as the simulation saw it, in bytes.
+
+    Invariant: ``peak == max(forward_backward_peak, step_peak)`` and
+    ``forward_backward_peak == baseline + activations_peak`` where ``baseline`` is what
+    is live before the step (parameters, buffers, optimizer state, the batch).
+    """
+
+    parameters: int
+    """Parameters and buffers."""
+    gradients: int
+    optimizer_state: int
+    batch: int
+    activations: int
+    """Saved for backward at the end of the first micro-batch's forward."""
+    forward_backward_peak: int
+    step_peak: int
+    """Live when the optimizer step starts (it updates in place)."""
+
+    @property
+    def baseline(self) -> int:
+        return self.parameters + self.optimizer_state + self.batch
+
+    @property
+    def peak(self) -> int:
+        return max(self.forward_backward_peak, self.step_peak)
+
+    @property
+    def phase(self) -> str:
+        """Where the peak is: "forward/backward" or "optimizer step"."""
+        return ("forward/backward" if self.forward_backward_peak >= self.step_peak
+                else "optimizer step")
+
+    @property
+    def temporaries(self) -> int:
+        """The transient high-water mark above everything that is held: the peak less
+        parameters, state, batch, saved activations and (past backward) gradients."""
+        held = self.baseline + max(self.activations, self.gradients)
+        return max(self.peak - held, 0)
+
+
+def simulate_step(model: nn.Module, batch: Batch, plan: Plan, *,
+                  loss_fn: LossFn | None = None, graph: Any = None) -> SimulatedStep:
+    """Simulate ``plan``'s training step for ``model`` on ``batch`` (the global batch) on
+    fake tensors and return its memory (for a distributed plan: one rank's, on its share
+    of the batch, before sharding; see Note: [the estimate is a simulated step]).
+
+    ``model`` and ``batch`` are only read. Raises PlanError naming the op when the model
+    cannot run on fake tensors (data-dependent control flow, an op without a fake kernel).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from autoscale.runtime import build_result
+    from autoscale.runtime._batch import rank_share
+
+    local = plan
+    if plan.shard.strategy != "none":
+        batch = rank_share(batch, 0, plan.shard.world_size)
+        local = plan.replace(shard=ShardPlan(), compress=CompressPlan())
+    mode = FakeTensorMode()
+    fake_model = _fake_copy(model, mode)
+    fake_batch = _fake_batch(batch, mode)
+    try:
+        with mode:
+            result = build_result(local, fake_model, loss_fn=loss_fn, graph=graph,
+                                  inplace=True)
+            state = _fake_state(result.optimizer)
+            roots = (result.model, state, fake_batch)
+            params, batch_bytes = _bytes(result.model), _bytes(fake_batch)
+            activations = _saved_by_forward(result, fake_batch, roots)
+            with PeakMemoryTracker(roots=roots, device="cpu", fake=True) as tracker, \
+                    _rng_states_counted(tracker):
+                result.accumulate(fake_batch)
+            grads = _grad_bytes(result.model)
+    except Exception as err:  # the model's own code: name what failed, not where
+        raise PlanError(f"the cost model could not simulate this model's step on fake "
+                        f"tensors: {type(err).__name__}: {str(err).splitlines()[0][:200]}. "
+                        "The tuner measures such models instead of estimating them.") from err
+    # SGD creates its momentum buffers in its first step, not in _init_state.
+    state_bytes = _bytes(state) if state else 0
+    state_bytes = state_bytes or _torch_state_bytes(model, plan)
+    baseline = params + state_bytes + batch_bytes
+    peak_fb = tracker.peak_bytes - tracker.baseline_bytes + baseline
+    return SimulatedStep(parameters=params, gradients=grads, optimizer_state=state_bytes,
+                         batch=batch_bytes, activations=activations,
+                         forward_backward_peak=peak_fb, step_peak=baseline + grads)
+
+
+@contextlib.contextmanager
+def _rng_states_counted(tracker: PeakMemoryTracker) -> Iterator[None]:
+    """Count the CPU RNG states that checkpointing saves per block (5056 bytes each, real
+    tensors even under FakeTensorMode): torch.get_rng_state makes them outside the
+    dispatcher, where a real step's allocator sees them and the ledger would not."""
+    real = torch.get_rng_state
+
+    def counted() -> torch.Tensor:
+        state = real()
+        tracker._observe((state,))
+        return state
+
+    torch.get_rng_state = counted
+    try:
+        yield
+    finally:
+        torch.get_rng_state = real
+
+
+def _fake_copy(model: nn.Module, mode: Any) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are fake tensors (tied ones
+    stay tied: the copy's memo maps each real tensor to one fake)."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        if id(p) not in memo:
+            memo[id(p)] = nn.Parameter(mode.from_tensor(p.detach()),
+                                       requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo.setdefault(id(b), mode.from_tensor(b))
+    return copy.deepcopy(model, memo)
+
+
+def _fake_batch(batch: Batch, mode: Any) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return mode.from_tensor(batch)
+    if isinstance(batch, dict):
+        return {k: _fake_batch(v, mode) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_fake_batch(v, mode) for v in batch)
+    return batch
+
+
+def _fake_state(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]] | None:
+    """The optimizer's state for every parameter, created by the optimizer itself on the
+    fake parameters (autoscale.optim); None for optimizers without ``_init_state``."""
+    init = getattr(optimizer, "_init_state", None)
+    if init is None:
+        return None
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad:
+                init(group, p)
+    return [dict(s) for s in optimizer.state.values() if s]
+
+
+def _torch_state_bytes(model: nn.Module, plan: Plan) -> int:
+    from autoscale.cost._cost import static_bytes
+
+    return static_bytes(model, plan.replace(shard=ShardPlan()))[2]
+
+
+def _saved_by_forward(result: Any, batch: Batch, roots: Any) -> int:
+    """Bytes the first micro-batch's forward leaves live for backward (the loss's graph)."""
+    micro, _ = next(iter(split_batch(batch, result.plan.batch.micro_batch_size)))
+    result.model.train()
+    with PeakMemoryTracker(roots=roots, device="cpu", fake=True) as tracker:
+        loss = compute_loss(result.loss_fn, call_model(result.model, micro), micro)
+        saved = tracker.current_bytes - tracker.baseline_bytes
+    del loss
+    return saved
+
+
+def _grad_bytes(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        g = p.grad
+        if g is not None and id(g) not in seen:
+            seen.add(id(g))
+            total += g.untyped_storage().nbytes()
+    return total
+
+
+def _bytes(obj: Any) -> int:
+    """Bytes of the distinct storages of every tensor reachable from ``obj``."""
+    from autoscale.measure._memory import live_bytes
+
+    return live_bytes(obj, device="cpu", fake=True)

@@ -1,0 +1,126 @@
+"""autoscale.estimate: the planned step simulated on fake tensors (Note: [the estimate is
+a simulated step]), pinned by hand on a stack of Linear layers and against the CPU
+allocator's measured peak on the GPT example, plan by plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import autoscale
+from autoscale import BatchPlan, CheckpointPlan, Plan, PlanError, PrecisionPlan
+from autoscale.measure import measure
+from autoscale.runtime import build_result
+from autoscale.runtime._optimizers import optimizer_plan
+
+D, H, L, B = 128, 256, 3, 8
+F32 = 4
+
+
+class Stack(nn.Module):
+    """L blocks of bias-free Linear(D, H), ReLU, Linear(H, D); the loss is the output's
+    mean square."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(D, H, bias=False), nn.ReLU(), nn.Linear(H, D, bias=False))
+            for _ in range(L))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x.square().mean()
+
+
+@pytest.fixture(scope="module")
+def stack():
+    torch.manual_seed(0)
+    return Stack(), torch.randn(B, D)
+
+
+def _measured(plan: Plan, model: nn.Module, batch) -> int:
+    result = build_result(plan, model)
+    return measure(result, batch, warmup=1, iters=1).peak_memory_bytes
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_a_linear_stack_is_counted_byte_for_byte(stack, checkpointed) -> None:
+    model, batch = stack
+    blocks = tuple(f"blocks.{i}" for i in range(L)) if checkpointed else ()
+    plan = Plan(sections={"optimizer": optimizer_plan("adamw", None),
+                          "checkpoint": CheckpointPlan(blocks=blocks)})
+    est = autoscale.estimate(model, batch, plan)
+    weights = L * 2 * D * H * F32
+    assert est.method == "simulated"
+    assert est.parameters == weights and est.gradients == weights
+    assert est.optimizer_state == 2 * weights + 2 * L * F32  # exp_avg, exp_avg_sq, steps
+    assert est.batch == B * D * F32
+    # Kept for backward, besides the batch: each block's output (the next block's input,
+    # or square()'s for the last) and the 0-dim loss; unless checkpointed, also each
+    # block's ReLU output (saved by ReLU and by the second Linear: one storage).
+    saved = L * B * D * F32 + F32
+    if not checkpointed:
+        saved += L * B * H * F32
+    assert est.activations == saved
+    assert est.total == _measured(plan, model, batch)
+
+
+_GPT_PLANS = {
+    "default": {},
+    "every block checkpointed": {"checkpoint": "every"},
+    "bf16": {"precision": PrecisionPlan(mode="bf16")},
+    "micro-batches of 2": {"batch": BatchPlan(micro_batch_size=2, grad_accum_steps=4)},
+    "8-bit AdamW": {"optimizer": optimizer_plan("adamw8bit", None)},
+    "SGD with momentum": {"optimizer": optimizer_plan("sgd", {"lr": 0.1, "momentum": 0.9})},
+}
+_FAST = ("default", "every block checkpointed", "SGD with momentum")
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    from tests_helpers import tiny_gpt
+
+    model, batch = tiny_gpt(batch_size=8)
+    return model, batch, autoscale.capture(model, batch)
+
+
+@pytest.mark.parametrize("name", [n if n in _FAST else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in _GPT_PLANS])
+def test_the_gpt_examples_peak_is_the_measured_one(gpt, name) -> None:
+    model, batch, graph = gpt
+    sections = dict(_GPT_PLANS[name])
+    if sections.get("checkpoint") == "every":
+        sections["checkpoint"] = CheckpointPlan(blocks=tuple(b.fqn for b in graph.blocks))
+    plan = Plan(sections=sections)
+    est = autoscale.estimate(model, batch, plan, graph=graph)
+    # The same ledger on the same ops: byte for byte (the allocator's own peak).
+    assert est.total == _measured(plan, model, batch), name
+    assert est.phase == "forward/backward"
+
+
+def test_a_plan_for_another_model_is_refused(stack) -> None:
+    from tests_helpers import tiny_gpt
+
+    model, batch = stack
+    other, other_batch = tiny_gpt(batch_size=8)
+    plan = autoscale.optimize(other, other_batch, trials=0).plan
+    with pytest.raises(PlanError, match="another model"):
+        autoscale.estimate(model, batch, plan)
+
+
+def test_a_model_that_cannot_run_on_fake_tensors_gets_one_clear_error() -> None:
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.lin(x)
+            return y[y > 0].sum() if bool((y > 0).any()) else y.sum()  # data decides
+
+    model = DataDependent()
+    with pytest.raises(PlanError, match="could not simulate"):
+        autoscale.estimate(model, torch.randn(2, 4), Plan(),
+                           graph=autoscale.capture(nn.Linear(4, 1), torch.randn(2, 4)))
