@@ -67,10 +67,9 @@ class SearchSpace:
         return self.world_size > 1
 
     def compressors_for(self, strategy: str) -> list[str]:
-        """The compressors that combine with ``strategy`` (PowerSGD rides DDP's comm hook,
-        which FSDP2 has no counterpart of)."""
-        fsdp = strategy in ("zero2", "zero3")
-        return [c for c in self.compressors if not (fsdp and c == "powersgd")]
+        """The compressors that combine with ``strategy``: every one (under DDP as comm
+        hooks, under FSDP2 as custom reduce-scatters: passes/compress.py)."""
+        return list(self.compressors)
 
     def plan_from(self, params: dict[str, Any], base: Plan) -> Plan:
         """The plan that a trial's parameters stand for."""
