@@ -103,12 +103,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two models only")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    from bench_large_batch import cpu_name
+
     import autoscale
     from autoscale._units import format_bytes
     from autoscale.cost._cost import estimate_graph
     from autoscale.runtime._batch import batch_size
-
-    from bench_large_batch import cpu_name
 
     print(f"machine: {cpu_name()}, torch {torch.__version__}")
     header = (f"{'model':9s} {'plan':17s} {'measured':>11s} {'estimate':>11s} {'error':>7s} "
