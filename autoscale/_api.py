@@ -35,6 +35,7 @@ from autoscale.runtime._optimizers import optimizer_plan
 from autoscale.runtime._result import Result, build_result
 from autoscale.search._study import (
     LinkCheck,
+    PlanEstimates,
     SearchSpace,
     TrialRecord,
     closest_miss,
@@ -221,8 +222,10 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
         calibration = calibrate(model, setup.graph, setup.reference,
                                 peak_bytes=baseline.peak_memory_bytes,
                                 step_time_s=baseline.step_time_s)
-        records = run_search(study, space, setup.base, model=model, graph=setup.graph,
-                             budget=setup.budget, calibration=calibration, trials=trials,
+        estimates = PlanEstimates(model, setup.batch, setup.graph, loss_fn=loss_fn,
+                                  calibration=calibration)
+        records = run_search(study, space, setup.base, estimates=estimates,
+                             budget=setup.budget, trials=trials,
                              measure=lambda plan: runner.measure(plan, timeout_s=timeout),
                              on_trial=on_trial)
         finalists = top_feasible(study, setup.budget, _FINALISTS)
@@ -238,7 +241,7 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
     result = _result(plan, model, setup, loss_fn=loss_fn, inplace=inplace)
     result.report = Report(baseline, plan.measured, tuple(records), setup.budget,
                            setup.graph.strategy, name, setup.world_size,
-                           notes=(*notes, *why))
+                           notes=(*notes, *why, *filter(None, [estimates.note])))
     return result
 
 

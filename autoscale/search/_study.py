@@ -34,11 +34,77 @@ from autoscale.plan import (
     ShardPlan,
 )
 
-__all__ = ["LinkCheck", "SearchSpace", "TrialRecord", "open_study", "run_search"]
+__all__ = ["LinkCheck", "PlanEstimates", "SearchSpace", "TrialRecord", "open_study",
+           "run_search"]
 
 _CONSTRAINT = "peak_over_budget_bytes"  # Optuna: <= 0 is feasible
-# The cost model over-counts saved activations; prune only what it is sure will not fit.
+# The graph estimate (the fallback) over-counts saved activations by up to ~15% once
+# calibrated; prune only what it is sure will not fit.
 _PRUNE_MARGIN = 1.15
+#: The simulated estimate's margin: the largest over-estimate bench/bench_estimate.py
+#: measured (7 models x 9 plans, one process) was +4.3%; sharded plans add the passes'
+#: reports, measured 0.94-1.19x of per-rank peaks (tests/passes/test_shard.py).
+SIMULATED_MARGIN, SHARDED_MARGIN = 1.05, 1.20
+
+
+class PlanEstimates:
+    """Each trial's estimated peak, and the margin over the budget past which a plan is
+    pruned unmeasured: see Note: [pruning on the estimate].
+
+    Note: [pruning on the estimate]
+    Plans are estimated by the simulated step (autoscale/cost/_simulate.py), cached per
+    plan; a model the simulation cannot run falls back to the calibrated graph estimate,
+    once, said in ``note``. A plan is pruned when its estimate exceeds the budget by more
+    than the estimator's measured error (SIMULATED_MARGIN, SHARDED_MARGIN; _PRUNE_MARGIN
+    for the graph),
+    and every measured trial refines that margin: it grows to the largest
+    estimate/measured ratio seen in this tune, so an estimator that over-counts on this
+    model never prunes a plan like one that fitted. Under-estimates prune nothing: the
+    measurement decides those.
+    """
+
+    def __init__(self, model: nn.Module, batch: Any, graph: Any, *, loss_fn: Any,
+                 calibration: Calibration) -> None:
+        self._model, self._batch, self._graph = model, batch, graph
+        self._loss_fn, self._calibration = loss_fn, calibration
+        self._cache: dict[str, tuple[int, str]] = {}
+        self._simulate = True
+        self._worst = 0.0
+        self.note: str | None = None
+
+    def bytes(self, plan: Plan) -> int:
+        """The estimated per-rank peak of ``plan``."""
+        key = json.dumps(plan.to_dict(), sort_keys=True)
+        if key not in self._cache:
+            self._cache[key] = self._estimate(plan)
+        return self._cache[key][0]
+
+    def _estimate(self, plan: Plan) -> tuple[int, str]:
+        from autoscale.cost._cost import simulated_estimate
+
+        if self._simulate:
+            try:
+                return (simulated_estimate(self._model, self._batch, plan, graph=self._graph,
+                                           loss_fn=self._loss_fn).total, "simulated")
+            except PlanError as err:
+                self._simulate = False
+                self.note = (f"estimates: the graph's (calibrated), not the simulated step: "
+                             f"{err}")
+        return estimate_graph(self._model, self._graph, plan,
+                              calibration=self._calibration).total, "graph"
+
+    def margin(self, plan: Plan) -> float:
+        """How far over the budget ``plan``'s estimate may be before it is pruned."""
+        if not self._simulate:
+            base = _PRUNE_MARGIN
+        else:
+            base = SIMULATED_MARGIN if plan.shard.strategy == "none" else SHARDED_MARGIN
+        return max(base, self._worst)
+
+    def learn(self, estimated: int, measured: int) -> None:
+        """Refine the margin from one measured trial."""
+        if measured > 0:
+            self._worst = max(self._worst, estimated / measured)
 
 
 @dataclass(frozen=True)
@@ -271,8 +337,8 @@ def _counts(t: optuna.trial.FrozenTrial) -> bool:
     return t.state == optuna.trial.TrialState.FAIL and _ERROR in t.user_attrs
 
 
-def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *, model: nn.Module,
-               graph: Any, budget: int | None, calibration: Calibration, trials: int,
+def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
+               estimates: PlanEstimates, budget: int | None, trials: int,
                measure: Measure, on_trial: Callable[[TrialRecord], None] | None = None,
                ) -> list[TrialRecord]:
     """Run trials until the study holds ``trials`` counted ones; returns this run's records.
@@ -282,7 +348,8 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *, model: nn
     the cost model is sure exceeds the budget is recorded as infeasible without running.
     Others are measured by ``measure(plan)``; a TrialFailed there (crash, hang, out of
     memory, exception, in the worker) fails that trial only, stored as FAIL with its
-    reason. KeyboardInterrupt propagates after the running trial is marked interrupted
+    reason (Note: [pruning on the estimate]). KeyboardInterrupt propagates after the
+    running trial is marked interrupted
     (FAIL, not counted, measured again on resume).
     """
     from autoscale.search._workers import TrialFailed
@@ -297,13 +364,15 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *, model: nn
             trial.set_user_attr(_ERROR, f"refused: {err}")
             trial.set_constraint(_CONSTRAINT, 1.0)
             raise _FailedTrial(str(err)) from err
-        est = estimate_graph(model, graph, plan, calibration=calibration).total
+        est = estimates.bytes(plan)
         trial.set_user_attr("plan", plan.to_dict())
         trial.set_user_attr("estimated_bytes", est)
         prior = _same_params(trial)
         if prior is not None:
             return _repeat(trial, prior, plan, est)
-        if budget is not None and est > budget * _PRUNE_MARGIN:
+        margin = estimates.margin(plan)
+        trial.set_user_attr("prune_margin", margin)
+        if budget is not None and est > budget * margin:
             trial.set_constraint(_CONSTRAINT, float(est - budget))
             _record(records, on_trial, TrialRecord(trial.number, plan, "pruned by cost model",
                                                    None, None, est, False), trial.study)
@@ -318,6 +387,7 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *, model: nn
         except BaseException:
             trial.set_user_attr(_INTERRUPTED, True)
             raise
+        estimates.learn(est, m.peak_memory_bytes)
         over = 0.0 if budget is None else float(m.peak_memory_bytes - budget)
         trial.set_constraint(_CONSTRAINT, over)
         trial.set_user_attr("peak_memory_bytes", int(m.peak_memory_bytes))
