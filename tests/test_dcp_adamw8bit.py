@@ -131,3 +131,22 @@ def test_codes_saved_for_another_shard_size_are_refused_naming_the_fix() -> None
     with pytest.raises(ValueError, match=r"codes of 3392 elements were saved for a shard of "
                                          r"another size .* Save with state_dict_moments='fp32'"):
         fresh.load_state_dict(state)
+
+
+def test_a_million_moments_dequantized_and_requantized_keep_their_codes_and_scales() -> None:
+    from autoscale.optim._adamw8bit_state import _quantized, portable_state
+
+    gen = torch.Generator().manual_seed(0)
+    n, block = 1_000_003, 256  # a partial last block
+    # Moments as Adam makes them, with magnitudes spread over 6 decades across elements.
+    g = torch.randn(n, generator=gen) * 10 ** (3 * torch.rand(n, generator=gen) - 3)
+    m = 0.1 * g + 0.01 * torch.randn(n, generator=gen) * g.abs()
+    v = 1e-3 * g * g * (1 + torch.rand(n, generator=gen))
+    v[5 * block:6 * block] = float("inf")  # a non-finite block: codes 0, NaN scales
+    codes = dict(zip(("exp_avg_q", "exp_avg_scale", "exp_avg_sq_q", "exp_avg_sq_scale"),
+                     _quantized(m, v, block), strict=True))
+    fp32 = portable_state(codes, torch.empty(n), block)
+    again = _quantized(fp32["exp_avg"], fp32["exp_avg_sq"], block)
+    for (key, value), got in zip(codes.items(), again, strict=True):
+        torch.testing.assert_close(got, value, rtol=0, atol=0, equal_nan=True, msg=key)
+    assert codes["exp_avg_scale"][5].isnan() and not codes["exp_avg_scale"][4].isnan()

@@ -16,10 +16,15 @@ dim-0 chunking of an arbitrary shape does not give (33 rows of 16 split 17/16: b
 at element 272, not a multiple of 64), and it would change the kernels' layout.
 Costs: while a checkpoint is taken the rank holds its state in fp32 too (8 bytes per
 element of its shard on top of ~2), and the checkpoint is as big as fp32 AdamW's. A load
-at the same layout gives back the same codes and scales (a block's dequantized absmax is
-its scale: the largest element has code +-127 or 255, which maps to 1.0; tests check it
-is exact); at another layout each new block's scale is the largest dequantized value in
-it, so every element is re-rounded once, to within half a level of its block's map.
+at the same layout gives back the same codes and scales: a block's largest element has
+code +-127 (m) or 255 (sqrt(v)), which dequantizes to exactly its scale, so the block's
+absmax is its scale again, and every other element lies well inside its code's rounding
+interval (tests check a million elements). The one exception is a block whose largest m
+was zeroed by the step's guard (its v quantized to 0: its sqrt(v) under 4e-6 of the
+block's largest while its m is the block's largest), re-rounded as below. At another
+layout each new block's scale is the largest dequantized value in it, so every element is
+re-rounded once, to within half a level of its new block's map (at most 1/127 of the
+block's largest moment: the top levels of both maps are 2/127 and 4/255 wide).
 The small tensors (fp32 moments, fewer than min_8bit_size elements) are handed out as
 DTensors too, since their rank-local moments are shards as well.
 """
@@ -32,10 +37,10 @@ import torch
 
 from autoscale.kernels._dtensor import is_dtensor, local
 from autoscale.kernels.adamw8bit import (
+    _quantize_unsigned_with,
     dequantize_signed,
     dequantize_unsigned,
     quantize_signed,
-    quantize_unsigned,
     state_numel,
 )
 
@@ -124,7 +129,12 @@ def _quantized(m: torch.Tensor, v: torch.Tensor, block: int) -> tuple[torch.Tens
     mb, vb = blocks
     ok = (mb.isfinite() & vb.isfinite()).all(dim=1, keepdim=True)
     mq, ms = quantize_signed(torch.where(ok, mb, 0.0))
-    vq, vs = quantize_unsigned(torch.where(ok, vb, 0.0))
+    # sqrt(v) through fp64: torch's fp32 sqrt is an ulp off for a few elements in a million
+    # (measured 6 in 1e6), which would move a block's scale off the one it was saved with;
+    # rounded from fp64 it is exactly the dequantized sqrt(v) that v was squared from.
+    sv = torch.sqrt(torch.where(ok, vb, 0.0).double()).float()
+    vs = sv.amax(dim=1)
+    vq = _quantize_unsigned_with(sv, vs.unsqueeze(1)).to(torch.uint8)
     mq = torch.where(vq == 0, 0, mq).to(torch.int8)
     bad = ~ok.squeeze(1)
     ms, vs = ms.masked_fill(bad, torch.nan), vs.masked_fill(bad, torch.nan)
