@@ -297,6 +297,12 @@ class PeakMemoryTracker:
                         self._total += nbytes - entry[1]
             self.peak_bytes = max(self.peak_bytes, self._total)
 
+    def add_transient(self, nbytes: int) -> None:
+        """Count ``nbytes`` held for an instant on top of what is live now (a kernel's
+        internal workspace, which the ledger cannot see: the cost model's probes)."""
+        with self._lock:
+            self.peak_bytes = max(self.peak_bytes, self._total + nbytes)
+
     def _on_free(self, key: int, _ref: weakref.ref[torch.UntypedStorage]) -> None:
         with self._lock:
             entry = self._live.pop(key, None)
