@@ -1,0 +1,166 @@
+"""What this machine does per second: matmul FLOPs, memory bytes, and the cost of one op.
+
+Note: [machine rates]
+The step-time estimate (autoscale/cost/_time.py) prices every aten op of the simulated step
+as ``max(flops / matmul_flops_per_s, bytes / memory_bytes_per_s) + op_overhead_s``. The
+three rates are measured once per machine by a short run (well under 3 s):
+
+- ``matmul_flops_per_s``: the median rate of fp32 square matmuls of a few sizes (256 to
+  1024), the sizes a model's Linear layers run at.
+- ``memory_bytes_per_s``: an out-of-place add of two 16 MiB fp32 tensors (bytes read plus
+  written over its time): past the caches, what a large elementwise op streams at.
+- ``op_overhead_s``: a tiny training step (a stack of 8x8 Linear layers on 2 samples,
+  forward and backward) timed and divided by the number of aten ops it dispatches, counted
+  by the same counter the estimate uses. Its tensors are so small that its time is all
+  overhead: Python module calls, autograd's bookkeeping, the dispatcher, kernel launch.
+  That is the per-op price a small model pays, and a loop of bare ``torch.add`` calls
+  (without autograd and modules) would under-state it several times over.
+
+They are cached as JSON under ``~/.cache/autoscale/`` (``$XDG_CACHE_HOME`` if set), keyed
+by the CPU model, torch version and thread count, the three things that change them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoscale.errors import PlanError
+
+__all__ = ["MachineRates", "cache_path", "machine_rates", "measure_rates"]
+
+
+@dataclass(frozen=True, slots=True)
+class MachineRates:
+    """The rates the step-time estimate prices ops at (Note: [machine rates])."""
+
+    matmul_flops_per_s: float
+    """FLOPs per second of an fp32 matmul."""
+    memory_bytes_per_s: float
+    """Bytes read plus written per second by a large elementwise op."""
+    op_overhead_s: float
+    """Seconds one aten op costs beyond its FLOPs and bytes (dispatch, autograd, launch)."""
+
+    def __post_init__(self) -> None:
+        for name in ("matmul_flops_per_s", "memory_bytes_per_s", "op_overhead_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not value > 0:
+                raise PlanError(f"MachineRates.{name} must be a positive number, got "
+                                f"{value!r}; measure it with machine_rates().")
+
+    def scaled(self, factor: float) -> MachineRates:
+        """These rates ``factor`` times faster: every op's estimated time divides by it."""
+        return MachineRates(self.matmul_flops_per_s * factor,
+                            self.memory_bytes_per_s * factor, self.op_overhead_s / factor)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "autoscale"
+
+
+def cache_path(device: str = "cpu", *, cache_dir: Path | None = None) -> Path:
+    """The file ``machine_rates(device)`` reads and writes on this machine."""
+    key = f"{_cpu_model()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{device}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return (cache_dir or _cache_dir()) / f"machine_rates-{digest}.json"
+
+
+def machine_rates(device: str = "cpu", *, cache_dir: Path | None = None,
+                  refresh: bool = False) -> MachineRates:
+    """This machine's rates for ``device``, measured once (~1 s) and then read from the
+    cache (Note: [machine rates]); ``refresh`` measures again and rewrites the file.
+
+    Only "cpu" is measured here; the file is written atomically (a temporary file in the
+    same folder, then ``os.replace``), so concurrent tuner workers never read half of one.
+    """
+    if device != "cpu":
+        raise PlanError(f"machine_rates(device={device!r}): only 'cpu' is calibrated; "
+                        "pass MachineRates(...) measured on that device instead.")
+    path = cache_path(device, cache_dir=cache_dir)
+    if not refresh:
+        try:
+            return MachineRates(**json.loads(path.read_text())["rates"])
+        except (OSError, ValueError, KeyError, TypeError, PlanError):
+            pass  # absent, from another version, or damaged: measure again
+    rates = measure_rates()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"key": {"cpu": _cpu_model(), "torch": torch.__version__,
+                      "threads": torch.get_num_threads(), "device": device},
+              "rates": asdict(rates)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)
+    return rates
+
+
+def _best_seconds(fn: Callable[[], Any], *, reps: int, budget_s: float) -> float:
+    """The fastest of up to ``reps`` calls of ``fn`` (after one warm-up), stopping early
+    once ``budget_s`` is spent: the fastest, since other processes only ever slow a call."""
+    fn()
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < reps and spent < budget_s:
+        start = time.perf_counter()
+        fn()
+        took = time.perf_counter() - start
+        times.append(took)
+        spent += took
+    return min(times)
+
+
+def measure_rates() -> MachineRates:
+    """Measure the three rates on the CPU now (no cache); see Note: [machine rates]."""
+    with torch.no_grad():
+        flops = []
+        for n in (256, 512, 1024):
+            a, b = torch.randn(n, n), torch.randn(n, n)
+            seconds = _best_seconds(functools.partial(torch.mm, a, b), reps=5, budget_s=0.3)
+            flops.append(2 * n**3 / seconds)
+        x, y = torch.randn(1 << 22), torch.randn(1 << 22)
+        out = torch.empty_like(x)
+        seconds = _best_seconds(lambda: torch.add(x, y, out=out), reps=7, budget_s=0.3)
+        bandwidth = 3 * x.nbytes / seconds
+    return MachineRates(matmul_flops_per_s=statistics.median(flops),
+                        memory_bytes_per_s=bandwidth, op_overhead_s=_op_overhead())
+
+
+def _op_overhead() -> float:
+    from autoscale.cost._time import OpCounter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(8)])
+    x = torch.randn(2, 8)
+
+    def step() -> None:
+        model(x).square().mean().backward()
+
+    with OpCounter() as counter:
+        step()
+    ops = counter.op_count
+    seconds = _best_seconds(step, reps=30, budget_s=0.4)
+    return seconds / ops

@@ -1,0 +1,175 @@
+"""The step-time estimate (autoscale/cost/_time.py): the simulated step's FLOPs and the
+optimizer's bytes pinned by hand on a stack of Linear layers, its response to the plan's
+knobs, and the per-machine calibration cache. No measured time is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from autoscale import BatchPlan, CheckpointPlan, Plan, PlanError, ShardPlan
+from autoscale.cost._rates import MachineRates, cache_path, machine_rates
+from autoscale.cost._time import (
+    OPTIMIZER_BYTES,
+    communication_bytes,
+    estimate_step_time,
+    optimizer_bytes,
+    refine,
+)
+from autoscale.plan import CompressPlan
+from autoscale.runtime._optimizers import optimizer_plan
+
+D, H, L, B = 64, 128, 3, 8
+F32 = 4
+# Fixed rates, so that the figures do not depend on this machine.
+RATES = MachineRates(matmul_flops_per_s=1e10, memory_bytes_per_s=1e10, op_overhead_s=1e-5)
+
+
+class Stack(nn.Module):
+    """L blocks of bias-free Linear(D, H), ReLU, Linear(H, D); the loss is the output's
+    mean square."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(D, H, bias=False), nn.ReLU(), nn.Linear(H, D, bias=False))
+            for _ in range(L))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x.square().mean()
+
+
+@pytest.fixture(scope="module")
+def stack() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return Stack(), torch.randn(B, D)
+
+
+def _plan(**sections: object) -> Plan:
+    return Plan(sections={"optimizer": optimizer_plan("adamw", None), **sections})
+
+
+def _recompute_flops(est) -> int:
+    return sum(f * n for f, _, recompute, n in est.counted if recompute)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_flops_of_a_linear_stack_equal_the_hand_count(stack, checkpointed) -> None:
+    model, batch = stack
+    blocks = tuple(f"blocks.{i}" for i in range(L)) if checkpointed else ()
+    est = estimate_step_time(model, batch, _plan(checkpoint=CheckpointPlan(blocks=blocks)),
+                             rates=RATES)
+    matmul = 2 * B * D * H
+    forward = L * 2 * matmul
+    # Backward: each matmul's weight gradient and input gradient, except the first's input
+    # gradient (the batch needs none).
+    backward = 2 * forward - matmul
+    # Recompute: each block's forward again, up to the last tensor it saved for backward
+    # (torch's non-reentrant checkpoint stops there): its first Linear and the ReLU; the
+    # second Linear's output is saved by nothing.
+    recompute = L * matmul if checkpointed else 0
+    assert est.flops == forward + backward + recompute
+    assert _recompute_flops(est) == recompute
+    assert (est.recompute_s > 0) == checkpointed
+    assert est.total_s == pytest.approx(
+        est.compute_s + est.recompute_s + est.optimizer_s + est.communication_s)
+
+
+def test_optimizer_bytes_per_kernel_by_hand(stack) -> None:
+    model, _ = stack
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    assert n == L * 2 * D * H
+    cases = [
+        ("adamw", None, (4 + 4 + 4 + 4) + (4 + 4 + 4)),  # read p g m v, write p m v
+        ("sgd", {"lr": 0.1, "momentum": 0.9}, (4 + 4 + 4) + (4 + 4)),
+        ("sgd", {"lr": 0.1}, (4 + 4) + 4),
+        ("lamb", None, (16 + 12) + (8 + 4)),  # two passes
+        ("lars", None, 8 + 20),
+        ("adamw8bit", None, (4 + 4 + 1 + 1) + (4 + 1 + 1) + 2 * 2 * 4 / 256),
+    ]
+    for kind, kwargs, per_element in cases:
+        plan = Plan(sections={"optimizer": optimizer_plan(kind, kwargs)})
+        moved, ops = optimizer_bytes(params, plan)
+        assert moved == int(n * per_element), kind
+        assert ops == len(params)
+    assert OPTIMIZER_BYTES["adamw"] == 28
+    zero2 = _plan(shard=ShardPlan(strategy="zero2", world_size=2))
+    assert optimizer_bytes(params, zero2)[0] == n * 28 // 2
+
+
+def test_communication_bytes_follow_the_compressor(stack) -> None:
+    model, _ = stack
+    params = list(model.parameters())
+    grads = sum(p.numel() for p in params) * F32
+    ddp = ShardPlan(strategy="ddp", world_size=2)
+    assert communication_bytes(params, _plan(shard=ddp)) == grads
+    bf16 = _plan(shard=ddp, compress=CompressPlan(method="bf16"))
+    assert communication_bytes(params, bf16) == grads // 2
+    int8 = communication_bytes(params, _plan(shard=ddp, compress=CompressPlan(method="int8")))
+    assert grads / 4.1 < int8 < grads / 3.9  # 1-byte codes plus an fp32 scale per block
+    # PowerSGD rank 1: (rows + cols) fp32 per (D, H) matrix.
+    psgd = communication_bytes(params, _plan(shard=ddp,
+                                             compress=CompressPlan(method="powersgd")))
+    assert psgd == L * 2 * (D + H) * F32
+    zero3 = _plan(shard=ShardPlan(strategy="zero3", world_size=2))
+    assert communication_bytes(params, zero3) == 2 * grads
+
+
+def test_distributed_plan_needs_a_link_rate(stack) -> None:
+    model, batch = stack
+    plan = _plan(shard=ShardPlan(strategy="ddp", world_size=2))
+    with pytest.raises(PlanError, match="link_bytes_per_s"):
+        estimate_step_time(model, batch, plan, rates=RATES)
+    slow = estimate_step_time(model, batch, plan, rates=RATES, link_bytes_per_s=1e6)
+    fast = estimate_step_time(model, batch, plan, rates=RATES, link_bytes_per_s=1e9)
+    assert slow.communication_s == pytest.approx(slow.comm_bytes / 1e6)
+    assert slow.total_s > fast.total_s
+    alone = estimate_step_time(model, batch, _plan(), rates=RATES)
+    assert slow.flops == alone.flops // 2  # one rank's half of the batch
+
+
+def test_more_micro_batches_and_checkpointing_predict_more(stack) -> None:
+    model, batch = stack
+    ests = [estimate_step_time(model, batch, _plan(batch=BatchPlan(
+        micro_batch_size=B // k, grad_accum_steps=k)), rates=RATES) for k in (1, 2, 4)]
+    assert ests[0].ops < ests[1].ops < ests[2].ops
+    assert ests[0].total_s < ests[1].total_s < ests[2].total_s
+    assert len({e.flops for e in ests}) == 1  # the same maths, split
+    whole = estimate_step_time(model, batch, _plan(), rates=RATES)
+    ckpt = estimate_step_time(model, batch, _plan(checkpoint=CheckpointPlan(
+        blocks=("blocks.0", "blocks.1"))), rates=RATES)
+    assert ckpt.total_s > whole.total_s and ckpt.ops > whole.ops
+
+
+def test_refine_scales_the_estimate_onto_a_measurement(stack) -> None:
+    model, batch = stack
+    est = estimate_step_time(model, batch, _plan(), rates=RATES)
+    refined = refine(RATES, est, 3 * est.total_s)
+    assert est.retimed(refined).total_s == pytest.approx(3 * est.total_s)
+    assert est.retimed(RATES) == est
+    with pytest.raises(PlanError, match="refine"):
+        refine(RATES, est, 0.0)
+
+
+def test_machine_rates_are_measured_once_and_cached(tmp_path) -> None:
+    first = machine_rates(cache_dir=tmp_path)
+    path = cache_path(cache_dir=tmp_path)
+    assert path.exists() and [p.name for p in tmp_path.iterdir()] == [path.name]
+    written = path.stat().st_mtime_ns
+    record = json.loads(path.read_text())
+    assert record["key"]["threads"] == torch.get_num_threads()
+    assert record["key"]["torch"] == torch.__version__
+    # A second measurement would differ in its last digits: equal means read back.
+    assert machine_rates(cache_dir=tmp_path) == first
+    assert path.stat().st_mtime_ns == written
+    path.write_text("{not json")  # a damaged file is measured again and replaced
+    again = machine_rates(cache_dir=tmp_path)
+    assert json.loads(path.read_text())["rates"]["op_overhead_s"] == again.op_overhead_s
+    with pytest.raises(PlanError, match="cuda"):
+        machine_rates("cuda", cache_dir=tmp_path)
