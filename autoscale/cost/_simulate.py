@@ -79,6 +79,10 @@ class SimulatedStep:
 
     held_gradients: int = 0
     """Gradients live before the step (DDP's bucket views), in ``forward_backward_peak``."""
+    weight_copies: int = 0
+    """Autocast's low-precision copies of the parameters made by one forward (among the
+    activations: the matmuls save them); under FSDP2 with a low param_dtype the
+    all-gathered parameters are already low precision and these are not made."""
 
     @property
     def baseline(self) -> int:
@@ -130,7 +134,7 @@ def simulate_step(model: nn.Module, batch: Batch, plan: Plan, *,
             state = _fake_state(result.optimizer)
             roots = (result.model, state, fake_batch)
             params, batch_bytes = _bytes(result.model), _bytes(fake_batch)
-            activations = _saved_by_forward(result, fake_batch, roots)
+            activations, copies = _saved_by_forward(result, fake_batch, roots)
             held = _bucket_views(result.model) if plan.shard.strategy == "ddp" else 0
             with PeakMemoryTracker(roots=roots, device="cpu", fake=True) as tracker, \
                     _rng_states_counted(tracker), _Workspaces(tracker):
@@ -148,7 +152,7 @@ def simulate_step(model: nn.Module, batch: Batch, plan: Plan, *,
     return SimulatedStep(parameters=params, gradients=grads, optimizer_state=state_bytes,
                          batch=batch_bytes, activations=activations,
                          forward_backward_peak=peak_fb, step_peak=baseline + grads - held,
-                         held_gradients=held)
+                         held_gradients=held, weight_copies=copies)
 
 
 @contextlib.contextmanager
@@ -277,15 +281,37 @@ def _torch_state_bytes(model: nn.Module, plan: Plan) -> int:
     return static_bytes(model, plan.replace(shard=ShardPlan()))[2]
 
 
-def _saved_by_forward(result: Any, batch: Batch, roots: Any) -> int:
-    """Bytes the first micro-batch's forward leaves live for backward (the loss's graph)."""
+def _saved_by_forward(result: Any, batch: Batch, roots: Any) -> tuple[int, int]:
+    """Bytes the first micro-batch's forward leaves live for backward (the loss's graph),
+    and among them autocast's copies of the parameters."""
     micro, _ = next(iter(split_batch(batch, result.plan.batch.micro_batch_size)))
     result.model.train()
-    with PeakMemoryTracker(roots=roots, device="cpu", fake=True) as tracker:
+    copies = _WeightCopies(result.model)
+    with PeakMemoryTracker(roots=roots, device="cpu", fake=True) as tracker, copies:
         loss = compute_loss(result.loss_fn, call_model(result.model, micro), micro)
         saved = tracker.current_bytes - tracker.baseline_bytes
     del loss
-    return saved
+    return saved, copies.nbytes
+
+
+class _WeightCopies(TorchDispatchMode):
+    """Bytes of dtype casts of the model's parameters (autocast's weight cache), each
+    parameter once."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._params = {id(p.untyped_storage()): p for p in model.parameters()}
+        self._seen: set[int] = set()
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        if func is _aten._to_copy.default and isinstance(args[0], torch.Tensor):
+            key = id(args[0].untyped_storage())
+            if key in self._params and key not in self._seen:
+                self._seen.add(key)
+                self.nbytes += out.untyped_storage().nbytes()
+        return out
 
 
 def _bucket_views(model: nn.Module) -> int:
