@@ -140,3 +140,13 @@ def test_convolution_workspaces_are_probed_and_counted(mode) -> None:
     # at 5% of this step in fp32, 30% in fp16); the ledger alone is that much under.
     assert any(extra > 0 for extra in _WORKSPACE_CACHE.values())
     assert abs(est.total - got) <= 0.001 * got, (est.total, got)
+
+
+def test_8bit_adamw_state_is_counted_byte_for_byte(stack) -> None:
+    model, batch = stack
+    plan = Plan(sections={"optimizer": optimizer_plan("adamw8bit", None)})
+    est = autoscale.estimate(model, batch, plan)
+    n = D * H  # elements of each of the 2 * L weights: whole 256-element blocks
+    # Two 1-byte moments per element, one fp32 scale per 256 elements for each, and the
+    # fp32 step count. (Against the measured peak: the GPT case, -m slow.)
+    assert est.optimizer_state == 2 * L * (2 * n + 2 * (n // 256) * F32 + F32)
