@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import ProfilerActivity, profile, record_function
 
+import autoscale
 from autoscale import (
     BatchPlan,
     CheckpointPlan,
@@ -270,7 +271,9 @@ def _memory(strategy: str) -> dict:
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, peak)
     est = estimate_graph(model, graph, plan)
+    simulated = autoscale.estimate(model, batch, plan, graph=graph).total
     return {"measured": max(peaks), "per_rank": peaks, "estimate": est.total,
+            "simulated": simulated,
             "baseline": baseline, "rises": rises,
             "parameters": est.parameters, "gradients": est.gradients,
             "optimizer_state": est.optimizer_state, "activations": est.activations,
