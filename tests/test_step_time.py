@@ -55,7 +55,7 @@ def _plan(**sections: object) -> Plan:
 
 
 def _recompute_flops(est) -> int:
-    return sum(f * n for f, _, recompute, n in est.counted if recompute)
+    return sum(f * n for f, _, recompute, _, n in est.counted if recompute)
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])

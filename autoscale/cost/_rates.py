@@ -6,7 +6,9 @@ as ``max(flops / matmul_flops_per_s, bytes / memory_bytes_per_s) + op_overhead_s
 three rates are measured once per machine by a short run (well under 3 s):
 
 - ``matmul_flops_per_s``: the median rate of fp32 square matmuls of a few sizes (256 to
-  1024), the sizes a model's Linear layers run at.
+  1024), the sizes a model's Linear layers run at; ``bf16_flops_per_s`` and
+  ``fp16_flops_per_s`` the same at 256 in those dtypes (autocast's matmuls), which CPUs
+  run anywhere from twice as fast (bf16 units) to many times slower (no fp16 GEMM).
 - ``memory_bytes_per_s``: an out-of-place add of two 16 MiB fp32 tensors (bytes read plus
   written over its time): past the caches, what a large elementwise op streams at.
 - ``op_overhead_s``: a tiny training step (a stack of 8x8 Linear layers on 2 samples,
@@ -15,6 +17,14 @@ three rates are measured once per machine by a short run (well under 3 s):
   overhead: Python module calls, autograd's bookkeeping, the dispatcher, kernel launch.
   That is the per-op price a small model pays, and a loop of bare ``torch.add`` calls
   (without autograd and modules) would under-state it several times over.
+
+Note: [timing a busy machine]
+Other processes only ever slow a call down, so each rate takes the fastest of a few calls,
+and each call's time is the lesser of its wall-clock time and the CPU time this process
+spent divided by torch's thread count: on a machine shared with other jobs the wall clock
+counts the time the scheduler gave to them, the CPU time does not. (With one thread the
+CPU time is exact; with more it assumes the threads were busy together, as torch's
+parallel regions keep them.)
 
 They are cached as JSON under ``~/.cache/autoscale/`` (``$XDG_CACHE_HOME`` if set), keyed
 by the CPU model, torch version and thread count, the three things that change them.
@@ -53,18 +63,38 @@ class MachineRates:
     """Bytes read plus written per second by a large elementwise op."""
     op_overhead_s: float
     """Seconds one aten op costs beyond its FLOPs and bytes (dispatch, autograd, launch)."""
+    bf16_flops_per_s: float | None = None
+    """FLOPs per second of a bf16 matmul (None: as fp32's)."""
+    fp16_flops_per_s: float | None = None
+    """FLOPs per second of an fp16 matmul (None: as fp32's)."""
 
     def __post_init__(self) -> None:
-        for name in ("matmul_flops_per_s", "memory_bytes_per_s", "op_overhead_s"):
+        for name in ("matmul_flops_per_s", "memory_bytes_per_s", "op_overhead_s",
+                     "bf16_flops_per_s", "fp16_flops_per_s"):
             value = getattr(self, name)
+            if value is None and name.endswith("16_flops_per_s"):
+                continue
             if not isinstance(value, int | float) or not value > 0:
                 raise PlanError(f"MachineRates.{name} must be a positive number, got "
                                 f"{value!r}; measure it with machine_rates().")
 
+    def flops_per_s(self, precision: str = "") -> float:
+        """The matmul rate for "bf16", "fp16" or "" (fp32)."""
+        low = {"bf16": self.bf16_flops_per_s, "fp16": self.fp16_flops_per_s}.get(precision)
+        return low or self.matmul_flops_per_s
+
     def scaled(self, factor: float) -> MachineRates:
         """These rates ``factor`` times faster: every op's estimated time divides by it."""
+        def times(rate: float | None) -> float | None:
+            return rate * factor if rate is not None else None
+
         return MachineRates(self.matmul_flops_per_s * factor,
-                            self.memory_bytes_per_s * factor, self.op_overhead_s / factor)
+                            self.memory_bytes_per_s * factor, self.op_overhead_s / factor,
+                            times(self.bf16_flops_per_s), times(self.fp16_flops_per_s))
+
+
+# Part of the cache key: a change to what is measured, or how, measures again.
+_VERSION = 2
 
 
 def _cpu_model() -> str:
@@ -84,7 +114,8 @@ def _cache_dir() -> Path:
 
 def cache_path(device: str = "cpu", *, cache_dir: Path | None = None) -> Path:
     """The file ``machine_rates(device)`` reads and writes on this machine."""
-    key = f"{_cpu_model()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{device}"
+    key = (f"rates {_VERSION}|{_cpu_model()}|torch {torch.__version__}"
+           f"|threads {torch.get_num_threads()}|{device}")
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return (cache_dir or _cache_dir()) / f"machine_rates-{digest}.json"
 
@@ -120,15 +151,16 @@ def machine_rates(device: str = "cpu", *, cache_dir: Path | None = None,
 
 def _best_seconds(fn: Callable[[], Any], *, reps: int, budget_s: float) -> float:
     """The fastest of up to ``reps`` calls of ``fn`` (after one warm-up), stopping early
-    once ``budget_s`` is spent: the fastest, since other processes only ever slow a call."""
+    once ``budget_s`` is spent; see Note: [timing a busy machine]."""
     fn()
+    threads = torch.get_num_threads()
     times: list[float] = []
     spent = 0.0
     while len(times) < reps and spent < budget_s:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
         took = time.perf_counter() - start
-        times.append(took)
+        times.append(min(took, (time.process_time() - cpu) / threads))
         spent += took
     return min(times)
 
@@ -136,17 +168,21 @@ def _best_seconds(fn: Callable[[], Any], *, reps: int, budget_s: float) -> float
 def measure_rates() -> MachineRates:
     """Measure the three rates on the CPU now (no cache); see Note: [machine rates]."""
     with torch.no_grad():
-        flops = []
-        for n in (256, 512, 1024):
-            a, b = torch.randn(n, n), torch.randn(n, n)
-            seconds = _best_seconds(functools.partial(torch.mm, a, b), reps=5, budget_s=0.3)
-            flops.append(2 * n**3 / seconds)
+        flops = [_matmul_rate(n, torch.float32) for n in (256, 512, 1024)]
+        # Low-precision GEMMs differ by CPU (bf16 units; fp16 often without a fast path).
+        bf16, fp16 = (_matmul_rate(256, dtype) for dtype in (torch.bfloat16, torch.float16))
         x, y = torch.randn(1 << 22), torch.randn(1 << 22)
         out = torch.empty_like(x)
         seconds = _best_seconds(lambda: torch.add(x, y, out=out), reps=7, budget_s=0.3)
         bandwidth = 3 * x.nbytes / seconds
     return MachineRates(matmul_flops_per_s=statistics.median(flops),
-                        memory_bytes_per_s=bandwidth, op_overhead_s=_op_overhead())
+                        memory_bytes_per_s=bandwidth, op_overhead_s=_op_overhead(),
+                        bf16_flops_per_s=bf16, fp16_flops_per_s=fp16)
+
+
+def _matmul_rate(n: int, dtype: torch.dtype) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / _best_seconds(functools.partial(torch.mm, a, b), reps=5, budget_s=0.3)
 
 
 def _op_overhead() -> float:

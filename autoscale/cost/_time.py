@@ -69,32 +69,47 @@ _SGD_PLAIN_BYTES = 3 * 4
 
 class OpCounter(TorchDispatchMode):
     """Counts the aten ops run under it, with each one's FLOPs and bytes; works on real and
-    fake tensors alike (it only reads shapes). ``ops`` maps (flops, bytes, recompute) to how
-    many ops had them; ``recompute`` marks forward ops run inside backward with grad
-    enabled: the checkpoint wrappers' recomputation."""
+    fake tensors alike (it only reads shapes). ``ops`` maps (flops, bytes, recompute,
+    precision) to how many ops had them; ``recompute`` marks forward ops run inside
+    backward with grad enabled (the checkpoint wrappers' recomputation), ``precision`` is
+    "bf16" or "fp16" for an op with FLOPs on such tensors, else "". prim ops (a fake
+    tensor's ``.device``) are not ops a real step dispatches, and are not counted."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.ops: Counter[tuple[int, int, bool]] = Counter()
+        self.ops: Counter[tuple[int, int, bool, str]] = Counter()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        flops = 0
+        if func.namespace == "prim":
+            return out
+        flops, precision = 0, ""
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
             flops = int(formula(*args, **kwargs, out_val=out))
+            precision = _LOW.get(_first_dtype(out), "")
         # A view moves no bytes; an in-place op reads its inputs and writes its output.
         nbytes = 0 if func.is_view else _tensor_bytes((args, kwargs)) + _tensor_bytes(out)
         # Note: backward runs with grad disabled unless a checkpoint wrapper recomputes.
         recompute = torch._C._current_graph_task_id() != -1 and torch.is_grad_enabled()
-        self.ops[(flops, nbytes, recompute)] += 1
+        self.ops[(flops, nbytes, recompute, precision)] += 1
         return out
 
     @property
     def op_count(self) -> int:
         return sum(self.ops.values())
+
+
+_LOW: dict[torch.dtype | None, str] = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _first_dtype(tree: Any) -> torch.dtype | None:
+    for t in tree_leaves(tree):
+        if isinstance(t, torch.Tensor):
+            return t.dtype
+    return None
 
 
 def _tensor_bytes(tree: Any) -> int:
@@ -124,8 +139,8 @@ class StepTimeEstimate:
     """Read plus written by forward, backward and the optimizer step."""
     rates: MachineRates
     link_bytes_per_s: float | None = None
-    counted: tuple[tuple[int, int, bool, int], ...] = field(default=(), repr=False)
-    """(flops, bytes, recompute, how many ops) of forward and backward."""
+    counted: tuple[tuple[int, int, bool, str, int], ...] = field(default=(), repr=False)
+    """(flops, bytes, recompute, precision, how many ops) of forward and backward."""
     optimizer_counts: tuple[int, int] = (0, 0)
     """(bytes, ops) of the optimizer step."""
     comm_bytes: int = 0
@@ -137,16 +152,16 @@ class StepTimeEstimate:
                        self.link_bytes_per_s)
 
 
-def _op_seconds(flops: int, nbytes: int, rates: MachineRates) -> float:
-    return (max(flops / rates.matmul_flops_per_s, nbytes / rates.memory_bytes_per_s)
+def _op_seconds(flops: int, nbytes: int, precision: str, rates: MachineRates) -> float:
+    return (max(flops / rates.flops_per_s(precision), nbytes / rates.memory_bytes_per_s)
             + rates.op_overhead_s)
 
 
-def _priced(counted: tuple[tuple[int, int, bool, int], ...], optimizer: tuple[int, int],
+def _priced(counted: tuple[tuple[int, int, bool, str, int], ...], optimizer: tuple[int, int],
             comm_bytes: int, rates: MachineRates, link: float | None) -> StepTimeEstimate:
     compute = recompute = 0.0
-    for flops, nbytes, is_recompute, n in counted:
-        seconds = n * _op_seconds(flops, nbytes, rates)
+    for flops, nbytes, is_recompute, precision, n in counted:
+        seconds = n * _op_seconds(flops, nbytes, precision, rates)
         if is_recompute:
             recompute += seconds
         else:
@@ -156,9 +171,9 @@ def _priced(counted: tuple[tuple[int, int, bool, int], ...], optimizer: tuple[in
     comm = comm_bytes / link if comm_bytes and link else 0.0
     return StepTimeEstimate(
         total_s=compute + recompute + opt + comm, compute_s=compute, recompute_s=recompute,
-        optimizer_s=opt, communication_s=comm, ops=sum(c[3] for c in counted) + opt_ops,
-        flops=sum(c[0] * c[3] for c in counted),
-        bytes=sum(c[1] * c[3] for c in counted) + opt_bytes, rates=rates,
+        optimizer_s=opt, communication_s=comm, ops=sum(c[4] for c in counted) + opt_ops,
+        flops=sum(c[0] * c[4] for c in counted),
+        bytes=sum(c[1] * c[4] for c in counted) + opt_bytes, rates=rates,
         link_bytes_per_s=link, counted=counted, optimizer_counts=optimizer,
         comm_bytes=comm_bytes)
 
@@ -190,7 +205,7 @@ def estimate_step_time(model: nn.Module, batch: Batch, plan: Plan, *,
         batch = rank_share(batch, 0, plan.shard.world_size)
         local = plan.replace(shard=ShardPlan(), compress=CompressPlan())
     counter, params = _count_step(model, batch, local, loss_fn=loss_fn, graph=graph)
-    counted = tuple((f, b, r, n) for (f, b, r), n in sorted(counter.ops.items()))
+    counted = tuple((*key, n) for key, n in sorted(counter.ops.items()))
     opt = optimizer_bytes(params, plan)
     comm = communication_bytes(params, plan) if distributed else 0
     return _priced(counted, opt, comm, rates or machine_rates(),
