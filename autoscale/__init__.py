@@ -28,6 +28,7 @@ from autoscale.errors import (
 from autoscale.measure import Measurement, measure
 from autoscale.plan import (
     BatchPlan,
+    BlockPolicy,
     CheckpointPlan,
     CompressPlan,
     Environment,
@@ -46,6 +47,7 @@ __all__ = [
     "AutoscaleError",
     "BatchPlan",
     "BlockInfo",
+    "BlockPolicy",
     "CaptureError",
     "CheckpointPlan",
     "CompressPlan",

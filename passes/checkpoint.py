@@ -1,35 +1,105 @@
-"""Full activation checkpointing of whole blocks."""
+"""Activation checkpointing per block: full, or selective (op outputs saved by kind).
+
+Note: [selective checkpointing]
+A ``selective`` block runs under ``torch.utils.checkpoint.checkpoint`` (non-reentrant)
+with ``context_fn=create_selective_checkpoint_contexts(policy)``, the engine torchtitan's
+selective AC uses: in forward, outputs of the ops whose overload packet is in the block's
+``save`` kinds (:data:`OP_KINDS`) are cached (``MUST_SAVE``) and everything else is
+dropped (``PREFER_RECOMPUTE``); in backward the block's forward runs again and the cached
+ops return their saved outputs instead of running. The policy sees the ops that reach the
+dispatcher below autograd, so composite ops appear as what they decompose into
+(``F.linear`` on a 3-D input is ``mm``/``addmm`` on its flattened view, attention is one of
+the fused ``_scaled_dot_product_*`` ops or, in the math fallback, ``bmm`` + ``softmax``).
+Random ops are recomputed with the RNG state saved at the block's forward
+(``preserve_rng_state=True``), so dropout masks are the same in forward and recompute.
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, get_args
 
 import torch.utils.checkpoint
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from autoscale.capture import ModelGraph
 from autoscale.errors import PassError
 from autoscale.passes.base import MemoryTerms, PassContext
-from autoscale.plan import CheckpointPlan
+from autoscale.plan import BlockPolicy, CheckpointPlan, OpKind
 
-__all__ = ["CheckpointPass", "checkpoint_blocks"]
+__all__ = ["OP_KINDS", "CheckpointPass", "checkpoint_blocks", "selective_policy"]
 
 _MARK = "_autoscale_checkpointed"
+_aten = torch.ops.aten
+
+
+def _packets(*names: str) -> frozenset[Any]:
+    # getattr: the fused attention variants differ between torch builds.
+    return frozenset(getattr(_aten, n) for n in names if hasattr(_aten, n))
+
+
+OP_KINDS: dict[str, frozenset[Any]] = {
+    "mm": _packets("mm"),
+    "addmm": _packets("addmm"),
+    "bmm": _packets("bmm", "baddbmm"),
+    "sdpa": _packets("_scaled_dot_product_flash_attention",
+                     "_scaled_dot_product_flash_attention_for_cpu",
+                     "_scaled_dot_product_efficient_attention",
+                     "_scaled_dot_product_cudnn_attention",
+                     "_scaled_dot_product_fused_attention_overrideable"),
+    "conv": _packets("convolution"),
+    "softmax": _packets("_softmax", "_safe_softmax"),
+    "layer_norm": _packets("native_layer_norm"),
+    "gelu": _packets("gelu"),
+    "silu": _packets("silu"),
+}
+"""Op kind (autoscale.plan.OpKind) -> the aten overload packets whose outputs it saves."""
+
+assert set(OP_KINDS) == set(get_args(OpKind)), "OP_KINDS and plan.OpKind must name the same"
+
+_NODE_NAMES: dict[str, frozenset[str]] = {
+    kind: frozenset(p.__name__ for p in packets) for kind, packets in OP_KINDS.items()
+}
+"""Op kind -> the function names a captured graph's node targets carry for it: the aten
+names (export graphs) and torch-level ones (symbolic_trace graphs), for the graph estimate."""
+for _kind, _extra in {"mm": ("matmul", "linear"), "addmm": ("linear",), "bmm": ("matmul",),
+                      "sdpa": ("scaled_dot_product_attention",),
+                      "conv": ("conv1d", "conv2d", "conv3d"), "softmax": ("softmax",),
+                      "layer_norm": ("layer_norm",)}.items():
+    _NODE_NAMES[_kind] = _NODE_NAMES[_kind] | frozenset(_extra)
+
+
+def selective_policy(save: tuple[OpKind, ...] | tuple[str, ...]
+                     ) -> Callable[..., CheckpointPolicy]:
+    """The policy function for ``create_selective_checkpoint_contexts`` that saves the
+    outputs of ops of the kinds in ``save`` and recomputes every other op."""
+    kept = frozenset().union(*(OP_KINDS[kind] for kind in save))
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        if getattr(op, "overloadpacket", op) in kept:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
 
 
 def checkpoint_blocks(model: nn.Module, *, plan: CheckpointPlan) -> nn.Module:
-    """Recompute each block in ``plan.blocks`` during backward instead of saving its activations.
+    """Checkpoint each block of ``plan.blocks`` as its policy says: ``full`` recomputes
+    the block's forward in backward from its inputs, ``selective`` saves the outputs of the
+    policy's op kinds and recomputes the rest (Note: [selective checkpointing]).
 
     Rewrites ``model`` in place (the runtime passes its own copy) and returns it.
 
     Invariant: outputs and gradients equal the unrewritten model's, dropout included,
     because the RNG state is saved at the block's forward and replayed in the recompute
     (``preserve_rng_state=True``); only the set of tensors saved for backward changes.
-    Parameter names and the state_dict are unchanged (the block's ``forward`` is wrapped
-    on the instance, the module tree is not restructured).
+    Autocast entered around the model's forward is re-entered by the recompute (torch's
+    checkpoint records it). Parameter names and the state_dict are unchanged (the block's
+    ``forward`` is wrapped on the instance, the module tree is not restructured).
     """
-    for fqn in plan.blocks:
+    for fqn, policy in plan.policies.items():
         try:
             block = model.get_submodule(fqn)
         except AttributeError as err:
@@ -39,18 +109,28 @@ def checkpoint_blocks(model: nn.Module, *, plan: CheckpointPlan) -> nn.Module:
             ) from err
         if getattr(block, _MARK, False):
             continue
-        block.forward = functools.partial(_checkpointed_forward, block.forward)
+        block.forward = functools.partial(_checkpointed_forward, block.forward,
+                                          _context_fn(policy))
         setattr(block, _MARK, True)
     return model
 
 
-def _checkpointed_forward(forward: Any, *args: Any, **kwargs: Any) -> Any:
+def _context_fn(policy: BlockPolicy) -> Callable[[], Any] | None:
+    if policy.policy != "selective":
+        return None
+    return functools.partial(create_selective_checkpoint_contexts,
+                             selective_policy(policy.save))
+
+
+def _checkpointed_forward(forward: Any, context_fn: Callable[[], Any] | None,
+                          *args: Any, **kwargs: Any) -> Any:
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
-    # Non-reentrant: supports kwargs and inputs that do not require grad (the first
-    # block's input often does not), and is the variant PyTorch recommends.
+    # Non-reentrant: supports kwargs, inputs that do not require grad (the first block's
+    # input often does not) and context_fn; it is the variant PyTorch recommends.
     return torch.utils.checkpoint.checkpoint(
-        forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs
+        forward, *args, use_reentrant=False, preserve_rng_state=True,
+        context_fn=context_fn or torch.utils.checkpoint.noop_context_fn, **kwargs
     )
 
 
@@ -69,14 +149,37 @@ class CheckpointPass:
 
     def memory(self, section: CheckpointPlan, graph: ModelGraph,
                terms: MemoryTerms) -> MemoryTerms:
-        """A checkpointed block keeps only its inputs; while it is recomputed in backward
-        its own activations are live again, one block at a time (the largest counts)."""
+        """A fully checkpointed block keeps only its inputs; a selective one its inputs and
+        the new outputs of the graph's nodes of its saved kinds (capped by what the block
+        saves unrewritten). While a block is recomputed in backward its own activations
+        are live again, one block at a time (the largest counts)."""
         by_fqn = {b.fqn: b for b in graph.blocks}
         saved, recompute = dict(terms.saved), terms.recompute
-        for fqn in section.blocks:
+        for fqn, policy in section.policies.items():
             block = by_fqn.get(fqn)
             if block is None:
                 continue
-            saved[fqn] = block.input_bytes
+            kept = block.input_bytes
+            if policy.policy == "selective":
+                kept += _saved_node_bytes(graph, fqn, policy.save)
+            saved[fqn] = min(kept, saved.get(fqn, kept))
             recompute = max(recompute, block.activation_bytes)
         return terms.replace(saved=saved, recompute=recompute)
+
+
+def _saved_node_bytes(graph: ModelGraph, fqn: str, save: tuple[str, ...]) -> int:
+    """New bytes of ``fqn``'s graph nodes that call an op of a kind in ``save``; a leaf
+    module with FLOPs (a Linear in a symbolic_trace graph) counts as a matmul."""
+    names = frozenset().union(*(_NODE_NAMES[kind] for kind in save))
+    matmul = bool({"mm", "addmm"} & set(save))
+    total = 0
+    for meta in graph.nodes.values():
+        if meta.block != fqn:
+            continue
+        if meta.op == "call_module":
+            hit = matmul and meta.flops > 0
+        else:
+            parts = meta.target.split(".")
+            hit = (parts[1] if parts[0] == "aten" and len(parts) > 1 else parts[-1]) in names
+        total += meta.bytes if hit else 0
+    return total

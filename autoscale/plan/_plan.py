@@ -41,10 +41,12 @@ from autoscale.plan._rules import check_plan
 __all__ = [
     "SCHEMA_VERSION",
     "BatchPlan",
+    "BlockPolicy",
     "CheckpointPlan",
     "Environment",
     "Fingerprint",
     "Measured",
+    "OpKind",
     "OptimizerPlan",
     "Plan",
     "PrecisionPlan",
@@ -154,27 +156,134 @@ class PrecisionPlan:
             raise PlanError(f"precision.init_scale must be > 0, got {self.init_scale}.")
 
 
+OpKind = Literal["mm", "addmm", "bmm", "sdpa", "conv", "softmax", "layer_norm", "gelu", "silu"]
+"""Short, stable names of the op kinds a selective policy may save; each stands for a few
+aten overload packets (autoscale.passes.checkpoint.OP_KINDS maps them)."""
+
+_OP_KINDS: tuple[str, ...] = get_args(OpKind)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockPolicy:
+    """How one block is checkpointed.
+
+    In JSON, a block at ``full`` is written as its bare name (the schema-1 form) and a
+    ``selective`` one as ``{"fqn": ..., "policy": "selective", "save": [...]}``.
+    """
+
+    fqn: str
+    """The block's fully qualified name, e.g. "h.0"."""
+    policy: Literal["none", "full", "selective"] = "selective"
+    """none: activations saved as usual. full: only the block's inputs kept, the whole
+    forward recomputed in backward. selective: the outputs of the ops in ``save`` kept,
+    every other op recomputed."""
+    save: tuple[OpKind, ...] = ()
+    """For ``selective``: the op kinds whose outputs are saved (OpKind), e.g.
+    ("mm", "addmm", "sdpa"); empty for the other policies."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fqn, str) or not self.fqn:
+            raise PlanError(f"checkpoint block policy has fqn={self.fqn!r}; use the block's "
+                            "FQN as in capture(model, inputs).blocks.")
+        if self.policy not in ("none", "full", "selective"):
+            raise PlanError(f"checkpoint.{self.fqn}.policy={self.policy!r} is not one of "
+                            "['none', 'full', 'selective'].")
+        if isinstance(self.save, str):
+            raise PlanError(f"checkpoint.{self.fqn}.save must be a list of op kinds, got the "
+                            f"string {self.save!r}; use ({self.save!r},).")
+        _freeze_field(self, "save", f"checkpoint.{self.fqn}.save")
+        bad = [kind for kind in self.save if kind not in _OP_KINDS]
+        if bad:
+            raise PlanError(f"checkpoint.{self.fqn}.save holds unknown op kind(s) {bad}; "
+                            f"known: {list(_OP_KINDS)}.")
+        if len(set(self.save)) != len(self.save):
+            raise PlanError(f"checkpoint.{self.fqn}.save lists an op kind twice: "
+                            f"{list(self.save)}.")
+        if self.policy != "selective" and self.save:
+            raise PlanError(f"checkpoint.{self.fqn} has policy={self.policy!r} with save="
+                            f"{list(self.save)}; save is for policy 'selective' only: drop it "
+                            "or set policy='selective'.")
+
+
 @plan_section("checkpoint")
 @dataclass(frozen=True, slots=True)
 class CheckpointPlan:
-    """Full activation checkpointing of whole blocks (recompute in backward)."""
+    """Activation checkpointing per block: full (recompute the whole block in backward) or
+    selective (keep the outputs of chosen op kinds, recompute the rest).
 
-    blocks: tuple[str, ...] = ()
-    """Fully qualified names of the blocks to checkpoint, e.g. ("h.0", "h.1")."""
+    Invariant: ``blocks`` holds each block once, as its bare name when its policy is
+    ``full`` and as a :class:`BlockPolicy` when ``selective``; blocks at ``none`` are left
+    out. So a schema-1 file (names only) loads and means what it did, and two plans that
+    mean the same are equal (and share a digest).
+    """
+
+    blocks: tuple[str | BlockPolicy | Mapping[str, Any], ...] = ()
+    """The checkpointed blocks: an FQN string means full checkpointing, e.g. ("h.0",
+    BlockPolicy("h.1", "selective", save=("mm", "sdpa"))); a BlockPolicy's JSON object is
+    taken too (and checked field by field). After construction: strings and BlockPolicy."""
 
     def __post_init__(self) -> None:
         if isinstance(self.blocks, str):
             raise PlanError(f"checkpoint.blocks must be a list of block names, got the string "
                             f"{self.blocks!r}; use ({self.blocks!r},).")
-        _freeze_field(self, "blocks", "checkpoint.blocks")
-        if not all(isinstance(name, str) for name in self.blocks):
-            raise PlanError(f"checkpoint.blocks must hold block names (strings), got "
-                            f"{list(self.blocks)}.")
-        if len(set(self.blocks)) != len(self.blocks):
-            raise PlanError(f"checkpoint.blocks lists a block twice: {list(self.blocks)}.")
-        for name in self.blocks:
-            if not name:
-                raise PlanError("checkpoint.blocks holds an empty name; use the block's FQN.")
+        entries = [_normal_entry(entry, f"checkpoint.blocks[{i}]")
+                   for i, entry in enumerate(self.blocks)]
+        kept = [e for e in entries if e is not None]
+        object.__setattr__(self, "blocks", tuple(kept))
+        names = [e if isinstance(e, str) else e.fqn for e in kept]
+        if len(set(names)) != len(names):
+            raise PlanError(f"checkpoint.blocks lists a block twice: {list(names)}.")
+
+    @classmethod
+    def of(cls, policies: Mapping[str, str | BlockPolicy]) -> CheckpointPlan:
+        """A plan from block FQN -> "none" | "full" | a BlockPolicy (whose fqn must match)."""
+        entries: list[str | BlockPolicy] = []
+        for fqn, policy in policies.items():
+            if isinstance(policy, BlockPolicy):
+                if policy.fqn != fqn:
+                    raise PlanError(f"checkpoint policy for {fqn!r} names fqn={policy.fqn!r}; "
+                                    "they must agree.")
+                entries.append(policy)
+            else:
+                entries.append(BlockPolicy(fqn, policy))  # type: ignore[arg-type]
+        return cls(blocks=tuple(entries))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """FQNs of every checkpointed block (full or selective), in plan order."""
+        return tuple(self.policies)
+
+    @property
+    def policies(self) -> FrozenDict[str, BlockPolicy]:
+        """Block FQN -> its BlockPolicy, for every checkpointed block; others are 'none'."""
+        out: dict[str, BlockPolicy] = {}
+        for entry in self.blocks:
+            policy = BlockPolicy(entry, "full") if isinstance(entry, str) else entry
+            assert isinstance(policy, BlockPolicy)  # __post_init__ normalised every entry
+            out[policy.fqn] = policy
+        return FrozenDict(out)
+
+    def policy(self, fqn: str) -> BlockPolicy:
+        """The policy of block ``fqn`` ('none' when the plan does not list it)."""
+        return self.policies.get(fqn) or BlockPolicy(fqn, "none")
+
+
+def _normal_entry(entry: Any, path: str) -> str | BlockPolicy | None:
+    """A checkpoint.blocks entry in its one canonical form (CheckpointPlan's invariant)."""
+    if isinstance(entry, Mapping):
+        # A JSON object that is no valid BlockPolicy (the field's type let it through):
+        # from_json_dataclass names the bad key or value.
+        entry = from_json_dataclass(BlockPolicy, dict(entry), path)
+    if isinstance(entry, str):
+        if not entry:
+            raise PlanError("checkpoint.blocks holds an empty name; use the block's FQN.")
+        return entry
+    if not isinstance(entry, BlockPolicy):
+        raise PlanError(f"checkpoint.blocks must hold block names (strings) or BlockPolicy "
+                        f"entries, got {entry!r}.")
+    if entry.policy == "none":
+        return None
+    return entry.fqn if entry.policy == "full" else entry
 
 
 @plan_section("optimizer")
