@@ -210,6 +210,7 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
     name = study_name or (f"autoscale-{setup.base.fingerprint_digest()}-"
                           f"{setup.budget or 'nobudget'}")
     study = open_study(storage=storage, study_name=name, seed=seed)
+    study.set_user_attr("memory_budget_bytes", setup.budget)  # autoscale report draws it
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=_rng_devices(setup.device)))
         runner = stack.enter_context(_runner(model, setup, source=source, loss_fn=loss_fn,

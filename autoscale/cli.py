@@ -1,4 +1,4 @@
-"""The ``autoscale`` command: tune, show, estimate, bench.
+"""The ``autoscale`` command: tune, show, estimate, bench, report, dashboard.
 
 Typer gives typed options and help text from the signatures; rich draws the progress bar
 and the tables. Both are small, widely used and keep this file about commands, not
@@ -323,3 +323,74 @@ def bench(
 
 if __name__ == "__main__":
     main()
+
+
+Storage = Annotated[str, typer.Argument(help="The study's Optuna storage: a SQLite path "
+                                        "(study.db) or a database URL.")]
+StudyName = Annotated[str | None, typer.Option(
+    "--study", help="Study name; default: the storage's only study.")]
+
+
+def _load_study(storage: str, study: str | None):
+    import optuna
+
+    from autoscale.errors import TunerError
+    from autoscale.search._study import storage_url
+
+    url = storage_url(storage) or storage
+    if "://" in storage or Path(storage).exists():
+        names = [s.study_name for s in optuna.get_all_study_summaries(url)]
+    else:
+        raise TunerError(f"no study storage at {storage!r}; pass the --storage that "
+                         "autoscale tune wrote.")
+    if study is None:
+        if len(names) != 1:
+            raise TunerError(f"{storage!r} holds {len(names)} studies ({', '.join(names)}); "
+                             "pick one with --study NAME.")
+        study = names[0]
+    elif study not in names:
+        raise TunerError(f"{storage!r} has no study {study!r}; it holds: {', '.join(names)}.")
+    return optuna.load_study(study_name=study, storage=url)
+
+
+@app.command()
+def report(
+    storage: Storage,
+    study: StudyName = None,
+    out: Annotated[Path, typer.Option(help="Folder for the PNG and HTML files.")] = Path(
+        "autoscale-report"),
+) -> None:
+    """Write a stored study's plots (Pareto front, history, importances, estimate vs
+    measured) as PNG and HTML."""
+    from autoscale.search._report import write_report
+
+    loaded = _load_study(storage, study)
+    files = write_report(loaded, out)
+    table = Table(title=f"study {loaded.study_name!r}: {len(loaded.trials)} trials")
+    for col in ("figure", "png", "html"):
+        table.add_column(col)
+    for name in sorted(set(files.png) | set(files.html)):
+        table.add_row(name, str(files.png.get(name, "-")), str(files.html.get(name, "-")))
+    console.print(table)
+
+
+@app.command()
+def dashboard(
+    storage: Storage,
+    port: Annotated[int, typer.Option(help="Port on localhost.")] = 8080,
+) -> None:
+    """Open optuna-dashboard on the study storage (where optuna-dashboard is installed)."""
+    import shutil
+    import subprocess
+
+    from autoscale.errors import TunerError
+    from autoscale.search._study import storage_url
+
+    exe = shutil.which("optuna-dashboard")
+    if exe is None:
+        raise TunerError("optuna-dashboard is not installed: pip install optuna-dashboard, "
+                         "then run this again (or autoscale report for static plots).")
+    url = storage_url(storage)
+    console.print(f"optuna-dashboard on http://127.0.0.1:{port} (Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call([exe, url or storage, "--host", "127.0.0.1",
+                                      "--port", str(port)]))
