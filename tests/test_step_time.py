@@ -173,3 +173,34 @@ def test_machine_rates_are_measured_once_and_cached(tmp_path) -> None:
     assert json.loads(path.read_text())["rates"]["op_overhead_s"] == again.op_overhead_s
     with pytest.raises(PlanError, match="cuda"):
         machine_rates("cuda", cache_dir=tmp_path)
+
+
+def test_the_fake_step_counts_the_ops_a_real_step_runs(stack) -> None:
+    from autoscale.cost._time import OpCounter
+    from autoscale.runtime import build_result
+
+    model, batch = stack
+    plan = _plan(checkpoint=CheckpointPlan(blocks=("blocks.1",)))
+    est = estimate_step_time(model, batch, plan, rates=RATES)
+    result = build_result(plan, model)
+    with OpCounter() as counter:
+        result.accumulate((batch,))
+    assert counter.op_count + est.optimizer_counts[1] == est.ops
+    assert sorted((*k, n) for k, n in counter.ops.items()) == list(est.counted)
+
+
+def test_dropout_is_priced_by_the_random_numbers_drawn() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, H), nn.Dropout(0.1), nn.Linear(H, 1))
+
+    def loss_fn(out: torch.Tensor, batch: object) -> torch.Tensor:
+        return out.square().mean()
+
+    batch = torch.randn(B, D)
+    est = estimate_step_time(model, batch, _plan(), rates=RATES, loss_fn=loss_fn)
+    drawn = sum(f * n for f, _, _, kind, n in est.counted if kind == "rng")
+    assert drawn == B * H  # one mask of the hidden activations
+    slow_rng = MachineRates(RATES.matmul_flops_per_s, RATES.memory_bytes_per_s,
+                            RATES.op_overhead_s, random_numbers_per_s=1e3)
+    # At 1000 numbers a second the mask alone takes B * H / 1000 s, far above the rest.
+    assert est.retimed(slow_rng).compute_s == pytest.approx(B * H / 1e3, rel=1e-2)

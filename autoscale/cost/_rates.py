@@ -5,10 +5,10 @@ The step-time estimate (autoscale/cost/_time.py) prices every aten op of the sim
 as ``max(flops / matmul_flops_per_s, bytes / memory_bytes_per_s) + op_overhead_s``. The
 three rates are measured once per machine by a short run (well under 3 s):
 
-- ``matmul_flops_per_s``: the median rate of fp32 square matmuls of a few sizes (256 to
-  1024), the sizes a model's Linear layers run at; ``bf16_flops_per_s`` and
-  ``fp16_flops_per_s`` the same at 256 in those dtypes (autocast's matmuls), which CPUs
-  run anywhere from twice as fast (bf16 units) to many times slower (no fp16 GEMM).
+- ``matmul_flops_per_s``: the matmuls of a small training step (two Linear layers and an
+  attention-shaped batched matmul, forward and backward), timed op by op;
+  ``bf16_flops_per_s`` and ``fp16_flops_per_s`` the same step under autocast, which CPUs
+  run anywhere from a few times faster (bf16 units) to many times slower (no fp16 GEMM).
 - ``memory_bytes_per_s``: an out-of-place add of two 16 MiB fp32 tensors (bytes read plus
   written over its time): past the caches, what a large elementwise op streams at.
 - ``op_overhead_s``: a tiny training step (a stack of 8x8 Linear layers on 2 samples,
@@ -17,6 +17,7 @@ three rates are measured once per machine by a short run (well under 3 s):
   overhead: Python module calls, autograd's bookkeeping, the dispatcher, kernel launch.
   That is the per-op price a small model pays, and a loop of bare ``torch.add`` calls
   (without autograd and modules) would under-state it several times over.
+- ``random_numbers_per_s``: ``bernoulli_`` over 4 Mi elements (dropout's masks).
 
 Note: [timing a busy machine]
 Other processes only ever slow a call down, so each rate takes the fastest of a few calls,
@@ -37,7 +38,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -47,6 +47,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from autoscale.errors import PlanError
 
@@ -67,12 +69,16 @@ class MachineRates:
     """FLOPs per second of a bf16 matmul (None: as fp32's)."""
     fp16_flops_per_s: float | None = None
     """FLOPs per second of an fp16 matmul (None: as fp32's)."""
+    random_numbers_per_s: float | None = None
+    """Random numbers drawn per second (dropout's bernoulli_; None: 4 bytes each at
+    ``memory_bytes_per_s``)."""
 
     def __post_init__(self) -> None:
         for name in ("matmul_flops_per_s", "memory_bytes_per_s", "op_overhead_s",
-                     "bf16_flops_per_s", "fp16_flops_per_s"):
+                     "bf16_flops_per_s", "fp16_flops_per_s", "random_numbers_per_s"):
             value = getattr(self, name)
-            if value is None and name.endswith("16_flops_per_s"):
+            if value is None and name not in ("matmul_flops_per_s", "memory_bytes_per_s",
+                                              "op_overhead_s"):
                 continue
             if not isinstance(value, int | float) or not value > 0:
                 raise PlanError(f"MachineRates.{name} must be a positive number, got "
@@ -83,6 +89,10 @@ class MachineRates:
         low = {"bf16": self.bf16_flops_per_s, "fp16": self.fp16_flops_per_s}.get(precision)
         return low or self.matmul_flops_per_s
 
+    def random_per_s(self) -> float:
+        """Random numbers drawn per second."""
+        return self.random_numbers_per_s or self.memory_bytes_per_s / 4
+
     def scaled(self, factor: float) -> MachineRates:
         """These rates ``factor`` times faster: every op's estimated time divides by it."""
         def times(rate: float | None) -> float | None:
@@ -90,11 +100,12 @@ class MachineRates:
 
         return MachineRates(self.matmul_flops_per_s * factor,
                             self.memory_bytes_per_s * factor, self.op_overhead_s / factor,
-                            times(self.bf16_flops_per_s), times(self.fp16_flops_per_s))
+                            times(self.bf16_flops_per_s), times(self.fp16_flops_per_s),
+                            times(self.random_numbers_per_s))
 
 
 # Part of the cache key: a change to what is measured, or how, measures again.
-_VERSION = 2
+_VERSION = 4
 
 
 def _cpu_model() -> str:
@@ -168,21 +179,72 @@ def _best_seconds(fn: Callable[[], Any], *, reps: int, budget_s: float) -> float
 def measure_rates() -> MachineRates:
     """Measure the three rates on the CPU now (no cache); see Note: [machine rates]."""
     with torch.no_grad():
-        flops = [_matmul_rate(n, torch.float32) for n in (256, 512, 1024)]
-        # Low-precision GEMMs differ by CPU (bf16 units; fp16 often without a fast path).
-        bf16, fp16 = (_matmul_rate(256, dtype) for dtype in (torch.bfloat16, torch.float16))
         x, y = torch.randn(1 << 22), torch.randn(1 << 22)
         out = torch.empty_like(x)
         seconds = _best_seconds(lambda: torch.add(x, y, out=out), reps=7, budget_s=0.3)
         bandwidth = 3 * x.nbytes / seconds
-    return MachineRates(matmul_flops_per_s=statistics.median(flops),
+        seconds = _best_seconds(functools.partial(x.bernoulli_, 0.9), reps=5, budget_s=0.2)
+        random = x.numel() / seconds
+    # Low-precision matmuls differ by CPU (bf16 units; fp16 often without a fast path).
+    fp32, bf16 = (_matmul_rate(dtype, 256) for dtype in (torch.float32, torch.bfloat16))
+    fp16 = _matmul_rate(torch.float16, 64)
+    return MachineRates(matmul_flops_per_s=fp32,
                         memory_bytes_per_s=bandwidth, op_overhead_s=_op_overhead(),
-                        bf16_flops_per_s=bf16, fp16_flops_per_s=fp16)
+                        bf16_flops_per_s=bf16, fp16_flops_per_s=fp16,
+                        random_numbers_per_s=random)
 
 
-def _matmul_rate(n: int, dtype: torch.dtype) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / _best_seconds(functools.partial(torch.mm, a, b), reps=5, budget_s=0.3)
+class _MatmulTimer(TorchDispatchMode):
+    """Times the matmuls dispatched under it (Note: [timing a busy machine]), with their
+    FLOPs by torch's formulas; other ops run untimed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+        self.seconds = 0.0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func._overloadpacket not in _MATMULS:
+            return func(*args, **kwargs)
+        start, cpu = time.perf_counter(), time.process_time()
+        out = func(*args, **kwargs)
+        wall = time.perf_counter() - start
+        self.seconds += min(wall, (time.process_time() - cpu) / torch.get_num_threads())
+        self.flops += int(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
+        return out
+
+
+_MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm,
+            torch.ops.aten.baddbmm}
+
+
+def _matmul_rate(dtype: torch.dtype, width: int) -> float:
+    """FLOPs per second of the matmuls of a small training step (Linear layers and an
+    attention-shaped batched matmul, forward and backward, under autocast for bf16/fp16):
+    the layouts and casts a model's step runs them with, which standalone GEMMs of the same
+    size can beat several times over (bf16 batched matmuls and the backward's transposed
+    operands, on CPUs with bf16 units)."""
+    torch.manual_seed(0)
+    rows = 2 * width
+    up, down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+    x = torch.randn(rows, width)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            h = up(x).view(16, rows // 16, 2 * width)  # (heads, T, C)
+            scores = h @ h.transpose(1, 2)  # (heads, T, T)
+            y = down((scores @ h).view(rows, 2 * width))
+        y.float().square().mean().backward()
+
+    step()
+    best = 0.0
+    for _ in range(3):
+        with _MatmulTimer() as timer:
+            step()
+        best = max(best, timer.flops / timer.seconds)
+    return best
 
 
 def _op_overhead() -> float:

@@ -11,7 +11,8 @@ op is priced as
 
 (a roofline plus a fixed cost per op), its FLOPs from torch's own formulas
 (``torch.utils.flop_counter``'s registry, the ones FlopCounterMode uses) and its bytes the
-sizes of the tensors it reads and writes (a view moves none). The rates are this
+sizes of the tensors it reads and writes (a view moves none); an op that draws random
+numbers (dropout's masks) is priced by the numbers drawn. The rates are this
 machine's (autoscale/cost/_rates.py, Note: [machine rates]). On a CPU a small model is
 overhead-bound: the per-op term, not the FLOPs, is most of its step, and it is what makes
 micro-batching cost time.
@@ -72,8 +73,10 @@ class OpCounter(TorchDispatchMode):
     fake tensors alike (it only reads shapes). ``ops`` maps (flops, bytes, recompute,
     precision) to how many ops had them; ``recompute`` marks forward ops run inside
     backward with grad enabled (the checkpoint wrappers' recomputation), ``precision`` is
-    "bf16" or "fp16" for an op with FLOPs on such tensors, else "". prim ops (a fake
-    tensor's ``.device``) are not ops a real step dispatches, and are not counted."""
+    "bf16" or "fp16" for an op with FLOPs on such tensors, "rng" for an op that draws
+    random numbers (dropout's masks: its first field is then the numbers drawn, not
+    FLOPs), else "". prim ops (a fake tensor's ``.device``) are not ops a real step
+    dispatches, and are not counted."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -87,12 +90,15 @@ class OpCounter(TorchDispatchMode):
             return out
         flops, precision = 0, ""
         formula = flop_registry.get(func._overloadpacket)
+        first = _first_tensor(out)
         if formula is not None:
             flops = int(formula(*args, **kwargs, out_val=out))
-            precision = _LOW.get(_first_dtype(out), "")
+            precision = _LOW.get(first.dtype, "") if first is not None else ""
+        elif func._overloadpacket in _RANDOM and first is not None:
+            flops, precision = first.numel(), "rng"
         # A view moves no bytes; an in-place op reads its inputs and writes its output.
         nbytes = 0 if func.is_view else _tensor_bytes((args, kwargs)) + _tensor_bytes(out)
-        # Note: backward runs with grad disabled unless a checkpoint wrapper recomputes.
+        # Backward runs with grad disabled, except where a checkpoint wrapper recomputes.
         recompute = torch._C._current_graph_task_id() != -1 and torch.is_grad_enabled()
         self.ops[(flops, nbytes, recompute, precision)] += 1
         return out
@@ -102,13 +108,20 @@ class OpCounter(TorchDispatchMode):
         return sum(self.ops.values())
 
 
-_LOW: dict[torch.dtype | None, str] = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_LOW = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def _first_dtype(tree: Any) -> torch.dtype | None:
+# Drawing random numbers is its own cost on a CPU (a generator per element: dropout's
+# bernoulli_ is ~15x the time of an add of the same size), priced at its measured rate.
+_RANDOM = {getattr(torch.ops.aten, name) for name in (
+    "bernoulli", "bernoulli_", "native_dropout", "rand", "rand_like", "randn", "randn_like",
+    "normal", "normal_", "uniform_", "randint", "randint_like", "randperm", "exponential_")}
+
+
+def _first_tensor(tree: Any) -> torch.Tensor | None:
     for t in tree_leaves(tree):
         if isinstance(t, torch.Tensor):
-            return t.dtype
+            return t
     return None
 
 
@@ -140,7 +153,8 @@ class StepTimeEstimate:
     rates: MachineRates
     link_bytes_per_s: float | None = None
     counted: tuple[tuple[int, int, bool, str, int], ...] = field(default=(), repr=False)
-    """(flops, bytes, recompute, precision, how many ops) of forward and backward."""
+    """(flops, bytes, recompute, precision, how many ops) of forward and backward (see
+    ``OpCounter``)."""
     optimizer_counts: tuple[int, int] = (0, 0)
     """(bytes, ops) of the optimizer step."""
     comm_bytes: int = 0
@@ -153,8 +167,11 @@ class StepTimeEstimate:
 
 
 def _op_seconds(flops: int, nbytes: int, precision: str, rates: MachineRates) -> float:
-    return (max(flops / rates.flops_per_s(precision), nbytes / rates.memory_bytes_per_s)
-            + rates.op_overhead_s)
+    if precision == "rng":
+        compute = flops / rates.random_per_s()
+    else:
+        compute = flops / rates.flops_per_s(precision)
+    return max(compute, nbytes / rates.memory_bytes_per_s) + rates.op_overhead_s
 
 
 def _priced(counted: tuple[tuple[int, int, bool, str, int], ...], optimizer: tuple[int, int],
@@ -172,7 +189,7 @@ def _priced(counted: tuple[tuple[int, int, bool, str, int], ...], optimizer: tup
     return StepTimeEstimate(
         total_s=compute + recompute + opt + comm, compute_s=compute, recompute_s=recompute,
         optimizer_s=opt, communication_s=comm, ops=sum(c[4] for c in counted) + opt_ops,
-        flops=sum(c[0] * c[4] for c in counted),
+        flops=sum(c[0] * c[4] for c in counted if c[3] != "rng"),
         bytes=sum(c[1] * c[4] for c in counted) + opt_bytes, rates=rates,
         link_bytes_per_s=link, counted=counted, optimizer_counts=optimizer,
         comm_bytes=comm_bytes)
