@@ -238,12 +238,96 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
         twins = _exact_twins(plans, peaks)
         baseline, confirmed = _confirm(runner, plans, setup.optimizer, timeout_s=timeout,
                                        rounds=_CONFIRM_ROUNDS)
-    plan, why = _winner(setup, plans, peaks, confirmed, baseline, twins)
+        plan, why = _guarded_winner(setup, runner, plans, peaks, confirmed, baseline, twins,
+                                    study, timeout_s=timeout)
     result = _result(plan, model, setup, loss_fn=loss_fn, inplace=inplace)
     result.report = Report(baseline, plan.measured, tuple(records), setup.budget,
                            setup.graph.strategy, name, setup.world_size,
                            notes=(*notes, *why, *filter(None, [estimates.note])))
     return result
+
+
+#: The convergence guardrail: steps of each A/B run, the tail averaged, and the largest
+#: relative gap of that tail between a lossy plan and its exact twin. See Note:
+#: [the convergence guardrail].
+GUARD_STEPS, GUARD_TAIL, GUARD_TOLERANCE = 24, 6, 0.02
+
+
+def lossy_knobs(plan: Plan) -> list[str]:
+    """The knobs of ``plan`` that change the training maths (not only its memory or speed):
+    gradient compression and 8-bit optimizer state."""
+    knobs = []
+    if plan.compress.method != "none":
+        knobs.append(f"compress={plan.compress.method}")
+    if plan.optimizer.kind == "adamw8bit" or plan.optimizer.state_precision == "int8":
+        knobs.append("8-bit optimizer state")
+    return knobs
+
+
+def exact_twin(plan: Plan) -> Plan:
+    """``plan`` with every lossy knob off: no compression, fp32 AdamW state for 8-bit."""
+    twin = plan.replace(compress=CompressPlan())
+    opt = plan.optimizer
+    if opt.kind == "adamw8bit" or opt.state_precision == "int8":
+        kwargs = {k: v for k, v in opt.kwargs.items() if k not in _EIGHT_BIT_ONLY}
+        twin = twin.replace(optimizer=optimizer_plan("adamw", kwargs))
+    return twin
+
+
+_EIGHT_BIT_ONLY = ("block_size", "min_8bit_size")
+
+
+def _guarded_winner(setup: _Setup, runner: TrialRunner, plans: list[Plan],
+                    peaks: list[int | None], confirmed: list[Measurement | None],
+                    baseline: Measurement, twins: dict[int, int], study: optuna.Study, *,
+                    timeout_s: float) -> tuple[Plan, tuple[str, ...]]:
+    """The winner (``_winner``), put through the convergence guardrail.
+
+    Note: [the convergence guardrail]
+    A plan with a lossy knob (lossy_knobs) wins only if a short A/B run keeps its loss
+    curve with its exact twin's: both train GUARD_STEPS steps on the example batch from
+    the same weights and seed, and the mean loss of the last GUARD_TAIL steps may differ
+    by at most GUARD_TOLERANCE, relative. Otherwise the lossy finalists are set aside and
+    the best exact one wins (none left: TunerError). The figures go on the study
+    (user attr "convergence_check") and into the report's notes.
+    """
+    exclude: set[int] = set()
+    notes: list[str] = []
+    while True:
+        plan, why = _winner(setup, plans, peaks, confirmed, baseline, twins, exclude=exclude)
+        knobs = lossy_knobs(plan)
+        if not knobs:
+            return plan, (*why, *notes)
+        check = _convergence_check(runner, plan, timeout_s=timeout_s)
+        study.set_user_attr("convergence_check", check)
+        verdict = "kept" if check["passed"] else "set aside"
+        notes.append(f"convergence check of {', '.join(knobs)}: loss {check['lossy']:.4f} vs "
+                     f"{check['exact']:.4f} exact over the last {GUARD_TAIL} of "
+                     f"{GUARD_STEPS} steps ({check['gap']:+.2%}, tolerance "
+                     f"{GUARD_TOLERANCE:.0%}): {verdict}")
+        if check["passed"]:
+            return plan, (*why, *notes)
+        exclude |= {i for i, p in enumerate(plans) if lossy_knobs(p)}
+        if all(i in exclude or m is None for i, m in enumerate(confirmed)):
+            raise TunerError("every finalist that fits uses a lossy knob whose loss curve "
+                             f"left the exact plan's ({notes[-1]}); raise the budget, or "
+                             "tune with more trials so an exact plan is found.")
+
+
+def _convergence_check(runner: TrialRunner, plan: Plan, *, timeout_s: float
+                       ) -> dict[str, Any]:  # fmt: skip
+    try:
+        lossy = runner.curve(plan, GUARD_STEPS, timeout_s=timeout_s)
+        exact = runner.curve(exact_twin(plan), GUARD_STEPS, timeout_s=timeout_s)
+    except TrialFailed as err:
+        return {"passed": False, "lossy": float("nan"), "exact": float("nan"),
+                "gap": float("nan"), "reason": err.reason}
+    tail_lossy = sum(lossy[-GUARD_TAIL:]) / GUARD_TAIL
+    tail_exact = sum(exact[-GUARD_TAIL:]) / GUARD_TAIL
+    gap = (tail_lossy - tail_exact) / abs(tail_exact) if tail_exact else float("inf")
+    return {"passed": abs(gap) <= GUARD_TOLERANCE, "lossy": tail_lossy, "exact": tail_exact,
+            "gap": gap, "steps": GUARD_STEPS, "tail": GUARD_TAIL,
+            "tolerance": GUARD_TOLERANCE, "lossy_curve": lossy, "exact_curve": exact}
 
 
 def _twin_note(plan: Plan, lossy: Measurement, exact: Measurement, *, chosen: bool) -> str:
@@ -304,7 +388,8 @@ def _result(plan: Plan, model: nn.Module, setup: _Setup, *, loss_fn: LossFn | No
 
 def _winner(setup: _Setup, plans: Sequence[Plan], peaks: Sequence[int | None],
             confirmed: Sequence[Measurement | None], baseline: Measurement,
-            twins: dict[int, int] | None = None) -> tuple[Plan, tuple[str, ...]]:
+            twins: dict[int, int] | None = None, *, exclude: set[int] | frozenset[int] = (
+                frozenset())) -> tuple[Plan, tuple[str, ...]]:
     """The finalist with the best confirmed throughput, carrying its figures, and the notes
     on how it was chosen.
 
@@ -316,7 +401,7 @@ def _winner(setup: _Setup, plans: Sequence[Plan], peaks: Sequence[int | None],
     was no finalist gets its peak from its confirm rounds.
     """
     budget = setup.budget
-    kept = {i: m for i, m in enumerate(confirmed) if m is not None
+    kept = {i: m for i, m in enumerate(confirmed) if m is not None and i not in exclude
             and (peaks[i] is not None or budget is None or m.peak_memory_bytes <= budget)}
     if not kept:
         raise TunerError("every finalist failed when measured again after the search; the "

@@ -32,7 +32,7 @@ from autoscale.runtime._batch import (
 )
 from autoscale.runtime._optimizers import build_optimizer
 
-__all__ = ["measure_baseline", "measure_plan", "time_all_reduce"]
+__all__ = ["loss_curve", "measure_baseline", "measure_plan", "time_all_reduce"]
 
 
 def measure_plan(plan: Plan, model: nn.Module, batch: Batch, *, loss_fn: LossFn | None,
@@ -96,6 +96,22 @@ def measure_baseline(model: nn.Module, batch: Batch, *, loss_fn: LossFn | None,
     if trained is not model:
         out = dataclasses.replace(out, comm_bytes_per_step=_gradient_bytes(model))
     return out
+
+
+def loss_curve(plan: Plan, model: nn.Module, batch: Batch, *, loss_fn: LossFn | None,
+               graph: object, steps: int, seed: int = 0,
+               device: torch.device | str | None = None) -> list[float]:
+    """The losses of ``steps`` training steps of ``plan`` on ``batch`` from a fresh copy
+    of ``model``, the RNG seeded with ``seed`` first (dropout draws the same masks for two
+    plans that consume randomness alike): the convergence guardrail's A/B run."""
+    torch.manual_seed(seed)
+    result = build_result(plan, model, loss_fn=loss_fn, graph=graph, device=device)
+    try:
+        batch = to_device(batch, result.device)
+        return [float(result.step(batch)) for _ in range(steps)]
+    finally:
+        del result
+        free_memory()
 
 
 def time_all_reduce(nbytes: int, *, device: torch.device | str = "cpu", reps: int = 5

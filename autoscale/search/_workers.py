@@ -121,10 +121,11 @@ def pickle_workload(model: nn.Module, batch: Batch, loss_fn: LossFn | None,
 
 @dataclass(frozen=True)
 class _Task:
-    kind: Literal["baseline", "plan", "link"]
+    kind: Literal["baseline", "plan", "link", "curve"]
     plan: dict[str, Any] | None = None
     optimizer: dict[str, Any] | None = None
     nbytes: int = 0
+    steps: int = 0
 
 
 class TrialRunner:
@@ -135,6 +136,12 @@ class TrialRunner:
         raise NotImplementedError
 
     def measure(self, plan: Plan, *, timeout_s: float | None = None) -> Measurement:
+        raise NotImplementedError
+
+    def curve(self, plan: Plan, steps: int, *, timeout_s: float | None = None
+              ) -> list[float]:  # fmt: skip
+        """The loss of each of ``steps`` steps of ``plan`` from the pristine model (across
+        ranks: the mean of the ranks' losses, each on its share)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -170,6 +177,16 @@ class InProcessRunner(TrialRunner):
         return self._guard(lambda: measure_plan(
             plan, self._model, self._batch, loss_fn=self._loss_fn, graph=self._graph,
             warmup=self._warmup, iters=self._iters))
+
+    def curve(self, plan: Plan, steps: int, *, timeout_s: float | None = None
+              ) -> list[float]:  # fmt: skip
+        from autoscale.search._trial import loss_curve
+
+        try:
+            return loss_curve(plan, self._model, self._batch, loss_fn=self._loss_fn,
+                              graph=self._graph, steps=steps)
+        except Exception as err:
+            raise TrialFailed(_describe(err), kind=_kind(err)) from err
 
     @staticmethod
     def _guard(run: Callable[[], Measurement]) -> Measurement:
@@ -213,6 +230,11 @@ class WorkerRunner(TrialRunner):
         if self.world_size == 1:
             raise TunerError("all_reduce_seconds needs a runner with world_size > 1.")
         return max(self._exchange(_Task("link", nbytes=nbytes), timeout_s))
+
+    def curve(self, plan: Plan, steps: int, *, timeout_s: float | None = None
+              ) -> list[float]:  # fmt: skip
+        runs = self._exchange(_Task("curve", plan=plan.to_dict(), steps=steps), timeout_s)
+        return [sum(losses) / len(losses) for losses in zip(*runs, strict=True)]
 
     def _run(self, task: _Task, timeout_s: float | None) -> Measurement:
         return combine_ranks(self._exchange(task, timeout_s))
@@ -488,12 +510,18 @@ class _WorkerState:
         share = rank_share(batch, init["rank"], init["world_size"])
         return cls(model, share, loss_fn, graph, device, init["warmup"], init["iters"])
 
-    def run(self, task: _Task) -> Measurement | float:
+    def run(self, task: _Task) -> Measurement | float | list[float]:
         from autoscale.plan._fields import from_json_dataclass
         from autoscale.search._trial import measure_baseline, measure_plan, time_all_reduce
 
         if task.kind == "link":
             return time_all_reduce(task.nbytes, device=self.device)
+        if task.kind == "curve":
+            from autoscale.search._trial import loss_curve
+
+            return loss_curve(Plan.from_dict(task.plan), self.model, self.batch,
+                              loss_fn=self.loss_fn, graph=self.graph, steps=task.steps,
+                              device=self.device)
         if task.kind == "baseline":
             optimizer = from_json_dataclass(OptimizerPlan, task.optimizer, "optimizer")
             return measure_baseline(self.model, self.batch, loss_fn=self.loss_fn,

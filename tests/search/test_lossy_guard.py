@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 from tests_helpers import tiny_gpt
 
-from autoscale import CompressPlan, ShardPlan
+from autoscale import CompressPlan, ShardPlan, TunerError
 from autoscale._api import LOSSY_MARGIN, _exact_twins, _setup, _winner
 from autoscale.measure import Measurement
 from autoscale.search._study import COMPRESS_MIN_SHARE, LinkCheck
@@ -77,3 +77,70 @@ def test_the_link_check_searches_compression_only_where_the_all_reduce_is_a_real
     assert dataclasses.asdict(slow) | {"share": slow.share} == {
         k: v for k, v in slow.to_dict().items() if k != "compression_searched"}
     assert slow.bytes_per_s == pytest.approx((3 << 20) / 0.27)
+
+
+def test_lossy_knobs_and_their_exact_twin(setup) -> None:
+    from autoscale._api import exact_twin, lossy_knobs
+    from autoscale.runtime._optimizers import optimizer_plan
+
+    eight = setup.base.replace(optimizer=optimizer_plan("adamw8bit", {"lr": 3e-3}),
+                               shard=ShardPlan(strategy="ddp", world_size=2),
+                               compress=CompressPlan(method="topk"))
+    assert lossy_knobs(eight) == ["compress=topk", "8-bit optimizer state"]
+    twin = exact_twin(eight)
+    assert lossy_knobs(twin) == []
+    assert twin.optimizer.kind == "adamw" and dict(twin.optimizer.kwargs) == {"lr": 3e-3}
+    assert twin.shard == eight.shard and twin.batch == eight.batch
+
+
+def _guard_case(setup):
+    """A real runner (this process) and two finalists: 8-bit AdamW, faster, and the same
+    plan exact, slower."""
+    from tests_helpers import tiny_gpt
+
+    from autoscale.runtime._optimizers import optimizer_plan
+    from autoscale.search._workers import InProcessRunner
+
+    model, batch = tiny_gpt(batch_size=8, dropout=0.0)
+    runner = InProcessRunner(model, batch, loss_fn=None, graph=setup.graph, warmup=0,
+                             iters=1)
+    lossy = setup.base.replace(optimizer=optimizer_plan("adamw8bit", None))
+    plans, peaks = [lossy, setup.base], [100, 100]
+    confirmed = [_measured(120.0, 100), _measured(100.0, 100)]
+    return runner, plans, peaks, confirmed
+
+
+def test_a_lossy_winner_is_kept_when_its_loss_curve_stays_with_the_exact_ones(setup
+                                                                              ) -> None:
+    import optuna
+
+    from autoscale._api import _guarded_winner
+
+    runner, plans, peaks, confirmed = _guard_case(setup)
+    study = optuna.create_study()
+    plan, notes = _guarded_winner(setup, runner, plans, peaks, confirmed,
+                                  _measured(80.0, 200), {}, study, timeout_s=60)
+    check = study.user_attrs["convergence_check"]
+    assert plan.optimizer.kind == "adamw8bit" and check["passed"]
+    # 8-bit moments: the same curve within 2% (measured 0.01% here), and not identical.
+    assert 0 < abs(check["gap"]) < 0.02 and check["lossy_curve"] != check["exact_curve"]
+    assert "convergence check of 8-bit optimizer state" in notes[-1] and "kept" in notes[-1]
+
+
+def test_a_lossy_winner_outside_the_tolerance_gives_way_to_the_best_exact_plan(
+        setup, monkeypatch) -> None:  # fmt: skip
+    import optuna
+
+    import autoscale._api as api
+
+    runner, plans, peaks, confirmed = _guard_case(setup)
+    monkeypatch.setattr(api, "GUARD_TOLERANCE", 0.0)  # any difference is too much
+    study = optuna.create_study()
+    plan, notes = api._guarded_winner(setup, runner, plans, peaks, confirmed,
+                                      _measured(80.0, 200), {}, study, timeout_s=60)
+    assert plan.optimizer.kind == "adamw" and not study.user_attrs[
+        "convergence_check"]["passed"]
+    assert "set aside" in notes[-1]
+    with pytest.raises(TunerError, match="lossy knob"):
+        api._guarded_winner(setup, runner, plans[:1], peaks[:1], confirmed[:1],
+                            _measured(80.0, 200), {}, study, timeout_s=60)
