@@ -1,0 +1,352 @@
+"""Each block's checkpoint policy under an activation budget, chosen exactly.
+
+Note: [the checkpoint solver]
+The problem is a multiple-choice knapsack: block i has options j (none, full, selective
+with a few saved op sets), each keeping ``w_ij`` activation bytes and costing ``t_ij``
+seconds of recompute in backward; pick one option per block with ``sum w <= B`` and the
+least ``sum t``. It is NP-hard in general but pseudo-polynomial in B, and it is solved
+here by dynamic programming over bytes, not by an ILP: the DP needs no solver package,
+its answer is exact and reproducible (no solver tolerances or time limits), and with the
+tens of blocks and a handful of options a model has it runs in milliseconds.
+
+Bytes are counted in units of a granularity ``g``: first the gcd of every option's bytes
+(tensor sizes share large powers of two), which loses nothing, so the DP is exact; only
+if ``B / g`` would exceed ``max_cells`` is ``g`` made coarser (a multiple of the gcd).
+Each option's bytes are rounded *up* to a multiple of ``g``, so every answer fits the
+real budget; what rounding can cost is optimality, bounded: the answer's recompute time
+is at most the exact optimum's for the budget ``B - N * g`` (N blocks, each rounded by
+less than ``g``). ``CheckpointSolution.margin_bytes`` is that ``N * g`` (0 when exact).
+
+Among the options of least time, the DP takes the one keeping the fewest bytes, so the
+kept bytes never rise when the budget falls: a lower budget either keeps the previous
+answer (if it still fits, it is still optimal) or one keeping less.
+
+Complexity: O(N * K * B/g) time, vectorised over B/g in torch tensors (K options a block), and
+O(N * B/g) bytes for the choice table (one int8 a cell).
+
+The options' figures come from the model (:func:`measure_block_options`): kept bytes by
+simulating the forward on fake tensors with the measurement's storage ledger, one run per
+option applied to every block, and each block's share read between its forward hooks;
+recompute seconds by pricing each block's forward ops (FLOPs from torch's flop counter,
+bytes read and written) at this machine's rates (autoscale.cost._rates.machine_rates),
+as the step-time estimate prices them. That attribution assumes the blocks are additive:
+a block's option does not change what its neighbours keep, which holds when a block's
+input is kept whatever it does (the residual stream of a transformer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+from autoscale.cost._rates import MachineRates, machine_rates
+from autoscale.errors import InfeasibleError, PlanError
+from autoscale.plan import BlockPolicy, CheckpointPlan, Plan
+
+__all__ = [
+    "DEFAULT_SAVE_SETS",
+    "BlockOption",
+    "BlockOptions",
+    "CheckpointSolution",
+    "measure_block_options",
+    "solve_checkpoint",
+    "solve_checkpoint_plan",
+]
+
+DEFAULT_SAVE_SETS: Mapping[str, tuple[str, ...]] = {
+    "matmuls+attention": ("mm", "addmm", "bmm", "sdpa"),
+    "matmuls": ("mm", "addmm"),
+    "attention": ("bmm", "sdpa", "softmax"),
+}
+"""The selective options offered per block besides none and full: saved op kinds."""
+
+_MAX_CELLS = 1 << 18
+_TIME_TIE = 1e-12  # relative: sums of the same floats in another order differ by ulps
+
+
+@dataclass(frozen=True)
+class BlockOption:
+    """One way to checkpoint one block, with what it keeps and what it costs."""
+
+    policy: BlockPolicy
+    kept_bytes: int
+    """Activation bytes the block keeps from its forward to its backward."""
+    recompute_s: float
+    """Seconds of forward recomputed in backward (0 for policy 'none')."""
+
+
+@dataclass(frozen=True)
+class CheckpointSolution:
+    """The option chosen for every block (in the order given), and their totals."""
+
+    options: tuple[BlockOption, ...]
+    kept_bytes: int
+    recompute_s: float
+    granularity: int
+    """Bytes per DP cell; every option's bytes were rounded up to a multiple of it."""
+    margin_bytes: int
+    """0 when the answer is exact; else the answer is at least as fast as the exact
+    optimum for ``budget - margin_bytes`` (Note: [the checkpoint solver])."""
+
+    def plan(self) -> CheckpointPlan:
+        """The checkpoint plan section of this solution."""
+        return CheckpointPlan(blocks=tuple(o.policy for o in self.options))
+
+
+def solve_checkpoint(options: Sequence[Sequence[BlockOption]], budget_bytes: int, *,
+                     max_cells: int = _MAX_CELLS) -> CheckpointSolution:
+    """The option of every block such that the kept bytes sum to at most ``budget_bytes``
+    and the recompute seconds sum to the least (ties: the fewest bytes).
+
+    Exact when every option's bytes are multiples of a granularity with at most
+    ``max_cells`` cells under the budget; otherwise within ``margin_bytes`` as stated in
+    Note: [the checkpoint solver]. Raises InfeasibleError naming the smallest feasible
+    budget (every block at its leanest option) when even that does not fit.
+    """
+    if any(not opts for opts in options):
+        raise PlanError("solve_checkpoint: a block has no options; give each block at "
+                        "least its 'none' option.")
+    if any(len(opts) > 127 for opts in options):
+        raise PlanError("solve_checkpoint: more than 127 options for a block; offer fewer "
+                        "selective save sets.")
+    floor = sum(min(o.kept_bytes for o in opts) for opts in options)
+    if floor > budget_bytes:
+        raise InfeasibleError(
+            f"no checkpoint policies fit an activation budget of {budget_bytes} bytes: the "
+            f"smallest feasible budget is {floor} bytes (every block at its leanest option). "
+            "Raise the budget, or save memory elsewhere (micro-batches, lower precision).")
+    g = _granularity(options, budget_bytes, max_cells)
+    cap = budget_bytes // g
+    best, choice = _knapsack(options, g, cap)
+    least = float(best.min())
+    if not math.isfinite(least):  # fits in bytes, not once rounded up: the leanest
+        picked = [min(opts, key=lambda o: (o.kept_bytes, o.recompute_s)) for opts in options]
+    else:
+        cell = int(torch.nonzero(best <= least + abs(least) * _TIME_TIE)[0, 0])
+        picked = []
+        for i in reversed(range(len(options))):
+            option = options[i][int(choice[i, cell])]
+            picked.append(option)
+            cell -= -(-option.kept_bytes // g)
+        picked.reverse()
+    exact = all(o.kept_bytes % g == 0 for opts in options for o in opts)
+    return CheckpointSolution(
+        options=tuple(picked), kept_bytes=sum(o.kept_bytes for o in picked),
+        recompute_s=sum(o.recompute_s for o in picked), granularity=g,
+        margin_bytes=0 if exact else len(options) * g)
+
+
+def _granularity(options: Sequence[Sequence[BlockOption]], budget: int, max_cells: int) -> int:
+    g = 0
+    for opts in options:
+        for o in opts:
+            g = math.gcd(g, o.kept_bytes)
+    g = max(g, 1)
+    if budget // g + 1 > max_cells:
+        g *= -(-budget // (g * (max_cells - 1)))
+    return g
+
+
+def _knapsack(options: Sequence[Sequence[BlockOption]], g: int, cap: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """best[c]: least time with rounded bytes exactly c; choice[i, c]: block i's option."""
+    # torch (float64 on the CPU) rather than numpy: one vectorised array library, and the
+    # one autoscale already depends on.
+    best = torch.full((cap + 1,), math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    choice = torch.zeros((len(options), cap + 1), dtype=torch.int8)
+    for i, opts in enumerate(options):
+        nxt = torch.full((cap + 1,), math.inf, dtype=torch.float64)
+        for j, option in enumerate(opts):
+            w = -(-option.kept_bytes // g)
+            if w > cap:
+                continue
+            cand = torch.full((cap + 1,), math.inf, dtype=torch.float64)
+            cand[w:] = best[: cap + 1 - w] + option.recompute_s
+            better = cand < nxt
+            nxt[better] = cand[better]
+            choice[i, better] = j
+        best = nxt
+    return best, choice
+
+
+@dataclass(frozen=True)
+class BlockOptions:
+    """Every block's options, measured on the model (:func:`measure_block_options`)."""
+
+    blocks: tuple[tuple[BlockOption, ...], ...]
+    """Per block (graph order): none, full, then one selective option per save set."""
+    outside_bytes: int
+    """Activation bytes the forward keeps outside every block (embeddings, head, loss):
+    the same whatever the blocks do."""
+
+
+def measure_block_options(model: nn.Module, batch: Any, graph: Any, *,
+                          plan: Plan | None = None,
+                          save_sets: Mapping[str, tuple[str, ...]] = DEFAULT_SAVE_SETS,
+                          loss_fn: Any = None, rates: MachineRates | None = None
+                          ) -> BlockOptions:
+    """Measure each block's options on fake tensors (no real compute; ``model`` is only
+    read): kept bytes from the storage ledger, recompute seconds priced at ``rates``
+    (default: this machine's, :func:`machine_rates`). ``plan``'s other sections (precision,
+    micro-batches) apply; its checkpoint section is replaced by each option in turn.
+    """
+    plan = plan or Plan()
+    fqns = [b.fqn for b in graph.blocks]
+    if not fqns:
+        raise PlanError("the model has no repeated blocks to checkpoint (capture found none); "
+                        "checkpointing needs blocks (children of a ModuleList/Sequential).")
+    rates = rates or machine_rates()
+    kinds: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
+        "none": ("none", None, ()), "full": ("full", None, ())}
+    for name, save in save_sets.items():
+        kinds[name] = ("selective", name, tuple(save))
+    kept: dict[str, dict[str, int]] = {}
+    total_none = 0
+    ops: dict[str, list[tuple[Any, float]]] = {}
+    for name, (policy, _, save) in kinds.items():
+        section = CheckpointPlan.of({f: BlockPolicy(f, policy, save=save)  # type: ignore[arg-type]
+                                     for f in fqns})
+        run = _fake_forward(model, batch, plan.replace(checkpoint=section), fqns, loss_fn,
+                            rates, count_ops=name == "none")
+        kept[name] = run.kept
+        if name == "none":
+            total_none, ops = run.total, run.ops
+    return BlockOptions(
+        blocks=tuple(tuple(BlockOption(BlockPolicy(f, policy, save=save),  # type: ignore[arg-type]
+                                       kept[name][f], _recompute_s(ops[f], policy, save))
+                           for name, (policy, _, save) in kinds.items()) for f in fqns),
+        outside_bytes=max(total_none - sum(kept["none"].values()), 0))
+
+
+def _recompute_s(ops: list[tuple[Any, float]], policy: str, save: tuple[str, ...]) -> float:
+    from autoscale.passes.checkpoint import OP_KINDS
+
+    if policy == "none":
+        return 0.0
+    saved = frozenset().union(*(OP_KINDS[k] for k in save))
+    return sum(seconds for packet, seconds in ops if packet not in saved)
+
+
+@dataclass
+class _Run:
+    kept: dict[str, int]
+    total: int
+    ops: dict[str, list[tuple[Any, float]]]
+
+
+def _fake_forward(model: nn.Module, batch: Any, plan: Plan, fqns: list[str], loss_fn: Any,
+                  rates: MachineRates, *, count_ops: bool) -> _Run:
+    """One forward of ``plan`` on fake tensors: bytes each block leaves live (read
+    between its pre- and post-forward hooks), all bytes live after the loss, and (with
+    ``count_ops``) each block's forward ops with their priced seconds."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from autoscale.cost._simulate import _fake_batch, _fake_copy
+    from autoscale.measure._memory import PeakMemoryTracker
+    from autoscale.runtime import build_result
+    from autoscale.runtime._batch import call_model, compute_loss, split_batch
+
+    mode = FakeTensorMode()
+    fake_model, fake_batch = _fake_copy(model, mode), _fake_batch(batch, mode)
+    run = _Run(kept={}, total=0, ops={f: [] for f in fqns})
+    with mode:
+        result = build_result(plan, fake_model, loss_fn=loss_fn, inplace=True)
+        micro, _ = next(iter(split_batch(fake_batch, plan.batch.micro_batch_size)))
+        result.model.train()
+        roots = (result.model, fake_batch)
+        with PeakMemoryTracker(roots=roots, device="cpu", fake=True) as tracker, \
+                _OpPrices(rates, run.ops, enabled=count_ops) as prices:
+            handles = _block_hooks(result.model, fqns, tracker, run.kept, prices)
+            try:
+                loss = compute_loss(result.loss_fn, call_model(result.model, micro), micro)
+            finally:
+                for h in handles:
+                    h.remove()
+            run.total = tracker.current_bytes - tracker.baseline_bytes
+        del loss
+    return run
+
+
+def _block_hooks(model: nn.Module, fqns: list[str], tracker: Any, kept: dict[str, int],
+                 prices: _OpPrices) -> list[Any]:
+    handles = []
+    for fqn in fqns:
+        block = model.get_submodule(fqn)
+        start: dict[str, int] = {}
+
+        def pre(_m: nn.Module, _args: Any, fqn: str = fqn, start: dict[str, int] = start
+                ) -> None:
+            start["bytes"] = tracker.current_bytes
+            prices.block = fqn
+
+        def post(_m: nn.Module, _args: Any, _out: Any, fqn: str = fqn,
+                 start: dict[str, int] = start) -> None:
+            kept[fqn] = kept.get(fqn, 0) + tracker.current_bytes - start["bytes"]
+            prices.block = None
+
+        handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+    return handles
+
+
+class _OpPrices(TorchDispatchMode):
+    """Records each op run inside a block as (overload packet, seconds at ``rates``),
+    priced as the step-time estimate prices ops (autoscale.cost._time._op_seconds)."""
+
+    def __init__(self, rates: MachineRates, ops: dict[str, list[tuple[Any, float]]], *,
+                 enabled: bool) -> None:
+        super().__init__()
+        self.rates, self.ops, self.enabled = rates, ops, enabled
+        self.block: str | None = None
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        from autoscale.cost._time import _LOW, _RANDOM, _first_tensor, _op_seconds, _tensor_bytes
+
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self.enabled or self.block is None or func.namespace == "prim":
+            return out
+        packet, first = func._overloadpacket, _first_tensor(out)
+        flops, precision = 0, ""
+        formula = flop_registry.get(packet)
+        if formula is not None:
+            flops = int(formula(*args, **kwargs, out_val=out))
+            precision = _LOW.get(first.dtype, "") if first is not None else ""
+        elif packet in _RANDOM and first is not None:
+            flops, precision = first.numel(), "rng"
+        nbytes = 0 if func.is_view else _tensor_bytes((args, kwargs)) + _tensor_bytes(out)
+        self.ops[self.block].append((packet, _op_seconds(flops, nbytes, precision, self.rates)))
+        return out
+
+
+def solve_checkpoint_plan(model: nn.Module, batch: Any, graph: Any, budget_bytes: int, *,
+                          plan: Plan | None = None,
+                          save_sets: Mapping[str, tuple[str, ...]] = DEFAULT_SAVE_SETS,
+                          loss_fn: Any = None, rates: MachineRates | None = None
+                          ) -> CheckpointPlan:
+    """The checkpoint section that keeps the forward's activations (as
+    ``autoscale.estimate(...).activations`` counts them: inside blocks and out) within
+    ``budget_bytes`` at the least recompute time: :func:`measure_block_options`, then
+    :func:`solve_checkpoint` on the budget left after the bytes kept outside the blocks.
+
+    Raises InfeasibleError naming the smallest feasible budget when none fits.
+    """
+    measured = measure_block_options(model, batch, graph, plan=plan, save_sets=save_sets,
+                                     loss_fn=loss_fn, rates=rates)
+    inside = budget_bytes - measured.outside_bytes
+    floor = sum(min(o.kept_bytes for o in opts) for opts in measured.blocks)
+    if inside < floor:
+        raise InfeasibleError(
+            f"no checkpoint policies fit an activation budget of {budget_bytes} bytes: the "
+            f"smallest feasible budget is {floor + measured.outside_bytes} bytes (every block "
+            f"at its leanest option, plus {measured.outside_bytes} bytes kept outside the "
+            "blocks). Raise the budget, or save memory elsewhere (micro-batches, precision).")
+    return solve_checkpoint(measured.blocks, inside).plan()

@@ -1,0 +1,138 @@
+"""The checkpoint solver is exact (against brute force), its answers fit the budget, and
+the activation memory of its plans falls as the budget falls."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from tests_helpers import tiny_gpt
+
+import autoscale
+from autoscale import BlockPolicy, InfeasibleError, Plan
+from autoscale.cost._checkpoint_solver import (
+    BlockOption,
+    measure_block_options,
+    solve_checkpoint,
+    solve_checkpoint_plan,
+)
+from autoscale.cost._rates import MachineRates
+
+# Fixed rates: the tests are offline and deterministic (the solver's choice, not the
+# machine's speed, is under test).
+_RATES = MachineRates(matmul_flops_per_s=1e10, memory_bytes_per_s=1e10, op_overhead_s=1e-6)
+_POLICIES = [BlockPolicy("b", "none"), BlockPolicy("b", "full"),
+             BlockPolicy("b", "selective", save=("mm",)),
+             BlockPolicy("b", "selective", save=("sdpa",))]
+
+
+def _instance(rng: random.Random, blocks: int = 6, scale: int = 1000
+              ) -> list[list[BlockOption]]:
+    out = []
+    for i in range(blocks):
+        opts = []
+        for j, p in enumerate(_POLICIES):
+            policy = BlockPolicy(f"h.{i}", p.policy, save=p.save)
+            opts.append(BlockOption(policy, kept_bytes=rng.randrange(scale),
+                                    recompute_s=0.0 if j == 0 else rng.random()))
+        out.append(opts)
+    return out
+
+
+def _brute(options: list[list[BlockOption]], budget: int) -> tuple[float, int] | None:
+    """(least time, fewest bytes at that time) over every assignment that fits."""
+    best: tuple[float, int] | None = None
+    for combo in itertools.product(*options):
+        kept = sum(o.kept_bytes for o in combo)
+        if kept <= budget:
+            key = (sum(o.recompute_s for o in combo), kept)
+            best = key if best is None or key < best else best
+    return best
+
+
+def test_solver_matches_brute_force_on_200_random_instances() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        options = _instance(rng)
+        floor = sum(min(o.kept_bytes for o in opts) for opts in options)
+        top = sum(max(o.kept_bytes for o in opts) for opts in options)
+        budget = rng.randint(floor, top)
+        solution = solve_checkpoint(options, budget)
+        expected = _brute(options, budget)
+        assert expected is not None
+        assert solution.margin_bytes == 0  # small integers: the gcd granularity is exact
+        assert solution.kept_bytes <= budget
+        assert solution.recompute_s == pytest.approx(expected[0], rel=1e-9, abs=1e-12)
+        assert [o.policy.fqn for o in solution.options] == [f"h.{i}" for i in range(6)]
+        # Random times never tie: the least time fixes the assignment, and its bytes.
+        assert solution.kept_bytes == expected[1]
+
+
+def test_ties_in_time_go_to_the_fewest_bytes() -> None:
+    # The monotonicity of kept bytes in the budget (Note: [the checkpoint solver]) rests
+    # on this: among the fastest answers, the leanest.
+    def opt(fqn: str, policy: str, kept: int, t: float) -> BlockOption:
+        return BlockOption(BlockPolicy(fqn, policy), kept_bytes=kept, recompute_s=t)  # type: ignore[arg-type]
+
+    options = [[opt(f"h.{i}", "none", 100, 0.0), opt(f"h.{i}", "full", 30, 0.5)]
+               for i in range(2)]
+    options.append([opt("h.2", "none", 40, 0.5), opt("h.2", "full", 10, 0.5)])
+    solution = solve_checkpoint(options, 1000)
+    assert [o.policy.policy for o in solution.options] == ["none", "none", "full"]
+    assert solution.kept_bytes == 210
+
+
+def test_coarse_granularity_fits_and_is_within_its_margin() -> None:
+    rng = random.Random(1)
+    for _ in range(50):
+        options = _instance(rng, scale=10**6)
+        floor = sum(min(o.kept_bytes for o in opts) for opts in options)
+        top = sum(max(o.kept_bytes for o in opts) for opts in options)
+        budget = rng.randint(floor, top)
+        solution = solve_checkpoint(options, budget, max_cells=200)
+        assert solution.granularity > 1 and solution.margin_bytes == 6 * solution.granularity
+        assert solution.kept_bytes <= budget
+        tighter = _brute(options, budget - solution.margin_bytes)
+        if tighter is not None:  # at least as fast as the exact answer at budget - margin
+            assert solution.recompute_s <= tighter[0] + 1e-12
+
+
+def test_infeasible_budget_names_the_smallest_feasible_one() -> None:
+    options = _instance(random.Random(2))
+    floor = sum(min(o.kept_bytes for o in opts) for opts in options)
+    with pytest.raises(InfeasibleError, match=f"smallest feasible budget is {floor} bytes"):
+        solve_checkpoint(options, floor - 1)
+    assert solve_checkpoint(options, floor).kept_bytes == floor
+
+
+def test_measured_activations_fall_with_the_budget_and_fit_it() -> None:
+    model, batch = tiny_gpt(dropout=0.1)
+    graph = autoscale.capture(model, batch)
+    measured = measure_block_options(model, batch, graph, rates=_RATES)
+    none = autoscale.estimate(model, batch, Plan(), graph=graph).activations
+    # The options' bytes are read from the same ledger as the estimate: they add up.
+    assert measured.outside_bytes + sum(o[0].kept_bytes for o in measured.blocks) == none
+    previous = None
+    for fraction in (1.0, 0.75, 0.5, 0.25, 0.15):
+        budget = int(none * fraction)
+        section = solve_checkpoint(measured.blocks, budget - measured.outside_bytes).plan()
+        kept = autoscale.estimate(model, batch, Plan(sections={"checkpoint": section}),
+                                  graph=graph).activations
+        assert kept <= budget, (fraction, kept, budget)
+        assert previous is None or kept <= previous, (fraction, kept, previous)
+        previous = kept
+    assert section == solve_checkpoint_plan(model, batch, graph, budget, rates=_RATES)
+    with pytest.raises(InfeasibleError, match="smallest feasible budget is"):
+        solve_checkpoint_plan(model, batch, graph, measured.outside_bytes, rates=_RATES)
+
+
+def test_selective_options_cost_less_recompute_than_full() -> None:
+    model, batch = tiny_gpt(dropout=0.1)
+    graph = autoscale.capture(model, batch)
+    for none, full, *selective in measure_block_options(model, batch, graph,
+                                                        rates=_RATES).blocks:
+        assert none.recompute_s == 0 and none.kept_bytes > full.kept_bytes
+        for option in selective:
+            assert 0 < option.recompute_s < full.recompute_s
+            assert full.kept_bytes < option.kept_bytes < none.kept_bytes
