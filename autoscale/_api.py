@@ -46,6 +46,7 @@ from autoscale.search._study import (
 from autoscale.search._trial import measure_baseline
 from autoscale.search._workers import (
     InProcessRunner,
+    RankNetwork,
     TrialFailed,
     TrialRunner,
     WorkerRunner,
@@ -190,9 +191,11 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
               isolate: bool = True, trial_timeout: float | None = None,
               loss_fn: LossFn | None = None,
               on_trial: Callable[[TrialRecord], None] | None = None,
+              network: RankNetwork | None = None,
               **knobs: Any) -> Result:  # fmt: skip
     """optimize()'s body; ``knobs`` are _setup()'s arguments, ``source`` the workers'
-    workload (None: serialize the model when isolating)."""
+    workload (None: serialize the model when isolating), ``network`` where the trial ranks
+    run (default loopback; bench/bench_compress.py --tune runs them across a shaped link)."""
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
         raise TunerError(f"trials must be an integer >= 0, got {trials!r}.")
     if trial_timeout is not None and not trial_timeout > 0:
@@ -215,7 +218,7 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
         stack.enter_context(torch.random.fork_rng(devices=_rng_devices(setup.device)))
         runner = stack.enter_context(_runner(model, setup, source=source, loss_fn=loss_fn,
                                              isolate=isolate, warmup=warmup, iters=iters,
-                                             folder=stack))
+                                             folder=stack, network=network))
         baseline, took = _timed(lambda: _baseline(runner, setup.optimizer))
         timeout = trial_timeout or max(_MIN_TRIAL_TIMEOUT_S, _TIMEOUT_FACTOR * took)
         space, notes = _space_for_the_link(setup.space, runner, baseline, study,
@@ -306,7 +309,12 @@ def _guarded_winner(setup: _Setup, runner: TrialRunner, plans: list[Plan],
                      f"{GUARD_STEPS} steps ({check['gap']:+.2%}, tolerance "
                      f"{GUARD_TOLERANCE:.0%}): {verdict}")
         if check["passed"]:
-            return plan, (*why, *notes)
+            assert plan.measured is not None
+            measured = dataclasses.replace(
+                plan.measured, convergence_loss=check["lossy"],
+                convergence_exact_loss=check["exact"], convergence_tolerance=GUARD_TOLERANCE,
+                convergence_steps=GUARD_STEPS)
+            return plan.replace(measured=measured), (*why, *notes)
         exclude |= {i for i, p in enumerate(plans) if lossy_knobs(p)}
         if all(i in exclude or m is None for i, m in enumerate(confirmed)):
             raise TunerError("every finalist that fits uses a lossy knob whose loss curve "
@@ -457,7 +465,8 @@ def _setup(model: nn.Module, example_inputs: Batch, *, memory_budget: int | str 
 
 def _runner(model: nn.Module, setup: _Setup, *, source: WorkloadSource | None,
             loss_fn: LossFn | None, isolate: bool, warmup: int, iters: int,
-            folder: contextlib.ExitStack) -> TrialRunner:  # fmt: skip
+            folder: contextlib.ExitStack, network: RankNetwork | None = None
+            ) -> TrialRunner:  # fmt: skip
     """The worker runner (script or serialized model), or in-process for isolate=False."""
     if not isolate:
         return InProcessRunner(model, setup.batch, loss_fn=loss_fn, graph=setup.graph,
@@ -467,7 +476,7 @@ def _runner(model: nn.Module, setup: _Setup, *, source: WorkloadSource | None,
         source = pickle_workload(model, setup.batch, loss_fn, tmp)
     return WorkerRunner(source, device=setup.device,
                         fingerprint=setup.base.fingerprint_digest(), warmup=warmup,
-                        iters=iters, world_size=setup.world_size)
+                        iters=iters, world_size=setup.world_size, network=network)
 
 
 def _baseline(runner: TrialRunner, optimizer: OptimizerPlan, *,

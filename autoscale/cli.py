@@ -172,8 +172,16 @@ def _comparison_table(report, plan) -> Table:
     from autoscale._api import _CONFIRM_ROUNDS, _FINALISTS
 
     # See Note: [confirming the winner] in autoscale/_api.py.
-    caption = ("sent/step: bytes a rank hands to the gradient reduction per step (FSDP2's "
-               "parameter all-gathers not counted)" if report.world_size > 1 else None)
+    lines = []
+    if report.world_size > 1:
+        lines.append("sent/step: bytes a rank hands to the gradient reduction per step "
+                     "(FSDP2's parameter all-gathers not counted)")
+    if best.convergence_loss is not None:
+        gap = best.convergence_loss / best.convergence_exact_loss - 1
+        lines.append(f"convergence check (lossy knobs): loss {best.convergence_loss:.4f} vs "
+                     f"{best.convergence_exact_loss:.4f} exact after {best.convergence_steps} "
+                     f"steps, {gap:+.2%} (tolerance {best.convergence_tolerance:.0%})")
+    caption = "\n".join(lines) or None
     table = Table(title=f"best plan vs untouched baseline (budget {budget}); the {_FINALISTS} "
                         f"fastest trials and the baseline re-measured in turn, median of "
                         f"{_CONFIRM_ROUNDS} rounds", caption=caption)

@@ -456,6 +456,16 @@ class Measured:
     """Bytes a rank sent in gradient collectives per step (multi-rank plans)."""
     baseline_comm_bytes_per_step: int | None = None
     """The same for the baseline (plain DDP: every gradient byte, all-reduced)."""
+    convergence_loss: float | None = None
+    """Lossy plans (compression, 8-bit state): the mean loss over the tail of the
+    convergence guardrail's A/B run (autoscale/_api.py, Note: [the convergence
+    guardrail]); None where the plan has no lossy knob."""
+    convergence_exact_loss: float | None = None
+    """The same for the plan's exact twin, from the same weights, seed and batch."""
+    convergence_tolerance: float | None = None
+    """The largest relative gap between the two that the guardrail accepted."""
+    convergence_steps: int | None = None
+    """Steps of each A/B run."""
 
     def __post_init__(self) -> None:
         if self.samples_per_s < 0 or self.step_time_s < 0 or self.peak_memory_bytes < 0:
@@ -464,7 +474,9 @@ class Measured:
 
 #: Measured fields added after schema 1, written only when set, so a schema-1 file
 #: round-trips to the same text.
-_MEASURED_LATER = ("comm_bytes_per_step", "baseline_comm_bytes_per_step")
+_MEASURED_LATER = ("comm_bytes_per_step", "baseline_comm_bytes_per_step",
+                   "convergence_loss", "convergence_exact_loss", "convergence_tolerance",
+                   "convergence_steps")
 
 
 def _measured_json(measured: Measured | None) -> Any:

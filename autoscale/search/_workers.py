@@ -64,8 +64,8 @@ from autoscale.plan import OptimizerPlan, Plan
 from autoscale.runtime._batch import Batch, LossFn
 
 __all__ = [
-    "InProcessRunner", "TrialFailed", "TrialRunner", "WorkerRunner", "pickle_workload",
-    "script_workload",
+    "InProcessRunner", "RankNetwork", "TrialFailed", "TrialRunner", "WorkerRunner",
+    "pickle_workload", "script_workload",
 ]  # fmt: skip
 
 # Import torch, autoscale and the user's script, and capture the model: seconds, more
@@ -199,16 +199,36 @@ class InProcessRunner(TrialRunner):
             raise TrialFailed(_describe(err), kind=_kind(err)) from err
 
 
+@dataclass(frozen=True)
+class RankNetwork:
+    """Where each rank of a multi-rank trial runs on the network: rank r's command starts
+    with ``prefixes[r]`` (e.g. ``ip netns exec ns0``), gloo binds to ``ifnames[r]``, and
+    the ranks meet at ``master_addr``. The default is every rank on loopback; the
+    bandwidth benchmark runs ranks as two hosts joined by a shaped link."""
+
+    prefixes: tuple[tuple[str, ...], ...]
+    ifnames: tuple[str, ...]
+    master_addr: str
+
+
 class WorkerRunner(TrialRunner):
     """Trials in worker processes, one per rank (``world_size`` of them), restarted after any
     failure. See Note: [isolated trials] and Note: [multi-rank trials]."""
 
     def __init__(self, source: WorkloadSource, *, device: torch.device, fingerprint: str,
                  warmup: int, iters: int, world_size: int = 1,
-                 start_timeout_s: float = _START_TIMEOUT_S) -> None:
+                 start_timeout_s: float = _START_TIMEOUT_S,
+                 network: RankNetwork | None = None) -> None:
         self._init = {"source": dataclasses.asdict(source), "device": str(device),
                       "warmup": warmup, "iters": iters, "sys_path": list(sys.path),
-                      "fingerprint": fingerprint, "world_size": world_size}
+                      "fingerprint": fingerprint, "world_size": world_size,
+                      "master_addr": network.master_addr if network else "127.0.0.1"}
+        if network is not None and not (len(network.prefixes) == len(network.ifnames)
+                                        == world_size):
+            raise TunerError(f"RankNetwork names {len(network.prefixes)} prefixes and "
+                             f"{len(network.ifnames)} interfaces for {world_size} ranks; "
+                             "give one of each per rank.")
+        self._network = network
         self.world_size = world_size
         self._start_timeout_s = start_timeout_s
         self._ranks: list[_Worker] = []
@@ -263,7 +283,10 @@ class WorkerRunner(TrialRunner):
             for rank in range(self.world_size):
                 worker = _Worker()
                 self._ranks.append(worker)
-                worker.start({**self._init, "rank": rank, "master_port": port}, threads)
+                net = self._network
+                worker.start({**self._init, "rank": rank, "master_port": port}, threads,
+                             prefix=net.prefixes[rank] if net else (),
+                             ifname=net.ifnames[rank] if net else None)
             self.started += 1
             replies = self._gather(self._start_timeout_s, what="start-up")
         except BaseException:
@@ -329,7 +352,8 @@ class _Worker:
         self._conn: Connection | None = None
         self._log: Any = None
 
-    def start(self, init: dict[str, Any], threads: int | None) -> None:
+    def start(self, init: dict[str, Any], threads: int | None, *,
+              prefix: tuple[str, ...] = (), ifname: str | None = None) -> None:
         parent, child = socket.socketpair()
         # Closed in stop(), which every path out of a worker goes through.
         self._log = tempfile.TemporaryFile(prefix="autoscale-worker-")  # noqa: SIM115
@@ -338,9 +362,12 @@ class _Worker:
         env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
         if threads is not None:
             env["OMP_NUM_THREADS"] = str(threads)
+        if ifname is not None:
+            env["GLOO_SOCKET_IFNAME"] = ifname
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", code, str(child.fileno())], pass_fds=(child.fileno(),),
+                [*prefix, sys.executable, "-c", code, str(child.fileno())],
+                pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
                 start_new_session=True, env=env)
         finally:
@@ -547,7 +574,7 @@ def _join_ranks(init: dict[str, Any]) -> torch.device:
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            init_method=f"tcp://127.0.0.1:{init['master_port']}",
+                            init_method=f"tcp://{init['master_addr']}:{init['master_port']}",
                             rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=_START_TIMEOUT_S))
     return device

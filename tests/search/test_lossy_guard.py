@@ -125,6 +125,10 @@ def test_a_lossy_winner_is_kept_when_its_loss_curve_stays_with_the_exact_ones(se
     # 8-bit moments: the same curve within 2% (measured 0.01% here), and not identical.
     assert 0 < abs(check["gap"]) < 0.02 and check["lossy_curve"] != check["exact_curve"]
     assert "convergence check of 8-bit optimizer state" in notes[-1] and "kept" in notes[-1]
+    # The plan file carries the figures, and reads back with them.
+    assert plan.measured.convergence_loss == check["lossy"]
+    assert plan.measured.convergence_exact_loss == check["exact"]
+    assert type(plan).from_json(plan.to_json()).measured == plan.measured
 
 
 def test_a_lossy_winner_outside_the_tolerance_gives_way_to_the_best_exact_plan(
