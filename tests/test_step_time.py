@@ -204,3 +204,16 @@ def test_dropout_is_priced_by_the_random_numbers_drawn() -> None:
                             RATES.op_overhead_s, random_numbers_per_s=1e3)
     # At 1000 numbers a second the mask alone takes B * H / 1000 s, far above the rest.
     assert est.retimed(slow_rng).compute_s == pytest.approx(B * H / 1e3, rel=1e-2)
+
+
+def test_a_matmul_is_priced_at_the_rate_of_its_size() -> None:
+    curve = (("", 1e6, 1e10), ("", 1e8, 1e11), ("bf16", 1e6, 2e10))
+    rates = MachineRates(5e10, 1e10, 1e-6, matmul_curve=curve)
+    assert rates.flops_per_s("", 1e5) == 1e10  # clamped below the smallest point
+    assert rates.flops_per_s("", 1e7) == pytest.approx(5.5e10)  # halfway in log FLOPs
+    assert rates.flops_per_s("", 1e9) == 1e11
+    assert rates.flops_per_s("bf16", 1e9) == 2e10
+    assert rates.flops_per_s("fp16", 1e7) == 5e10  # no points: the flat rate
+    assert rates.scaled(2.0).flops_per_s("", 1e7) == pytest.approx(1.1e11)
+    # What the cache hands back (lists from JSON) is the same rates.
+    assert MachineRates(5e10, 1e10, 1e-6, matmul_curve=[list(p) for p in curve]) == rates

@@ -9,6 +9,11 @@ three rates are measured once per machine by a short run (well under 3 s):
   attention-shaped batched matmul, forward and backward), timed op by op;
   ``bf16_flops_per_s`` and ``fp16_flops_per_s`` the same step under autocast, which CPUs
   run anywhere from a few times faster (bf16 units) to many times slower (no fp16 GEMM).
+  Every call's rate is kept (``matmul_curve``) from the step at widths 64 to 512 (fp16: 32
+  and 64): a small matmul runs far below a large one (bf16 here: ~25 GFLOP/s at width 64,
+  ~380 at 512), and a model's matmul is priced at the rate of its size. Convolutions
+  (mkldnn's kernels) get points of their own, from two 3x3 convolutions of 16 and 64
+  channels (fp16: 8).
 - ``memory_bytes_per_s``: an out-of-place add of two 16 MiB fp32 tensors (bytes read plus
   written over its time): past the caches, what a large elementwise op streams at.
 - ``op_overhead_s``: a tiny training step (a stack of 8x8 Linear layers on 2 samples,
@@ -35,7 +40,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
+import math
 import os
 import platform
 import tempfile
@@ -52,7 +59,8 @@ from torch.utils.flop_counter import flop_registry
 
 from autoscale.errors import PlanError
 
-__all__ = ["MachineRates", "cache_path", "machine_rates", "measure_rates"]
+__all__ = ["CONVOLUTIONS", "MachineRates", "cache_path", "conv_kind", "machine_rates",
+           "measure_rates"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +80,14 @@ class MachineRates:
     random_numbers_per_s: float | None = None
     """Random numbers drawn per second (dropout's bernoulli_; None: 4 bytes each at
     ``memory_bytes_per_s``)."""
+    matmul_curve: tuple[tuple[str, float, float], ...] = ()
+    """Measured (precision, FLOPs of one call, FLOPs per second) points: a matmul's rate
+    depends on its size (Note: [machine rates]); empty: the flat rates above."""
 
     def __post_init__(self) -> None:
+        # JSON hands the points back as lists.
+        object.__setattr__(self, "matmul_curve", tuple(
+            (str(p), float(f), float(r)) for p, f, r in self.matmul_curve))
         for name in ("matmul_flops_per_s", "memory_bytes_per_s", "op_overhead_s",
                      "bf16_flops_per_s", "fp16_flops_per_s", "random_numbers_per_s"):
             value = getattr(self, name)
@@ -84,10 +98,20 @@ class MachineRates:
                 raise PlanError(f"MachineRates.{name} must be a positive number, got "
                                 f"{value!r}; measure it with machine_rates().")
 
-    def flops_per_s(self, precision: str = "") -> float:
-        """The matmul rate for "bf16", "fp16" or "" (fp32)."""
-        low = {"bf16": self.bf16_flops_per_s, "fp16": self.fp16_flops_per_s}.get(precision)
-        return low or self.matmul_flops_per_s
+    def flops_per_s(self, precision: str = "", flops: float | None = None) -> float:
+        """The matmul rate for "bf16", "fp16" or "" (fp32), and for a convolution in
+        those (``conv_kind``); for a call of ``flops`` FLOPs, interpolated on
+        ``matmul_curve`` (log scale, clamped at its ends) where measured."""
+        points = sorted((f, r) for p, f, r in self.matmul_curve if p == precision)
+        if flops is None or not points:
+            low = {"bf16": self.bf16_flops_per_s, "fp16": self.fp16_flops_per_s}
+            return low.get(precision.removeprefix("conv").lstrip("-")) or self.matmul_flops_per_s
+        if flops <= points[0][0]:
+            return points[0][1]
+        for (f0, r0), (f1, r1) in itertools.pairwise(points):
+            if flops <= f1:
+                return r0 + (r1 - r0) * math.log(flops / f0) / math.log(f1 / f0)
+        return points[-1][1]
 
     def random_per_s(self) -> float:
         """Random numbers drawn per second."""
@@ -101,11 +125,17 @@ class MachineRates:
         return MachineRates(self.matmul_flops_per_s * factor,
                             self.memory_bytes_per_s * factor, self.op_overhead_s / factor,
                             times(self.bf16_flops_per_s), times(self.fp16_flops_per_s),
-                            times(self.random_numbers_per_s))
+                            times(self.random_numbers_per_s),
+                            tuple((p, f, r * factor) for p, f, r in self.matmul_curve))
 
 
 # Part of the cache key: a change to what is measured, or how, measures again.
-_VERSION = 4
+_VERSION = 6
+
+
+def conv_kind(precision: str) -> str:
+    """The curve's name for a convolution in ``precision`` ("", "bf16", "fp16")."""
+    return f"conv-{precision}" if precision else "conv"
 
 
 def _cpu_model() -> str:
@@ -186,12 +216,25 @@ def measure_rates() -> MachineRates:
         seconds = _best_seconds(functools.partial(x.bernoulli_, 0.9), reps=5, budget_s=0.2)
         random = x.numel() / seconds
     # Low-precision matmuls differ by CPU (bf16 units; fp16 often without a fast path).
-    fp32, bf16 = (_matmul_rate(dtype, 256) for dtype in (torch.float32, torch.bfloat16))
-    fp16 = _matmul_rate(torch.float16, 64)
+    curves: dict[str, dict[tuple[bool, int], float]] = {"": {}, "bf16": {}, "fp16": {}}
+    for width in (64, 128, 512):
+        for dtype, name in ((torch.float32, ""), (torch.bfloat16, "bf16")):
+            _matmul_rate(dtype, width, curves[name])
+    fp32, bf16 = (_matmul_rate(dtype, 256, curves[name])
+                  for dtype, name in ((torch.float32, ""), (torch.bfloat16, "bf16")))
+    _matmul_rate(torch.float16, 32, curves["fp16"])
+    fp16 = _matmul_rate(torch.float16, 64, curves["fp16"])
+    for width in (16, 64):
+        for dtype, name in ((torch.float32, ""), (torch.bfloat16, "bf16")):
+            _matmul_rate(dtype, width, curves[name], conv=True)
+    _matmul_rate(torch.float16, 8, curves["fp16"], conv=True)
+    curve = tuple((conv_kind(name) if is_conv else name, float(f), r)
+                  for name, points in curves.items()
+                  for (is_conv, f), r in sorted(points.items()))
     return MachineRates(matmul_flops_per_s=fp32,
                         memory_bytes_per_s=bandwidth, op_overhead_s=_op_overhead(),
                         bf16_flops_per_s=bf16, fp16_flops_per_s=fp16,
-                        random_numbers_per_s=random)
+                        random_numbers_per_s=random, matmul_curve=curve)
 
 
 class _MatmulTimer(TorchDispatchMode):
@@ -202,31 +245,45 @@ class _MatmulTimer(TorchDispatchMode):
         super().__init__()
         self.flops = 0
         self.seconds = 0.0
+        self.calls: dict[tuple[bool, int], float] = {}
+        """(a convolution?, FLOPs of a call) -> the best rate seen for it."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func._overloadpacket not in _MATMULS:
+        if func._overloadpacket not in _MATMULS | CONVOLUTIONS:
             return func(*args, **kwargs)
         start, cpu = time.perf_counter(), time.process_time()
         out = func(*args, **kwargs)
         wall = time.perf_counter() - start
-        self.seconds += min(wall, (time.process_time() - cpu) / torch.get_num_threads())
-        self.flops += int(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
+        seconds = min(wall, (time.process_time() - cpu) / torch.get_num_threads())
+        flops = int(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
+        self.seconds += seconds
+        self.flops += flops
+        if seconds > 0:
+            key = (func._overloadpacket in CONVOLUTIONS, flops)
+            self.calls[key] = max(self.calls.get(key, 0.0), flops / seconds)
         return out
 
 
 _MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm,
             torch.ops.aten.baddbmm}
+#: Convolutions run at rates of their own (mkldnn's), kept apart on the curve.
+CONVOLUTIONS = {torch.ops.aten.convolution, torch.ops.aten.convolution_backward}
 
 
-def _matmul_rate(dtype: torch.dtype, width: int) -> float:
+def _matmul_rate(dtype: torch.dtype, width: int,
+                 curve: dict[tuple[bool, int], float] | None = None, *,
+                 conv: bool = False) -> float:
     """FLOPs per second of the matmuls of a small training step (Linear layers and an
     attention-shaped batched matmul, forward and backward, under autocast for bf16/fp16):
     the layouts and casts a model's step runs them with, which standalone GEMMs of the same
     size can beat several times over (bf16 batched matmuls and the backward's transposed
-    operands, on CPUs with bf16 units)."""
+    operands, on CPUs with bf16 units). Each call's best rate goes into ``curve``. With
+    ``conv``: two 3x3 convolutions of ``width`` channels instead."""
     torch.manual_seed(0)
+    if conv:
+        return _timed(_conv_step(dtype, width), curve)
     rows = 2 * width
     up, down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
     x = torch.randn(rows, width)
@@ -238,12 +295,32 @@ def _matmul_rate(dtype: torch.dtype, width: int) -> float:
             y = down((scores @ h).view(rows, 2 * width))
         y.float().square().mean().backward()
 
+    return _timed(step, curve)
+
+
+def _conv_step(dtype: torch.dtype, width: int) -> Callable[[], None]:
+    convs = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(width, width, 3, padding=1))
+    x = torch.randn(4, width, 16, 16)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            y = convs(x)
+        y.float().square().mean().backward()
+
+    return step
+
+
+def _timed(step: Callable[[], None], curve: dict[tuple[bool, int], float] | None) -> float:
     step()
     best = 0.0
     for _ in range(3):
         with _MatmulTimer() as timer:
             step()
         best = max(best, timer.flops / timer.seconds)
+        for flops, rate in timer.calls.items():
+            if curve is not None:
+                curve[flops] = max(curve.get(flops, 0.0), rate)
     return best
 
 

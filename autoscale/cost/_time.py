@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
-from autoscale.cost._rates import MachineRates, machine_rates
+from autoscale.cost._rates import CONVOLUTIONS, MachineRates, conv_kind, machine_rates
 from autoscale.errors import PlanError
 from autoscale.plan import CompressPlan, Plan, ShardPlan
 from autoscale.runtime._batch import Batch, LossFn
@@ -73,7 +73,8 @@ class OpCounter(TorchDispatchMode):
     fake tensors alike (it only reads shapes). ``ops`` maps (flops, bytes, recompute,
     precision) to how many ops had them; ``recompute`` marks forward ops run inside
     backward with grad enabled (the checkpoint wrappers' recomputation), ``precision`` is
-    "bf16" or "fp16" for an op with FLOPs on such tensors, "rng" for an op that draws
+    "bf16" or "fp16" for an op with FLOPs on such tensors ("conv", "conv-bf16", "conv-fp16"
+    for a convolution: its rates are its own), "rng" for an op that draws
     random numbers (dropout's masks: its first field is then the numbers drawn, not
     FLOPs), else "". prim ops (a fake tensor's ``.device``) are not ops a real step
     dispatches, and are not counted."""
@@ -94,6 +95,8 @@ class OpCounter(TorchDispatchMode):
         if formula is not None:
             flops = int(formula(*args, **kwargs, out_val=out))
             precision = _LOW.get(first.dtype, "") if first is not None else ""
+            if func._overloadpacket in CONVOLUTIONS:
+                precision = conv_kind(precision)
         elif func._overloadpacket in _RANDOM and first is not None:
             flops, precision = first.numel(), "rng"
         # A view moves no bytes; an in-place op reads its inputs and writes its output.
@@ -170,7 +173,7 @@ def _op_seconds(flops: int, nbytes: int, precision: str, rates: MachineRates) ->
     if precision == "rng":
         compute = flops / rates.random_per_s()
     else:
-        compute = flops / rates.flops_per_s(precision)
+        compute = flops / rates.flops_per_s(precision, flops) if flops else 0.0
     return max(compute, nbytes / rates.memory_bytes_per_s) + rates.op_overhead_s
 
 
