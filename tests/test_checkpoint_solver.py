@@ -136,3 +136,49 @@ def test_selective_options_cost_less_recompute_than_full() -> None:
         for option in selective:
             assert 0 < option.recompute_s < full.recompute_s
             assert full.kept_bytes < option.kept_bytes < none.kept_bytes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_huggingface_solved_plans_fit_fall_and_keep_gradients(name: str) -> None:
+    import copy
+
+    import torch
+    from tests_helpers import grads_of
+
+    from autoscale.passes import checkpoint_blocks
+
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 16))
+    if name == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=4, n_head=4, n_positions=32,
+                                                 vocab_size=64, use_cache=False))
+    else:
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(
+            vocab_size=64, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=128, use_cache=False,
+            attention_dropout=0.1))
+    model.train()
+    batch = {"input_ids": ids, "labels": ids}
+    graph = autoscale.capture(model, batch)
+    none = autoscale.estimate(model, batch, Plan(), graph=graph).activations
+    previous = None
+    for fraction in (1.0, 0.75, 0.5, 0.25):
+        budget = int(none * fraction)
+        section = solve_checkpoint_plan(model, batch, graph, budget, rates=_RATES)
+        kept = autoscale.estimate(model, batch, Plan(sections={"checkpoint": section}),
+                                  graph=graph).activations
+        assert kept <= budget and (previous is None or kept <= previous), (fraction, kept)
+        previous = kept
+        rewritten = checkpoint_blocks(copy.deepcopy(model), plan=section)
+        losses = []
+        for m in (model, rewritten):
+            m.zero_grad(set_to_none=True)
+            torch.manual_seed(5)
+            loss = m(**batch).loss
+            loss.backward()
+            losses.append(loss)
+        torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+        for key, ref in grads_of(model).items():
+            torch.testing.assert_close(grads_of(rewritten)[key], ref, rtol=1e-6, atol=1e-7)

@@ -337,16 +337,39 @@ def solve_checkpoint_plan(model: nn.Module, batch: Any, graph: Any, budget_bytes
     ``budget_bytes`` at the least recompute time: :func:`measure_block_options`, then
     :func:`solve_checkpoint` on the budget left after the bytes kept outside the blocks.
 
-    Raises InfeasibleError naming the smallest feasible budget when none fits.
+    Invariant: the returned plan's simulated forward keeps at most ``budget_bytes``. The
+    per-block figures assume the blocks are additive (Note: [the checkpoint solver]);
+    where mixed policies keep a few bytes more than their sum (measured: +0.2% on HF GPT-2
+    at a quarter of its activations), the solved plan is simulated and solved again on a
+    budget lowered by the excess. Raises InfeasibleError naming the smallest feasible
+    budget when none fits.
     """
+    plan = plan or Plan()
     measured = measure_block_options(model, batch, graph, plan=plan, save_sets=save_sets,
                                      loss_fn=loss_fn, rates=rates)
-    inside = budget_bytes - measured.outside_bytes
+    fqns = [b.fqn for b in graph.blocks]
+
+    def simulated(section: CheckpointPlan) -> int:
+        run = _fake_forward(model, batch, plan.replace(checkpoint=section), fqns, loss_fn,
+                            rates or machine_rates(), count_ops=False)
+        return run.total
+
+    leanest = CheckpointPlan(blocks=tuple(
+        min(opts, key=lambda o: (o.kept_bytes, o.recompute_s)).policy
+        for opts in measured.blocks))
     floor = sum(min(o.kept_bytes for o in opts) for opts in measured.blocks)
-    if inside < floor:
-        raise InfeasibleError(
-            f"no checkpoint policies fit an activation budget of {budget_bytes} bytes: the "
-            f"smallest feasible budget is {floor + measured.outside_bytes} bytes (every block "
-            f"at its leanest option, plus {measured.outside_bytes} bytes kept outside the "
-            "blocks). Raise the budget, or save memory elsewhere (micro-batches, precision).")
-    return solve_checkpoint(measured.blocks, inside).plan()
+    inside = budget_bytes - measured.outside_bytes
+    while inside >= floor:
+        section = solve_checkpoint(measured.blocks, inside).plan()
+        kept = simulated(section)
+        if kept <= budget_bytes:
+            return section
+        inside -= kept - budget_bytes
+    smallest = simulated(leanest)
+    if smallest <= budget_bytes:
+        return leanest
+    raise InfeasibleError(
+        f"no checkpoint policies fit an activation budget of {budget_bytes} bytes: the "
+        f"smallest feasible budget is {smallest} bytes (every block at its leanest option, "
+        f"{measured.outside_bytes} bytes of it kept outside the blocks). Raise the budget, "
+        "or save memory elsewhere (micro-batches, lower precision).")
