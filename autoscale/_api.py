@@ -339,10 +339,15 @@ def _convergence_check(runner: TrialRunner, plan: Plan, *, timeout_s: float
 
 
 def _twin_note(plan: Plan, lossy: Measurement, exact: Measurement, *, chosen: bool) -> str:
-    verdict = "kept" if chosen else f"set aside: it needs over {1 + LOSSY_MARGIN:.2f}x"
-    return (f"finalist with compress={plan.compress.method}: "
-            f"{lossy.samples_per_s / exact.samples_per_s:.2f}x its uncompressed twin "
-            f"({verdict})")
+    gain = lossy.samples_per_s / exact.samples_per_s
+    if chosen:
+        verdict = "chosen"
+    elif gain <= 1 + LOSSY_MARGIN:
+        verdict = f"set aside: it needs over {1 + LOSSY_MARGIN:.2f}x"
+    else:
+        verdict = "beat by another finalist"
+    return (f"finalist with compress={plan.compress.method}: {gain:.2f}x its uncompressed "
+            f"twin ({verdict})")
 
 
 def _space_for_the_link(space: SearchSpace, runner: TrialRunner, baseline: Measurement,

@@ -56,6 +56,8 @@ def test_a_compressed_plan_must_beat_its_twin_by_the_margin(setup, gain, chosen)
     assert len(notes) == 1 and f"{gain:.2f}x its uncompressed twin" in notes[0]
     if chosen == "none":  # the twin's peak comes from its own confirm rounds
         assert plan.measured.peak_memory_bytes == 95 and "set aside" in notes[0]
+    else:
+        assert "(chosen)" in notes[0]
 
 
 def test_a_twin_over_the_budget_does_not_replace_a_plan_that_fits(setup) -> None:

@@ -91,7 +91,7 @@ def test_a_plan_tuned_at_two_ranks_runs_unchanged_under_torchrun(tmp_path) -> No
     notes = result.report.notes
     assert notes[0].startswith("link: an all-reduce of the"), notes
     if plan.compress.method != "none":
-        assert any("uncompressed twin (kept)" in n for n in notes), notes
+        assert any("uncompressed twin (chosen)" in n for n in notes), notes
     assert plan.measured is not None and plan.measured.batch_size == 8
     with pytest.raises(TunerError, match="2-rank job"):
         result.step(torch.zeros(8, 16))  # this process is not a rank of the job
