@@ -14,6 +14,7 @@ from autoscale import BlockPolicy, InfeasibleError, Plan
 from autoscale.cost._checkpoint_solver import (
     BlockOption,
     measure_block_options,
+    sac_op_overhead_s,
     solve_checkpoint,
     solve_checkpoint_plan,
 )
@@ -109,7 +110,8 @@ def test_infeasible_budget_names_the_smallest_feasible_one() -> None:
 def test_measured_activations_fall_with_the_budget_and_fit_it() -> None:
     model, batch = tiny_gpt(dropout=0.1)
     graph = autoscale.capture(model, batch)
-    measured = measure_block_options(model, batch, graph, rates=_RATES)
+    measured = measure_block_options(model, batch, graph, rates=_RATES,
+                                     sac_op_overhead=0.0)
     none = autoscale.estimate(model, batch, Plan(), graph=graph).activations
     # The options' bytes are read from the same ledger as the estimate: they add up.
     assert measured.outside_bytes + sum(o[0].kept_bytes for o in measured.blocks) == none
@@ -122,7 +124,8 @@ def test_measured_activations_fall_with_the_budget_and_fit_it() -> None:
         assert kept <= budget, (fraction, kept, budget)
         assert previous is None or kept <= previous, (fraction, kept, previous)
         previous = kept
-    assert section == solve_checkpoint_plan(model, batch, graph, budget, rates=_RATES)
+    assert section == solve_checkpoint_plan(model, batch, graph, budget, rates=_RATES,
+                                            sac_op_overhead=0.0)
     with pytest.raises(InfeasibleError, match="smallest feasible budget is"):
         solve_checkpoint_plan(model, batch, graph, measured.outside_bytes, rates=_RATES)
 
@@ -130,8 +133,8 @@ def test_measured_activations_fall_with_the_budget_and_fit_it() -> None:
 def test_selective_options_cost_less_recompute_than_full() -> None:
     model, batch = tiny_gpt(dropout=0.1)
     graph = autoscale.capture(model, batch)
-    for none, full, *selective in measure_block_options(model, batch, graph,
-                                                        rates=_RATES).blocks:
+    options = measure_block_options(model, batch, graph, rates=_RATES, sac_op_overhead=0.0)
+    for none, full, *selective in options.blocks:
         assert none.recompute_s == 0 and none.kept_bytes > full.kept_bytes
         for option in selective:
             assert 0 < option.recompute_s < full.recompute_s
@@ -166,7 +169,8 @@ def test_huggingface_solved_plans_fit_fall_and_keep_gradients(name: str) -> None
     previous = None
     for fraction in (1.0, 0.75, 0.5, 0.25):
         budget = int(none * fraction)
-        section = solve_checkpoint_plan(model, batch, graph, budget, rates=_RATES)
+        section = solve_checkpoint_plan(model, batch, graph, budget, rates=_RATES,
+                                            sac_op_overhead=0.0)
         kept = autoscale.estimate(model, batch, Plan(sections={"checkpoint": section}),
                                   graph=graph).activations
         assert kept <= budget and (previous is None or kept <= previous), (fraction, kept)
@@ -182,3 +186,15 @@ def test_huggingface_solved_plans_fit_fall_and_keep_gradients(name: str) -> None
         torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
         for key, ref in grads_of(model).items():
             torch.testing.assert_close(grads_of(rewritten)[key], ref, rtol=1e-6, atol=1e-7)
+
+
+def test_selective_dispatch_cost_is_measured_and_charged() -> None:
+    overhead = sac_op_overhead_s()
+    assert 0.0 <= overhead < float("inf")
+    model, batch = tiny_gpt(dropout=0.1)
+    graph = autoscale.capture(model, batch)
+    free = measure_block_options(model, batch, graph, rates=_RATES, sac_op_overhead=0.0)
+    charged = measure_block_options(model, batch, graph, rates=_RATES, sac_op_overhead=1e-5)
+    for a, b in zip(free.blocks[0], charged.blocks[0], strict=True):
+        extra = b.recompute_s - a.recompute_s
+        assert extra > 0 if a.policy.policy == "selective" else extra == 0

@@ -29,13 +29,16 @@ simulating the forward on fake tensors with the measurement's storage ledger, on
 option applied to every block, and each block's share read between its forward hooks;
 recompute seconds by pricing each block's forward ops (FLOPs from torch's flop counter,
 bytes read and written) at this machine's rates (autoscale.cost._rates.machine_rates),
-as the step-time estimate prices them. That attribution assumes the blocks are additive:
+as the step-time estimate prices them, plus, for a selective option, its policy's
+Python dispatch cost on every op of the block in forward and recompute (Note: [selective
+checkpointing's dispatch cost]). That attribution assumes the blocks are additive:
 a block's option does not change what its neighbours keep, which holds when a block's
 input is kept whatever it does (the residual stream of a transformer).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +59,7 @@ __all__ = [
     "BlockOptions",
     "CheckpointSolution",
     "measure_block_options",
+    "sac_op_overhead_s",
     "solve_checkpoint",
     "solve_checkpoint_plan",
 ]
@@ -177,6 +181,50 @@ def _knapsack(options: Sequence[Sequence[BlockOption]], g: int, cap: int
     return best, choice
 
 
+def sac_op_overhead_s() -> float:
+    """Seconds selective checkpointing adds per op of a block and per pass over it (its
+    policy runs in a Python TorchDispatchMode for every op in forward and again in the
+    recompute), measured once per process (~0.1 s) on a chain of tiny ops, where nothing
+    else costs: selective against full checkpointing of the same function.
+
+    Note: [selective checkpointing's dispatch cost]
+    On the GPT example on this 2-core CPU a step with every block selective took 14.5 ms
+    against 7.9 ms fully checkpointed and 4.4 ms with none: on small ops the per-op
+    Python cost outweighs what saving the matmuls spares, so the solver must see it.
+    """
+    return _sac_overhead_cached()
+
+
+@functools.lru_cache(maxsize=1)
+def _sac_overhead_cached() -> float:
+    import time
+
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    from autoscale.passes.checkpoint import selective_policy
+
+    n = 200
+    x = torch.ones(4, requires_grad=True)
+
+    def chain(t: torch.Tensor) -> torch.Tensor:
+        for _ in range(n):
+            t = t * 1.0001
+        return t.sum()
+
+    context = functools.partial(create_selective_checkpoint_contexts, selective_policy(()))
+
+    def seconds(**kwargs: Any) -> float:
+        best = math.inf
+        for _ in range(5):
+            start = time.perf_counter()
+            checkpoint(chain, x, use_reentrant=False, **kwargs).backward()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    seconds()  # warm-up
+    return max(seconds(context_fn=context) - seconds(), 0.0) / (2 * (n + 1))
+
+
 @dataclass(frozen=True)
 class BlockOptions:
     """Every block's options, measured on the model (:func:`measure_block_options`)."""
@@ -191,12 +239,15 @@ class BlockOptions:
 def measure_block_options(model: nn.Module, batch: Any, graph: Any, *,
                           plan: Plan | None = None,
                           save_sets: Mapping[str, tuple[str, ...]] = DEFAULT_SAVE_SETS,
-                          loss_fn: Any = None, rates: MachineRates | None = None
-                          ) -> BlockOptions:
+                          loss_fn: Any = None, rates: MachineRates | None = None,
+                          sac_op_overhead: float | None = None) -> BlockOptions:
     """Measure each block's options on fake tensors (no real compute; ``model`` is only
     read): kept bytes from the storage ledger, recompute seconds priced at ``rates``
-    (default: this machine's, :func:`machine_rates`). ``plan``'s other sections (precision,
-    micro-batches) apply; its checkpoint section is replaced by each option in turn.
+    (default: this machine's, :func:`machine_rates`), a selective option's seconds with
+    its dispatch cost per op in forward and recompute (``sac_op_overhead``, default
+    :func:`sac_op_overhead_s`; Note: [selective checkpointing's dispatch cost]).
+    ``plan``'s other sections (precision, micro-batches) apply; its checkpoint section is
+    replaced by each option in turn.
     """
     plan = plan or Plan()
     fqns = [b.fqn for b in graph.blocks]
@@ -204,6 +255,7 @@ def measure_block_options(model: nn.Module, batch: Any, graph: Any, *,
         raise PlanError("the model has no repeated blocks to checkpoint (capture found none); "
                         "checkpointing needs blocks (children of a ModuleList/Sequential).")
     rates = rates or machine_rates()
+    overhead = sac_op_overhead_s() if sac_op_overhead is None else sac_op_overhead
     kinds: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
         "none": ("none", None, ()), "full": ("full", None, ())}
     for name, save in save_sets.items():
@@ -221,18 +273,21 @@ def measure_block_options(model: nn.Module, batch: Any, graph: Any, *,
             total_none, ops = run.total, run.ops
     return BlockOptions(
         blocks=tuple(tuple(BlockOption(BlockPolicy(f, policy, save=save),  # type: ignore[arg-type]
-                                       kept[name][f], _recompute_s(ops[f], policy, save))
+                                       kept[name][f],
+                                       _recompute_s(ops[f], policy, save, overhead))
                            for name, (policy, _, save) in kinds.items()) for f in fqns),
         outside_bytes=max(total_none - sum(kept["none"].values()), 0))
 
 
-def _recompute_s(ops: list[tuple[Any, float]], policy: str, save: tuple[str, ...]) -> float:
+def _recompute_s(ops: list[tuple[Any, float]], policy: str, save: tuple[str, ...],
+                 overhead: float) -> float:
     from autoscale.passes.checkpoint import OP_KINDS
 
     if policy == "none":
         return 0.0
     saved = frozenset().union(*(OP_KINDS[k] for k in save))
-    return sum(seconds for packet, seconds in ops if packet not in saved)
+    seconds = sum(t for packet, t in ops if packet not in saved)
+    return seconds + (2 * len(ops) * overhead if policy == "selective" else 0.0)
 
 
 @dataclass
@@ -330,8 +385,8 @@ class _OpPrices(TorchDispatchMode):
 def solve_checkpoint_plan(model: nn.Module, batch: Any, graph: Any, budget_bytes: int, *,
                           plan: Plan | None = None,
                           save_sets: Mapping[str, tuple[str, ...]] = DEFAULT_SAVE_SETS,
-                          loss_fn: Any = None, rates: MachineRates | None = None
-                          ) -> CheckpointPlan:
+                          loss_fn: Any = None, rates: MachineRates | None = None,
+                          sac_op_overhead: float | None = None) -> CheckpointPlan:
     """The checkpoint section that keeps the forward's activations (as
     ``autoscale.estimate(...).activations`` counts them: inside blocks and out) within
     ``budget_bytes`` at the least recompute time: :func:`measure_block_options`, then
@@ -346,7 +401,8 @@ def solve_checkpoint_plan(model: nn.Module, batch: Any, graph: Any, budget_bytes
     """
     plan = plan or Plan()
     measured = measure_block_options(model, batch, graph, plan=plan, save_sets=save_sets,
-                                     loss_fn=loss_fn, rates=rates)
+                                     loss_fn=loss_fn, rates=rates,
+                                     sac_op_overhead=sac_op_overhead)
     fqns = [b.fqn for b in graph.blocks]
 
     def simulated(section: CheckpointPlan) -> int:
