@@ -204,3 +204,28 @@ def test_bad_policy_in_python_is_refused() -> None:
 def test_op_kinds_name_aten_packets_and_match_the_plan() -> None:
     assert set(OP_KINDS) == set(get_args(OpKind))
     assert all(packets for packets in OP_KINDS.values())  # every kind resolves in this torch
+
+
+@pytest.mark.distributed
+def test_mixed_policies_compose_with_ddp_and_fsdp2(tmp_path) -> None:
+    # 2 gloo ranks, each on its half of the batch, against plain torch on all of it: the
+    # same losses and, after 3 SGD steps, the same parameters (gathered under FSDP2).
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node=2", str(root / "tests/distributed/checkpoint_policies_worker.py"),
+           str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the ranks share 2 cores
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert sorted(results) == ["ddp", "zero2", "zero3"]
+    for case, r in results.items():
+        # fp32 sums over two half-batches instead of one batch: a few ulps of the loss
+        # (~4.6 here); the params moved ~0.29, so 1e-6 is 5 orders below the change.
+        assert r["loss_diff"] < 1e-5 and r["param_diff"] < 1e-6 < r["moved"], (case, r)
