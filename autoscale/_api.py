@@ -111,6 +111,7 @@ def optimize(
     trial_timeout: float | None = None,
     world_size: int = 1,
     compressors: Sequence[str] | None = None,
+    heartbeat_s: float = 10.0,
 ) -> Result:
     """Search for the fastest plan whose measured peak memory fits ``memory_budget``.
 
@@ -121,7 +122,10 @@ def optimize(
     defaults to fp32 and bf16 (plus fp16 on CUDA, where loss-scaled fp16 pays off).
     ``trials=0`` takes the default plan without measuring. With ``storage`` (a SQLite path
     or database URL) the study is saved under ``study_name``; the same call again resumes
-    it, running only the trials still missing and never a plan already measured.
+    it, running only the trials still missing and never a plan already measured. Several
+    processes may run one stored study at once (PostgreSQL for many; see Note: [many
+    workers, one study]): each trial sends a heartbeat every ``heartbeat_s`` seconds, and
+    a trial whose worker died is failed after three missed beats and run again once.
 
     With ``isolate`` (the default) every measurement runs in a worker process, with the
     model, inputs and loss function serialized to it: a crash, a hang past
@@ -148,6 +152,7 @@ def optimize(
                      study_name=study_name, seed=seed, precisions=precisions,
                      allowed_optimizers=allowed_optimizers, warmup=warmup, iters=iters,
                      inplace=inplace, on_trial=on_trial, isolate=isolate,
+                     heartbeat_s=heartbeat_s,
                      trial_timeout=trial_timeout, world_size=world_size,
                      compressors=compressors)
 
@@ -191,7 +196,7 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
               isolate: bool = True, trial_timeout: float | None = None,
               loss_fn: LossFn | None = None,
               on_trial: Callable[[TrialRecord], None] | None = None,
-              network: RankNetwork | None = None,
+              network: RankNetwork | None = None, heartbeat_s: float = 10.0,
               **knobs: Any) -> Result:  # fmt: skip
     """optimize()'s body; ``knobs`` are _setup()'s arguments, ``source`` the workers'
     workload (None: serialize the model when isolating), ``network`` where the trial ranks
@@ -212,7 +217,7 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
         return result
     name = study_name or (f"autoscale-{setup.base.fingerprint_digest()}-"
                           f"{setup.budget or 'nobudget'}")
-    study = open_study(storage=storage, study_name=name, seed=seed)
+    study = open_study(storage=storage, study_name=name, seed=seed, heartbeat_s=heartbeat_s)
     study.set_user_attr("memory_budget_bytes", setup.budget)  # autoscale report draws it
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=_rng_devices(setup.device)))

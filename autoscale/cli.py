@@ -80,6 +80,9 @@ def tune(
         help="Ranks of the data-parallel job to plan: each trial runs as this many "
              "processes, each on 1/nproc of the example batch; the search adds sharding "
              "(ddp, zero1/2/3) and gradient compression.")] = 1,
+    heartbeat: Annotated[float, typer.Option(
+        help="Seconds between a running trial's heartbeats in a stored study; a trial "
+             "whose worker died is failed after 3 missed beats and run again once.")] = 10.0,
     compress: Annotated[list[str] | None, typer.Option(
         help="Gradient compression the search may try with --nproc > 1 (repeatable): none, "
              "bf16, fp16, int8, topk, powersgd; default all but fp16.")] = None,
@@ -111,7 +114,7 @@ def tune(
                 allowed_optimizers=allow_optimizer,
                 precisions=tuple(precision) if precision else None, on_trial=on_trial,
                 isolate=isolate, trial_timeout=trial_timeout, world_size=nproc,
-                compressors=tuple(compress) if compress else None)
+                compressors=tuple(compress) if compress else None, heartbeat_s=heartbeat)
         except KeyboardInterrupt:
             progress.stop()
             again = ("run the same command to resume it" if storage else

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,13 +305,34 @@ def storage_url(storage: str | None) -> str | None:
     return f"sqlite:///{path}"
 
 
-def open_study(*, storage: str | None, study_name: str, seed: int) -> optuna.Study:
-    """Create the study, or resume the one stored under ``study_name``."""
+def open_study(*, storage: str | None, study_name: str, seed: int,
+               heartbeat_s: float | None = 10.0) -> optuna.Study:
+    """Create the study, or resume the one stored under ``study_name``.
+
+    Note: [many workers, one study]
+    Any number of ``autoscale tune`` processes, on one machine or many, may run one study
+    in one database storage (PostgreSQL for many workers; SQLite locks the whole file and
+    suits a few on one machine). Each process asks Optuna for one trial at a time
+    (``study.optimize(n_trials=1)``), so Optuna's heartbeat runs: a thread stamps the
+    running trial every ``heartbeat_s`` seconds, and a worker starting a trial first fails
+    every trial whose stamp is older than three beats (its worker died: killed, out of
+    memory, the machine lost). RetryFailedTrialCallback then queues the same parameters
+    once more, so a dead worker's plan is measured by someone else: no trial stays
+    RUNNING for ever and none is lost. A plan another worker is measuring right now is not
+    measured twice (run_search: a "repeat of #N (running)", not counted).
+    """
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar reports trials
     # Constraints come from trial.set_constraint (Optuna >= 5), which TPE reads itself.
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+    url = storage_url(storage)
     try:
-        return optuna.create_study(storage=storage_url(storage), study_name=study_name,
+        backend: Any = url
+        if url is not None and heartbeat_s:
+            backend = optuna.storages.RDBStorage(
+                url, heartbeat_interval=max(1, round(heartbeat_s)),
+                grace_period=max(3, round(3 * heartbeat_s)),
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+        return optuna.create_study(storage=backend, study_name=study_name,
                                    direction="maximize", sampler=sampler, load_if_exists=True)
     except (ImportError, ValueError, RuntimeError) as err:
         raise TunerError(f"could not open the Optuna storage {storage!r}: {err}. Check the "
@@ -317,6 +340,8 @@ def open_study(*, storage: str | None, study_name: str, seed: int) -> optuna.Stu
 
 
 Measure = Callable[[Plan], Any]
+
+_WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 #: user_attrs keys: the one-line reason a trial failed; set on a trial stopped by Ctrl-C.
 _ERROR, _INTERRUPTED = "error", "interrupted"
@@ -367,12 +392,16 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
             trial.set_user_attr(_ERROR, f"refused: {err}")
             trial.set_constraint(_CONSTRAINT, 1.0)
             raise _FailedTrial(str(err)) from err
+        trial.set_user_attr("worker", _WORKER)  # which process ran it: many may share a study
         est = estimates.bytes(plan)
         trial.set_user_attr("plan", plan.to_dict())
         trial.set_user_attr("estimated_bytes", est)
         prior = _same_params(trial)
         if prior is not None:
             return _repeat(trial, prior, plan, est)
+        if (running := _running_twin(trial)) is not None:
+            trial.set_user_attr("repeat_of", running)
+            raise _FailedTrial(f"another worker is measuring the same plan (trial #{running})")
         margin = estimates.margin(plan)
         trial.set_user_attr("prune_margin", margin)
         if budget is not None and est > budget * margin:
@@ -455,6 +484,14 @@ def _same_params(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
     finished = trial.study.get_trials(deepcopy=False)
     return next((t for t in finished if t.number != trial.number and _counts(t)
                  and t.params == trial.params), None)
+
+
+def _running_twin(trial: optuna.Trial) -> int | None:
+    """The number of a trial with ``trial``'s parameters that another worker is running."""
+    running = trial.study.get_trials(deepcopy=False,
+                                     states=(optuna.trial.TrialState.RUNNING,))
+    return next((t.number for t in running
+                 if t.number != trial.number and t.params == trial.params), None)
 
 
 def _record(records: list[TrialRecord], on_trial: Callable[[TrialRecord], None] | None,
