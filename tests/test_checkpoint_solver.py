@@ -198,3 +198,16 @@ def test_selective_dispatch_cost_is_measured_and_charged() -> None:
     for a, b in zip(free.blocks[0], charged.blocks[0], strict=True):
         extra = b.recompute_s - a.recompute_s
         assert extra > 0 if a.policy.policy == "selective" else extra == 0
+
+
+def test_a_distributed_plan_is_measured_on_one_rank_share() -> None:
+    from autoscale import ShardPlan
+
+    model, batch = tiny_gpt(batch_size=8, dropout=0.1)
+    graph = autoscale.capture(model, batch)
+    one = measure_block_options(model, batch, graph, rates=_RATES, sac_op_overhead=0.0)
+    two = measure_block_options(model, batch, graph, rates=_RATES, sac_op_overhead=0.0,
+                                plan=Plan(sections={"shard": ShardPlan(strategy="zero2",
+                                                                       world_size=2)}))
+    # Half the rows a rank: activations scale with the batch.
+    assert [o.kept_bytes for o in two.blocks[0]] == [o.kept_bytes // 2 for o in one.blocks[0]]

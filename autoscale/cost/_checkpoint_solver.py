@@ -247,9 +247,10 @@ def measure_block_options(model: nn.Module, batch: Any, graph: Any, *,
     its dispatch cost per op in forward and recompute (``sac_op_overhead``, default
     :func:`sac_op_overhead_s`; Note: [selective checkpointing's dispatch cost]).
     ``plan``'s other sections (precision, micro-batches) apply; its checkpoint section is
-    replaced by each option in turn.
+    replaced by each option in turn. For a distributed plan the figures are one rank's,
+    on its share of ``batch`` (the global batch).
     """
-    plan = plan or Plan()
+    plan, batch = _one_rank(plan or Plan(), batch)
     fqns = [b.fqn for b in graph.blocks]
     if not fqns:
         raise PlanError("the model has no repeated blocks to checkpoint (capture found none); "
@@ -277,6 +278,18 @@ def measure_block_options(model: nn.Module, batch: Any, graph: Any, *,
                                        _recompute_s(ops[f], policy, save, overhead))
                            for name, (policy, _, save) in kinds.items()) for f in fqns),
         outside_bytes=max(total_none - sum(kept["none"].values()), 0))
+
+
+def _one_rank(plan: Plan, batch: Any) -> tuple[Plan, Any]:
+    """A distributed plan's one rank, as the simulated step takes it: rank 0's share of the
+    batch, unsharded (sharding moves parameters and gradients, not activations)."""
+    from autoscale.plan import CompressPlan, ShardPlan
+    from autoscale.runtime._batch import rank_share
+
+    if plan.shard.strategy == "none":
+        return plan, batch
+    return (plan.replace(shard=ShardPlan(), compress=CompressPlan()),
+            rank_share(batch, 0, plan.shard.world_size))
 
 
 def _recompute_s(ops: list[tuple[Any, float]], policy: str, save: tuple[str, ...],
@@ -406,8 +419,9 @@ def solve_checkpoint_plan(model: nn.Module, batch: Any, graph: Any, budget_bytes
     fqns = [b.fqn for b in graph.blocks]
 
     def simulated(section: CheckpointPlan) -> int:
-        run = _fake_forward(model, batch, plan.replace(checkpoint=section), fqns, loss_fn,
-                            rates or machine_rates(), count_ops=False)
+        local, share = _one_rank(plan.replace(checkpoint=section), batch)
+        run = _fake_forward(model, share, local, fqns, loss_fn, rates or machine_rates(),
+                            count_ops=False)
         return run.total
 
     leanest = CheckpointPlan(blocks=tuple(
