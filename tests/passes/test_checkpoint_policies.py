@@ -229,3 +229,19 @@ def test_mixed_policies_compose_with_ddp_and_fsdp2(tmp_path) -> None:
         # fp32 sums over two half-batches instead of one batch: a few ulps of the loss
         # (~4.6 here); the params moved ~0.29, so 1e-6 is 5 orders below the change.
         assert r["loss_diff"] < 1e-5 and r["param_diff"] < 1e-6 < r["moved"], (case, r)
+
+
+def test_selective_peak_estimate_equals_the_measured_peak() -> None:
+    # The ledger the estimate simulates with is the one measure() counts real storages
+    # with; selective checkpointing's cached outputs are storages like any other.
+    from autoscale.runtime import build_result
+
+    model, batch = tiny_gpt(dropout=0.1)
+    graph = autoscale.capture(model, batch)
+    plan = Plan(sections={"checkpoint": CheckpointPlan.of({
+        "h.0": "full", "h.1": BlockPolicy("h.1", "selective", save=("mm", "addmm"))})})
+    result = build_result(plan, model)
+    measured = autoscale.measure(result.step, batch, model=result.model,
+                                 optimizer=result.optimizer, warmup=1, iters=1)
+    assert measured.peak_memory_bytes == autoscale.estimate(model, batch, plan,
+                                                            graph=graph).peak_bytes
