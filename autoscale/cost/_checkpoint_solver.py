@@ -17,9 +17,11 @@ real budget; what rounding can cost is optimality, bounded: the answer's recompu
 is at most the exact optimum's for the budget ``B - N * g`` (N blocks, each rounded by
 less than ``g``). ``CheckpointSolution.margin_bytes`` is that ``N * g`` (0 when exact).
 
-Among the options of least time, the DP takes the one keeping the fewest bytes, so the
-kept bytes never rise when the budget falls: a lower budget either keeps the previous
-answer (if it still fits, it is still optimal) or one keeping less.
+Among the assignments of least time, the DP takes the one keeping the fewest (rounded)
+bytes, so the kept bytes never rise when the budget falls: a lower budget either keeps
+the previous answer (if it still fits, it is still optimal) or one keeping less.
+solve_checkpoint_plan then simulates the answer as a whole and solves again on a lower
+budget should the blocks not add up (below).
 
 Complexity: O(N * K * B/g) time, vectorised over B/g in torch tensors (K options a block), and
 O(N * B/g) bytes for the choice table (one int8 a cell).
