@@ -5,5 +5,8 @@ spends a measurement on it. Each pass reports its own contribution (passes/base.
 """
 
 from autoscale.cost._cost import MemoryEstimate, estimate
+from autoscale.cost._rates import MachineRates, machine_rates
+from autoscale.cost._time import StepTimeEstimate, estimate_step_time, refine
 
-__all__ = ["MemoryEstimate", "estimate"]
+__all__ = ["MachineRates", "MemoryEstimate", "StepTimeEstimate", "estimate",
+           "estimate_step_time", "machine_rates", "refine"]
