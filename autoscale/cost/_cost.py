@@ -233,7 +233,7 @@ def _largest_node_bytes(graph: object) -> int:
 def _step_time(graph: ModelGraph, plan: Plan, calibration: Calibration) -> float | None:
     if not calibration.flops_per_s:
         return None
-    checkpointed = set(plan.checkpoint.blocks)
+    checkpointed = set(plan.checkpoint.names)
     recompute = sum(b.flops for b in graph.blocks if b.fqn in checkpointed)
     flops = 3 * graph.flops + recompute  # forward + backward (2x) + recomputed forwards
     if plan.shard.strategy != "none":  # each rank computes on its share of the batch
