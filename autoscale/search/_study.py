@@ -15,6 +15,8 @@ import dataclasses
 import json
 import os
 import socket
+import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -464,7 +466,34 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
     while counted_trials(study) < trials and attempts < 3 * max(missing, 0):
         study.optimize(objective, n_trials=1, gc_after_trial=False, catch=(_FailedTrial,))
         attempts += 1
+    _settle(study, lambda: study.optimize(objective, n_trials=1, gc_after_trial=False,
+                                          catch=(_FailedTrial,)))
     return records
+
+
+def _settle(study: optuna.Study, run_one: Callable[[], None]) -> None:
+    """Before this worker leaves: fail the trials of workers that died (their heartbeat
+    went stale), and measure the retries that queues, so a dead worker's trial is neither
+    left RUNNING nor lost when no other worker is left to notice (Note: [many workers, one
+    study]). Waits at most one grace period plus a beat for RUNNING trials to finish or
+    go stale; a live worker's trial keeps beating and is left to it."""
+    storage = study._storage
+    interval = storage.get_heartbeat_interval() if hasattr(
+        storage, "get_heartbeat_interval") else None
+    if not interval:
+        return
+    deadline = time.monotonic() + (getattr(storage, "grace_period", None) or 0) + interval
+    running = (optuna.trial.TrialState.RUNNING,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        while (study.get_trials(deepcopy=False, states=running)
+               and time.monotonic() < deadline):
+            optuna.storages.fail_stale_trials(study)
+            time.sleep(min(interval, 1.0))
+        optuna.storages.fail_stale_trials(study)
+    waiting = (optuna.trial.TrialState.WAITING,)
+    for _ in range(len(study.get_trials(deepcopy=False, states=waiting))):
+        run_one()  # the retries of trials whose worker died
 
 
 def _enqueue_known_good(study: optuna.Study, space: SearchSpace) -> None:
