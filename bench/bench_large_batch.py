@@ -118,13 +118,9 @@ def device_line() -> str:
 
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo where there is one (platform.processor() is often '')."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from autoscale.cost._rates import cpu_model
+
+    return cpu_model()
 
 
 def make_optimizer(

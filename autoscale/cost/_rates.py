@@ -138,7 +138,9 @@ def conv_kind(precision: str) -> str:
     return f"conv-{precision}" if precision else "conv"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU model from /proc/cpuinfo where there is one (platform.processor() is often
+    empty); the machine's name in the rates cache key and in the benchmarks' tables."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -155,7 +157,7 @@ def _cache_dir() -> Path:
 
 def cache_path(device: str = "cpu", *, cache_dir: Path | None = None) -> Path:
     """The file ``machine_rates(device)`` reads and writes on this machine."""
-    key = (f"rates {_VERSION}|{_cpu_model()}|torch {torch.__version__}"
+    key = (f"rates {_VERSION}|{cpu_model()}|torch {torch.__version__}"
            f"|threads {torch.get_num_threads()}|{device}")
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return (cache_dir or _cache_dir()) / f"machine_rates-{digest}.json"
@@ -180,7 +182,7 @@ def machine_rates(device: str = "cpu", *, cache_dir: Path | None = None,
             pass  # absent, from another version, or damaged: measure again
     rates = measure_rates()
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"key": {"cpu": _cpu_model(), "torch": torch.__version__,
+    record = {"key": {"cpu": cpu_model(), "torch": torch.__version__,
                       "threads": torch.get_num_threads(), "device": device},
               "rates": asdict(rates)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
