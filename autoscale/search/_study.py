@@ -471,26 +471,32 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
     return records
 
 
+#: The longest a leaving worker waits for other workers' running trials (one slow trial).
+_SETTLE_S = 600.0
+
+
 def _settle(study: optuna.Study, run_one: Callable[[], None]) -> None:
-    """Before this worker leaves: fail the trials of workers that died (their heartbeat
-    went stale), and measure the retries that queues, so a dead worker's trial is neither
-    left RUNNING nor lost when no other worker is left to notice (Note: [many workers, one
-    study]). Waits at most one grace period plus a beat for RUNNING trials to finish or
-    go stale; a live worker's trial keeps beating and is left to it."""
+    """Before this worker leaves: wait for the trials other workers are running to end,
+    fail those whose worker died (heartbeat stale), and measure the retries that queues,
+    so a dead worker's trial is neither left RUNNING nor lost (Note: [many workers, one
+    study]). A live worker's trial ends by itself; the wait is bounded by _SETTLE_S. Trials
+    started after this point are their workers' own to settle."""
     storage = study._storage
     interval = storage.get_heartbeat_interval() if hasattr(
         storage, "get_heartbeat_interval") else None
     if not interval:
         return
-    deadline = time.monotonic() + (getattr(storage, "grace_period", None) or 0) + interval
     running = (optuna.trial.TrialState.RUNNING,)
+
+    def pending() -> set[int]:
+        return {t.number for t in study.get_trials(deepcopy=False, states=running)}
+
+    waiting_for, deadline = pending(), time.monotonic() + _SETTLE_S
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        while (study.get_trials(deepcopy=False, states=running)
-               and time.monotonic() < deadline):
+        while waiting_for & pending() and time.monotonic() < deadline:
             optuna.storages.fail_stale_trials(study)
             time.sleep(min(interval, 1.0))
-        optuna.storages.fail_stale_trials(study)
     waiting = (optuna.trial.TrialState.WAITING,)
     for _ in range(len(study.get_trials(deepcopy=False, states=waiting))):
         run_one()  # the retries of trials whose worker died
