@@ -115,35 +115,23 @@ def simulate_step(model: nn.Module, batch: Batch, plan: Plan, *,
     ``model`` and ``batch`` are only read. Raises PlanError naming the op when the model
     cannot run on fake tensors (data-dependent control flow, an op without a fake kernel).
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from autoscale.runtime import build_result
     from autoscale.runtime._batch import rank_share
 
     local = plan
     if plan.shard.strategy != "none":
         batch = rank_share(batch, 0, plan.shard.world_size)
         local = plan.replace(shard=ShardPlan(), compress=CompressPlan())
-    mode = FakeTensorMode()
-    fake_model = _fake_copy(model, mode)
-    fake_batch = _fake_batch(batch, mode)
-    try:
-        with mode:
-            result = build_result(local, fake_model, loss_fn=loss_fn, graph=graph,
-                                  inplace=True)
-            state = _fake_state(result.optimizer)
-            roots = (result.model, state, fake_batch)
-            params, batch_bytes = _bytes(result.model), _bytes(fake_batch)
-            activations, copies = _saved_by_forward(result, fake_batch, roots)
-            held = _bucket_views(result.model) if plan.shard.strategy == "ddp" else 0
-            with PeakMemoryTracker(roots=roots, device="cpu", fake=True) as tracker, \
-                    _rng_states_counted(tracker), _Workspaces(tracker):
-                result.accumulate(fake_batch)
-            grads = _grad_bytes(result.model)
-    except Exception as err:  # the model's own code: name what failed, not where
-        raise PlanError(f"the cost model could not simulate this model's step on fake "
-                        f"tensors: {type(err).__name__}: {str(err).splitlines()[0][:200]}. "
-                        "The tuner measures such models instead of estimating them.") from err
+    with fake_step(model, batch, local, loss_fn=loss_fn, graph=graph) as (result, fake_batch):
+        state = _fake_state(result.optimizer)
+        roots = (result.model, state, fake_batch)
+        params, batch_bytes = _bytes(result.model), _bytes(fake_batch)
+        activations, copies = _saved_by_forward(result, fake_batch, roots)
+        held = _bucket_views(result.model) if plan.shard.strategy == "ddp" else 0
+        with PeakMemoryTracker(roots=roots, device="cpu", fake=True) as tracker, \
+                _rng_states_counted(tracker), _Workspaces(tracker):
+            result.accumulate(fake_batch)
+        grads = _grad_bytes(result.model)
     # SGD creates its momentum buffers in its first step, not in _init_state.
     state_bytes = _bytes(state) if state else 0
     state_bytes = state_bytes or _torch_state_bytes(model, plan)
@@ -153,6 +141,30 @@ def simulate_step(model: nn.Module, batch: Batch, plan: Plan, *,
                          batch=batch_bytes, activations=activations,
                          forward_backward_peak=peak_fb, step_peak=baseline + grads - held,
                          held_gradients=held, weight_copies=copies)
+
+
+@contextlib.contextmanager
+def fake_step(model: nn.Module, batch: Batch, plan: Plan, *, loss_fn: LossFn | None,
+              graph: Any) -> Iterator[tuple[Any, Batch]]:
+    """``plan``'s Result built on a fake copy of ``model`` (tied weights kept), and a fake
+    copy of ``batch``, inside FakeTensorMode: what the memory and time estimates run the
+    planned step on. Whatever fails inside (the model's own code on fake tensors) comes out
+    as one PlanError naming it. ``plan`` is the local plan: no sharding here."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from autoscale.runtime import build_result
+
+    mode = FakeTensorMode()
+    fake_model = _fake_copy(model, mode)
+    fake_batch = _fake_batch(batch, mode)
+    try:
+        with mode:
+            yield (build_result(plan, fake_model, loss_fn=loss_fn, graph=graph, inplace=True),
+                   fake_batch)
+    except Exception as err:  # the model's own code: name what failed, not where
+        raise PlanError(f"the cost model could not simulate this model's step on fake "
+                        f"tensors: {type(err).__name__}: {str(err).splitlines()[0][:200]}. "
+                        "The tuner measures such models instead of estimating them.") from err
 
 
 @contextlib.contextmanager

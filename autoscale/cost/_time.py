@@ -236,24 +236,11 @@ def _count_step(model: nn.Module, batch: Batch, plan: Plan, *, loss_fn: LossFn |
                 graph: Any) -> tuple[OpCounter, list[nn.Parameter]]:
     """Every micro-batch's forward and backward of the planned step on fake tensors, under
     an OpCounter; with the planned model's trainable parameters (fake)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from autoscale.cost._simulate import fake_step
 
-    from autoscale.cost._simulate import _fake_batch, _fake_copy
-    from autoscale.runtime import build_result
-
-    mode = FakeTensorMode()
-    fake_model = _fake_copy(model, mode)
-    fake_batch = _fake_batch(batch, mode)
-    try:
-        with mode:
-            result = build_result(plan, fake_model, loss_fn=loss_fn, graph=graph,
-                                  inplace=True)
-            with OpCounter() as counter:
-                result.accumulate(fake_batch)
-    except Exception as err:  # the model's own code: name what failed, not where
-        raise PlanError(f"the cost model could not simulate this model's step on fake "
-                        f"tensors: {type(err).__name__}: {str(err).splitlines()[0][:200]}. "
-                        "Measure such models instead of estimating them.") from err
+    with fake_step(model, batch, plan, loss_fn=loss_fn, graph=graph) as (result, fake_batch), \
+            OpCounter() as counter:
+        result.accumulate(fake_batch)
     seen: dict[int, nn.Parameter] = {}
     for p in result.model.parameters():
         if p.requires_grad:
