@@ -34,6 +34,7 @@ from autoscale.runtime._batch import Batch, LossFn, batch_size, check_batch
 from autoscale.runtime._optimizers import optimizer_plan
 from autoscale.runtime._result import Result, build_result
 from autoscale.search._study import (
+    SAMPLERS,
     LinkCheck,
     PlanEstimates,
     SearchSpace,
@@ -112,6 +113,7 @@ def optimize(
     world_size: int = 1,
     compressors: Sequence[str] | None = None,
     heartbeat_s: float = 10.0,
+    sampler: str = "tpe",
 ) -> Result:
     """Search for the fastest plan whose measured peak memory fits ``memory_budget``.
 
@@ -145,6 +147,9 @@ def optimize(
     are not changed unless ``inplace=True``, in which case the returned Result trains
     ``model`` itself. The returned plan's measured peak is <= the budget, or
     InfeasibleError is raised; nothing is returned that was not measured to fit.
+
+    ``sampler`` is Optuna's TPE ("tpe", the default, which reads the memory constraint)
+    or its random sampler ("random", the baseline the search-quality benchmark uses).
     """
     return _optimize(model, example_inputs, source=None, loss_fn=loss_fn,
                      memory_budget=memory_budget, optimizer=optimizer,
@@ -154,7 +159,7 @@ def optimize(
                      inplace=inplace, on_trial=on_trial, isolate=isolate,
                      heartbeat_s=heartbeat_s,
                      trial_timeout=trial_timeout, world_size=world_size,
-                     compressors=compressors)
+                     compressors=compressors, sampler=sampler)
 
 
 def optimize_script(path: str | os.PathLike[str], **options: Any) -> Result:
@@ -197,7 +202,7 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
               loss_fn: LossFn | None = None,
               on_trial: Callable[[TrialRecord], None] | None = None,
               network: RankNetwork | None = None, heartbeat_s: float = 10.0,
-              **knobs: Any) -> Result:  # fmt: skip
+              sampler: str = "tpe", **knobs: Any) -> Result:  # fmt: skip
     """optimize()'s body; ``knobs`` are _setup()'s arguments, ``source`` the workers'
     workload (None: serialize the model when isolating), ``network`` where the trial ranks
     run (default loopback; bench/bench_compress.py --tune runs them across a shaped link)."""
@@ -205,6 +210,9 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
         raise TunerError(f"trials must be an integer >= 0, got {trials!r}.")
     if trial_timeout is not None and not trial_timeout > 0:
         raise TunerError(f"trial_timeout must be > 0 seconds or None, got {trial_timeout!r}.")
+    if sampler not in SAMPLERS:
+        raise TunerError(f"sampler={sampler!r} is not one of {list(SAMPLERS)}; use 'tpe' "
+                         "(the default) or 'random'.")
     setup = _setup(model, example_inputs, **knobs)
     if setup.world_size > 1 and not isolate:
         raise TunerError(f"world_size={setup.world_size} measures every trial as "
@@ -217,7 +225,8 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
         return result
     name = study_name or (f"autoscale-{setup.base.fingerprint_digest()}-"
                           f"{setup.budget or 'nobudget'}")
-    study = open_study(storage=storage, study_name=name, seed=seed, heartbeat_s=heartbeat_s)
+    study = open_study(storage=storage, study_name=name, seed=seed, heartbeat_s=heartbeat_s,
+                       sampler=sampler)
     study.set_user_attr("memory_budget_bytes", setup.budget)  # autoscale report draws it
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=_rng_devices(setup.device)))

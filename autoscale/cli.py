@@ -70,6 +70,8 @@ def tune(
         help="Precisions the search may use (repeatable); default fp32 and bf16, plus fp16 on "
              "CUDA.")] = None,
     seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+    sampler: Annotated[str, typer.Option(
+        help="tpe (Optuna's TPE, reads the memory constraint) or random.")] = "tpe",
     trial_timeout: Annotated[float | None, typer.Option(
         help="Seconds a measured trial may take before its worker is killed and the trial "
              "fails; default 10x the baseline's measurement, at least 60.")] = None,
@@ -110,7 +112,7 @@ def tune(
         try:
             result = optimize_script(
                 script, memory_budget=budget, trials=trials, storage=storage,
-                study_name=study_name, seed=seed, optimizer=optimizer,
+                study_name=study_name, seed=seed, sampler=sampler, optimizer=optimizer,
                 allowed_optimizers=allow_optimizer,
                 precisions=tuple(precision) if precision else None, on_trial=on_trial,
                 isolate=isolate, trial_timeout=trial_timeout, world_size=nproc,

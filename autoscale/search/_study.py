@@ -12,6 +12,7 @@ isolation of each measured trial.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import socket
@@ -307,9 +308,15 @@ def storage_url(storage: str | None) -> str | None:
     return f"sqlite:///{path}"
 
 
+#: The samplers a tune may use: Optuna's TPE (the default: it reads the memory constraint)
+#: and its random sampler (the baseline a search-quality benchmark compares TPE with).
+SAMPLERS = ("tpe", "random")
+
+
 def open_study(*, storage: str | None, study_name: str, seed: int,
-               heartbeat_s: float | None = 10.0) -> optuna.Study:
-    """Create the study, or resume the one stored under ``study_name``.
+               heartbeat_s: float | None = 10.0, sampler: str = "tpe") -> optuna.Study:
+    """Create the study, or resume the one stored under ``study_name``, sampled by
+    ``sampler`` (one of SAMPLERS), seeded with ``seed``.
 
     Note: [many workers, one study]
     Any number of ``autoscale tune`` processes, on one machine or many, may run one study
@@ -318,30 +325,43 @@ def open_study(*, storage: str | None, study_name: str, seed: int,
     (``study.optimize(n_trials=1)``), so Optuna's heartbeat runs: a thread stamps the
     running trial every ``heartbeat_s`` seconds, and a worker starting a trial first fails
     every trial whose stamp is older than three beats (its worker died: killed, out of
-    memory, the machine lost). RetryFailedTrialCallback then queues the same parameters
+    memory, the machine lost). RetryHeartbeatStaleTrialCallback then queues the same parameters
     once more, so a dead worker's plan is measured by someone else: no trial stays
     RUNNING for ever and none is lost. A plan another worker is measuring right now is not
     measured twice (run_search: a "repeat of #N (running)", not counted).
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar reports trials
+    if sampler not in SAMPLERS:
+        raise TunerError(f"sampler={sampler!r} is not one of {list(SAMPLERS)}; use 'tpe' "
+                         "(the default) or 'random'.")
     # Constraints come from trial.set_constraint (Optuna >= 5), which TPE reads itself.
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+    chosen: optuna.samplers.BaseSampler = (
+        optuna.samplers.TPESampler(seed=seed, n_startup_trials=4) if sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=seed))
     url = storage_url(storage)
     try:
         backend: Any = url
         if url is not None and heartbeat_s:
-            backend = optuna.storages.RDBStorage(
-                url, heartbeat_interval=max(1, round(heartbeat_s)),
-                grace_period=max(3, round(3 * heartbeat_s)),
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+            with warnings.catch_warnings():  # heartbeat_interval is experimental in Optuna 5
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                backend = optuna.storages.RDBStorage(
+                    url, heartbeat_interval=max(1, round(heartbeat_s)),
+                    grace_period=max(3, round(3 * heartbeat_s)),
+                    heartbeat_stale_trial_callback=_retry_once())
         return optuna.create_study(storage=backend, study_name=study_name,
-                                   direction="maximize", sampler=sampler, load_if_exists=True)
+                                   direction="maximize", sampler=chosen, load_if_exists=True)
     except (ImportError, ValueError, RuntimeError) as err:
         raise TunerError(f"could not open the Optuna storage {storage!r}: {err}. Check the "
                          "URL and that its database driver is installed.") from err
 
 
 Measure = Callable[[Plan], Any]
+
+
+def _retry_once() -> Any:
+    with warnings.catch_warnings():  # experimental in Optuna 5: its interface may change
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
 
 _WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -385,6 +405,7 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
     from autoscale.search._workers import TrialFailed
 
     records: list[TrialRecord] = []
+    fail_orphans(study)
     _enqueue_known_good(study, space)
 
     def objective(trial: optuna.Trial) -> float:
@@ -489,6 +510,7 @@ def _settle(study: optuna.Study, run_one: Callable[[], None]) -> None:
     running = (optuna.trial.TrialState.RUNNING,)
 
     def pending() -> set[int]:
+        fail_orphans(study)
         return {t.number for t in study.get_trials(deepcopy=False, states=running)}
 
     waiting_for, deadline = pending(), time.monotonic() + _SETTLE_S
@@ -500,6 +522,51 @@ def _settle(study: optuna.Study, run_one: Callable[[], None]) -> None:
     waiting = (optuna.trial.TrialState.WAITING,)
     for _ in range(len(study.get_trials(deepcopy=False, states=waiting))):
         run_one()  # the retries of trials whose worker died
+
+
+def fail_orphans(study: optuna.Study) -> list[int]:
+    """Fail the RUNNING trials that never got a heartbeat and started longer ago than the
+    storage's grace period; return their numbers.
+
+    A worker stopped between Optuna creating its trial and the heartbeat thread's first
+    stamp (Ctrl-C lands there when it comes as a trial ends) leaves a RUNNING trial with no
+    heartbeat row, and Optuna's stale check skips such trials, so it would stay RUNNING for
+    ever and a leaving worker would wait for it. A live worker stamps its trial at once,
+    so one without a stamp after the grace period has no worker. It is failed as
+    interrupted (not counted, its plan never chosen) and not retried: it never got to
+    measure anything. Storages without a heartbeat: nothing to do."""
+    storage = study._storage
+    rdb = getattr(storage, "_backend", storage)  # Optuna caches an RDBStorage in front
+    if not isinstance(rdb, optuna.storages.RDBStorage):
+        return []
+    interval = rdb.get_heartbeat_interval()
+    if not interval:
+        return []
+    grace = rdb.grace_period or 2 * interval
+    # Optuna writes datetime_start with the worker's clock (datetime.now()).
+    old = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+           if t.datetime_start is not None
+           and (datetime.datetime.now() - t.datetime_start).total_seconds() > grace]
+    if not old:
+        return []
+    # Optuna has no public query for "has a heartbeat"; its RDB model is the record.
+    from optuna.storages._rdb import models
+    session = rdb.scoped_session()
+    try:
+        stamped = {h.trial_id for h in session.query(models.TrialHeartbeatModel).filter(
+            models.TrialHeartbeatModel.trial_id.in_([t._trial_id for t in old]))}
+    finally:
+        rdb.scoped_session.remove()
+    orphans = [(t._trial_id, t.number) for t in old if t._trial_id not in stamped]
+    failed = []
+    for trial_id, number in orphans:
+        try:
+            storage.set_trial_user_attr(trial_id, _INTERRUPTED, True)
+            if storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
+                failed.append(number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # its worker, or another one, finished it meanwhile
+    return failed
 
 
 def _enqueue_known_good(study: optuna.Study, space: SearchSpace) -> None:
