@@ -49,3 +49,19 @@ def test_a_leaving_worker_does_not_wait_for_an_orphan(tmp_path) -> None:
     # Before the fix it waited the full settle bound (600 s) for a trial nobody ran.
     assert done.wait(timeout=120), "the leaving worker waited for a trial with no worker"
     assert study._storage.get_trial(orphan).state == TrialState.FAIL
+
+
+def test_the_sampler_is_tpe_or_random_and_a_typo_is_refused(tmp_path) -> None:
+    import pytest
+    import torch
+
+    import autoscale
+    from autoscale.errors import TunerError
+
+    assert isinstance(open_study(storage=None, study_name="r", seed=1, sampler="random").sampler,
+                      optuna.samplers.RandomSampler)
+    assert isinstance(open_study(storage=None, study_name="t", seed=1).sampler,
+                      optuna.samplers.TPESampler)
+    with pytest.raises(TunerError, match="sampler='grid' is not one of"):
+        autoscale.optimize(torch.nn.Linear(2, 2), (torch.randn(4, 2),), trials=0,
+                           sampler="grid")
