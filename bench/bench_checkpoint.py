@@ -1,0 +1,336 @@
+"""Activation checkpointing under a memory budget: autoscale's solver against the usual
+alternatives (issue 16's benchmark).
+
+    python bench/bench_checkpoint.py                       # gpt and llama, compile rows
+    python bench/bench_checkpoint.py --models gpt          # one model
+    python bench/bench_checkpoint.py --quick               # gpt, 2 budgets, no compile rows
+
+Models: examples/gpt.py's GPT (build()'s defaults) and a HuggingFace Llama-style model from
+a small LlamaConfig (4 layers, hidden 128, use_cache=False; captured by autoscale.capture,
+torch.export with strict=False). Rows per model:
+
+- "no ckpt": the baseline, its activation memory A0 and step time T0.
+- "autoscale f%": ``solve_checkpoint_plan`` at f * the estimate's own no-checkpoint
+  activations (``autoscale.estimate(...).activations``: the solver's budget is on that
+  scale; measured and estimated A0 agree to the byte on both models here), built by
+  ``build_result``.
+- "full ckpt": every block fully checkpointed.
+- "compile f": ``torch.compile`` with ``torch._functorch.config.activation_memory_budget
+  = f``, each in its own process (compiled graphs are cached across configs within one
+  process) with its own eager baseline timed beside it; compile time (the first step) is
+  reported apart, and warm-up steps run until three in a row agree within 10%.
+
+Activation memory (the column the budgets are judged on) is what the forward keeps for the
+backward: live bytes when the loss is computed minus the live state before the step
+(params, optimizer state, batch), from the c10 allocator (AllocatorPeakTracker, which also
+sees inductor's buffers). It is the quantity both autoscale's budget and torch's
+``activation_memory_budget`` are about. The step's peak above the live state
+(``measure``'s peak_memory_bytes - baseline_bytes) is printed beside it: it also holds the
+gradients and the backward's recompute working set, which no checkpoint policy budgets.
+
+Step time: the median over --repeats interleaved rounds (every config one step a round, the
+order rotated each round) on os.cpu_count() torch threads, wall clock. The machine is shared:
+compare rows within one run.
+
+Goals (per budget): autoscale within the budget and at least as fast as the fastest
+alternative (full ckpt, or compile at any fraction) whose activation memory fits the same
+budget; at 50% under 5% step-time overhead; autoscale's activation memory non-increasing
+as the budget falls (reported for compile's too). "fits" is strict, in bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+FRACTIONS = (1.0, 0.75, 0.5, 0.25)
+MODELS = ("gpt", "llama")
+MIB = 1 << 20
+
+
+@dataclass
+class Row:
+    """One configuration's measured figures."""
+
+    label: str
+    kind: str  # "none", "autoscale", "full" or "compile"
+    fraction: float | None
+    act_bytes: int
+    peak_bytes: int
+    step_s: float
+    time_ratio: float  # over the no-ckpt step timed in the same process
+    compile_s: float | None = None
+    policies: str = ""
+    error: str | None = None
+
+
+def build_model(name: str, *, quick: bool = False) -> tuple[torch.nn.Module, Any]:
+    """The model and its batch (the model returns its loss)."""
+    if name == "gpt":
+        import gpt
+
+        return gpt.build(batch_size=8 if quick else 16)
+    if name == "llama":
+        import transformers as tf
+
+        torch.manual_seed(0)
+        config = tf.LlamaConfig(vocab_size=512, hidden_size=128, num_hidden_layers=4,
+                                num_attention_heads=4, num_key_value_heads=2,
+                                intermediate_size=512, use_cache=False)
+        ids = torch.randint(0, 512, (8, 64))
+        return tf.LlamaForCausalLM(config), {"input_ids": ids, "labels": ids}
+    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+def activation_bytes(result: Any, batch: Any) -> int:
+    """Bytes the forward keeps for the backward (one real training step; see docstring)."""
+    from autoscale.measure._allocator import AllocatorPeakTracker
+    from autoscale.runtime._batch import call_model, compute_loss
+
+    result.model.train()
+    with AllocatorPeakTracker(roots=(result.model, result.optimizer, batch),
+                              device="cpu") as tracker:
+        loss = compute_loss(result.loss_fn, call_model(result.model, batch), batch)
+    loss.backward()
+    result.optimizer.step()
+    result.optimizer.zero_grad(set_to_none=True)
+    return tracker.end_bytes - tracker.baseline_bytes
+
+
+def peak_bytes(result: Any, batch: Any) -> int:
+    """The step's peak above the live state, from ``measure``."""
+    from autoscale.measure import measure
+
+    m = measure(result, batch, warmup=0, iters=1)
+    return m.peak_memory_bytes - m.baseline_bytes
+
+
+def settle(result: Any, batch: Any, *, max_steps: int = 12) -> int:
+    """Warm-up steps until three in a row agree within 10%; returns how many ran."""
+    times: list[float] = []
+    while len(times) < max_steps:
+        start = time.perf_counter()
+        result.step(batch)
+        times.append(time.perf_counter() - start)
+        last = times[-3:]
+        if len(last) == 3 and max(last) <= 1.1 * min(last):
+            break
+    return len(times)
+
+
+def interleaved(results: dict[str, Any], batch: Any, repeats: int) -> dict[str, float]:
+    """Median step seconds per config over ``repeats`` rounds, the order rotated."""
+    labels = list(results)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(repeats):
+        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+            start = time.perf_counter()
+            results[label].step(batch)
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
+def _describe(section: Any) -> str:
+    policies = [getattr(b, "policy", "full") for b in section.blocks]
+    if not policies:
+        return "none"
+    return " ".join(f"{p}x{policies.count(p)}" for p in dict.fromkeys(policies))
+
+
+def eager_rows(name: str, fractions: tuple[float, ...], repeats: int, *,
+               quick: bool = False) -> list[Row]:
+    """The no-ckpt, autoscale and full-checkpointing rows of one model, timed together."""
+    import autoscale
+    from autoscale import CheckpointPlan, Plan
+    from autoscale.cost._checkpoint_solver import solve_checkpoint_plan
+    from autoscale.runtime import build_result
+
+    model, batch = build_model(name, quick=quick)
+    graph = autoscale.capture(model, batch)
+    none_est = autoscale.estimate(model, batch, Plan(), graph=graph).activations
+    configs: dict[str, tuple[str, float | None, Any, str]] = {
+        "no ckpt": ("none", None, Plan(), "none")}
+    for f in fractions:
+        section = solve_checkpoint_plan(model, batch, graph, int(none_est * f))
+        configs[f"autoscale {f:.0%}"] = ("autoscale", f, Plan(sections={"checkpoint": section}),
+                                         _describe(section))
+    blocks = tuple(b.fqn for b in graph.blocks)
+    configs["full ckpt"] = ("full", None,
+                            Plan(sections={"checkpoint": CheckpointPlan(blocks=blocks)}),
+                            f"fullx{len(blocks)}")
+    results = {label: build_result(c[2], model, graph=graph) for label, c in configs.items()}
+    for result in results.values():
+        settle(result, batch)
+    acts = {label: activation_bytes(r, batch) for label, r in results.items()}
+    peaks = {label: peak_bytes(r, batch) for label, r in results.items()}
+    steps = interleaved(results, batch, repeats)
+    return [Row(label, c[0], c[1], acts[label], peaks[label], steps[label],
+                steps[label] / steps["no ckpt"], policies=c[3])
+            for label, c in configs.items()]
+
+
+def compile_worker(name: str, fraction: float, repeats: int) -> dict[str, Any]:
+    """In a fresh process: the compiled model at ``fraction`` and an eager baseline."""
+    import torch._functorch.config as functorch_config
+
+    from autoscale import Plan
+    from autoscale.runtime import build_result
+
+    functorch_config.activation_memory_budget = fraction
+    model, batch = build_model(name)
+    base = build_result(Plan(), model)
+    compiled = build_result(Plan(), model)
+    compiled.model = torch.compile(compiled.model)  # type: ignore[assignment]
+    start = time.perf_counter()
+    compiled.step(batch)
+    compile_s = time.perf_counter() - start
+    settle(compiled, batch)
+    settle(base, batch)
+    act = activation_bytes(compiled, batch)
+    peak = peak_bytes(compiled, batch)
+    steps = interleaved({"base": base, "compiled": compiled}, batch, repeats)
+    return asdict(Row(f"compile {fraction:g}", "compile", fraction, act, peak,
+                      steps["compiled"], steps["compiled"] / steps["base"],
+                      compile_s=compile_s))
+
+
+def compile_row(name: str, fraction: float, repeats: int, *, timeout: float = 900) -> Row:
+    """:func:`compile_worker` in its own process; a failure is a row with its error."""
+    cmd = [sys.executable, __file__, "--compile-worker", name, str(fraction),
+           "--repeats", str(repeats)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return Row(f"compile {fraction:g}", "compile", fraction, 0, 0, float("nan"),
+                   float("nan"), error=f"timed out after {timeout:.0f} s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return Row(f"compile {fraction:g}", "compile", fraction, 0, 0, float("nan"),
+                   float("nan"), error=(proc.stderr.strip().splitlines() or ["?"])[-1])
+    return Row(**json.loads(lines[-1]))
+
+
+def run(models: tuple[str, ...], fractions: tuple[float, ...], repeats: int, *,
+        compile_rows: bool, quick: bool = False) -> dict[str, list[Row]]:
+    """Every model's rows: eager ones in this process, compile ones each in its own."""
+    out = {}
+    for name in models:
+        rows = eager_rows(name, fractions, repeats, quick=quick)
+        if compile_rows:
+            rows += [compile_row(name, f, repeats) for f in fractions]
+        out[name] = rows
+    return out
+
+
+def fits(row: Row, base: Row) -> bool:
+    """Whether the row's activation memory is within its fraction of the baseline's."""
+    return row.fraction is not None and row.error is None and \
+        row.act_bytes <= row.fraction * base.act_bytes
+
+
+def goals(rows: list[Row]) -> list[str]:
+    """The issue's goals, each a line: met, or missed with the numbers."""
+    base = rows[0]
+    ours = [r for r in rows if r.kind == "autoscale"]
+    alts = [r for r in rows if r.kind in ("full", "compile") and r.error is None]
+    lines = []
+    for row in ours:
+        budget = row.fraction * base.act_bytes  # type: ignore[operator]
+        fitting = [a for a in alts if a.act_bytes <= budget]
+        best = min(fitting, key=lambda a: a.step_s, default=None)
+        if not row.act_bytes <= budget:
+            verdict = (f"missed: autoscale over its budget by "
+                       f"{row.act_bytes - budget:.0f} B ({row.act_bytes / MIB:.2f} MiB)")
+        elif best is None:
+            verdict = "met (no alternative fits this budget)"
+        elif row.step_s <= best.step_s:
+            verdict = (f"met: {row.step_s * 1e3:.1f} ms at {row.act_bytes / MIB:.2f} MiB vs "
+                       f"{best.label} {best.step_s * 1e3:.1f} ms at {best.act_bytes / MIB:.2f} MiB")
+        else:
+            verdict = (f"missed: {row.step_s * 1e3:.1f} ms at {row.act_bytes / MIB:.2f} MiB vs "
+                       f"{best.label} {best.step_s * 1e3:.1f} ms at {best.act_bytes / MIB:.2f} MiB")
+        lines.append(f"budget {row.fraction:.0%} ({budget / MIB:.2f} MiB): {verdict}")
+    for row in ours:
+        if row.fraction == 0.5:
+            ok = row.time_ratio < 1.05
+            lines.append(f"50% under 5% step-time overhead: {'met' if ok else 'missed'} "
+                         f"({row.time_ratio - 1:+.1%})")
+    for kind, group in (("autoscale", ours), ("compile", [a for a in alts
+                                                          if a.kind == "compile"])):
+        if len(group) > 1:
+            group = sorted(group, key=lambda r: -(r.fraction or 0))
+            mono = all(b.act_bytes <= a.act_bytes for a, b in itertools.pairwise(group))
+            figures = ", ".join(f"{r.act_bytes / MIB:.2f}" for r in group)
+            lines.append(f"{kind} memory monotone in the budget: {'yes' if mono else 'no'} "
+                         f"({figures} MiB)")
+    return lines
+
+
+def print_table(name: str, rows: list[Row]) -> None:
+    base = rows[0]
+    print(f"\n{name}: A0 {base.act_bytes / MIB:.2f} MiB, T0 {base.step_s * 1e3:.1f} ms")
+    header = (f"{'config':15s} {'act MiB':>8s} {'x mem':>6s} {'peak MiB':>8s} {'x peak':>6s} "
+              f"{'step ms':>8s} {'x time':>6s} {'fits':>4s} {'compile s':>9s}  policies")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if r.error is not None:
+            print(f"{r.label:15s} failed: {r.error}")
+            continue
+        fit = "-" if r.fraction is None else ("yes" if fits(r, base) else "no")
+        comp = "" if r.compile_s is None else f"{r.compile_s:.1f}"
+        print(f"{r.label:15s} {r.act_bytes / MIB:8.2f} {r.act_bytes / base.act_bytes:6.2f} "
+              f"{r.peak_bytes / MIB:8.2f} {r.peak_bytes / base.peak_bytes:6.2f} "
+              f"{r.step_s * 1e3:8.1f} {r.time_ratio:6.2f} {fit:>4s} {comp:>9s}  {r.policies}")
+    for line in goals(rows):
+        print("  " + line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
+    parser.add_argument("--quick", action="store_true",
+                        help="gpt only, budgets 100%% and 50%%, no compile rows")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compile rows")
+    parser.add_argument("--compile-worker", nargs=2, metavar=("MODEL", "FRACTION"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.compile_worker:
+        name, fraction = args.compile_worker
+        print(json.dumps(compile_worker(name, float(fraction), args.repeats)))
+        return
+    from autoscale.cost._rates import cpu_model
+
+    models = ("gpt",) if args.quick else tuple(args.models.split(","))
+    fractions = (1.0, 0.5) if args.quick else FRACTIONS
+    print(f"device: cpu ({cpu_model()}, {os.cpu_count()} cores), "
+          f"{torch.get_num_threads()} torch threads; torch {torch.__version__}")
+    start = time.perf_counter()
+    report = run(models, fractions, args.repeats,
+                 compile_rows=not (args.quick or args.no_compile), quick=args.quick)
+    for name, rows in report.items():
+        print_table(name, rows)
+    print(f"\n({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

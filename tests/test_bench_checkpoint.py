@@ -1,0 +1,50 @@
+"""bench/bench_checkpoint.py runs, and its autoscale rows keep the solver's invariants on
+real measured memory: within the budget and falling as it falls. No timing is asserted."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_checkpoint
+
+
+def test_quick_bench_structure_and_memory_invariants() -> None:
+    report = bench_checkpoint.run(("gpt",), (1.0, 0.5), repeats=2, compile_rows=False,
+                                  quick=True)
+    rows = report["gpt"]
+    assert [r.label for r in rows] == ["no ckpt", "autoscale 100%", "autoscale 50%",
+                                       "full ckpt"]
+    base, ours = rows[0], [r for r in rows if r.kind == "autoscale"]
+    assert base.act_bytes > 0 and math.isclose(base.time_ratio, 1.0)
+    # Each checkpointed block's recompute saves the CPU RNG state (torch.utils.checkpoint
+    # preserves it for dropout), which the allocator sees and the solver's budget does not.
+    rng = torch.get_rng_state().numel()
+    previous = None
+    for row in ours:
+        checkpointed = 0 if row.policies == "none" else sum(
+            int(part.split("x")[1]) for part in row.policies.split())
+        assert row.act_bytes <= row.fraction * base.act_bytes + checkpointed * rng, row
+        assert previous is None or row.act_bytes <= previous
+        previous = row.act_bytes
+        assert row.step_s > 0 and row.peak_bytes >= row.act_bytes
+    assert ours[0].act_bytes == base.act_bytes  # 100%: nothing to recompute
+    full = rows[-1]
+    assert full.act_bytes < ours[-1].act_bytes
+    lines = bench_checkpoint.goals(rows)
+    assert len(lines) == 4 and all("met" in line or "missed" in line or "monotone" in line
+                                   for line in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_one_compile_row_in_its_own_process() -> None:
+    row = bench_checkpoint.compile_row("gpt", 0.5, repeats=2, timeout=600)
+    assert row.error is None, row.error
+    assert row.compile_s is not None and row.compile_s > 0
+    assert 0 < row.act_bytes <= row.peak_bytes
