@@ -7,6 +7,7 @@ Immutable all the way down (``FrozenDict``, tuples), so it pickles, deep-copies 
 round-trips through JSON unchanged. A plan file reproduces a run.
 """
 
+from autoscale.plan._compile import CompilePlan
 from autoscale.plan._compress import CompressPlan
 from autoscale.plan._frozen import FrozenDict
 from autoscale.plan._plan import (
@@ -33,6 +34,7 @@ __all__ = [
     "BatchPlan",
     "BlockPolicy",
     "CheckpointPlan",
+    "CompilePlan",
     "CompressPlan",
     "Environment",
     "Fingerprint",

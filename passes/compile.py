@@ -1,0 +1,169 @@
+"""torch.compile of the planned model: its forward compiled by inductor, its module tree kept.
+
+Note: [compile the forward, keep the keys]
+``torch.compile(model)`` returns an ``OptimizedModule`` whose state_dict keys carry an
+``_orig_mod.`` prefix. The pass instead compiles the root's ``forward`` (whatever the
+earlier passes left there: the autocast wrapper of the precision pass, the model's own
+method) and puts the compiled function back as the instance's ``forward``, as the
+checkpoint and precision passes wrap theirs: the module tree, parameter names and
+state_dict are the user's. ``fullgraph=True``: Dynamo inlines the whole forward, block
+forwards and their ``torch.utils.checkpoint`` wrappers included, into one graph (a model
+that needs a graph break fails at its first step with the PassError below), so what runs
+is one compiled region, and checkpointed blocks become inductor's recompute regions.
+
+Note: [one compile per Result]
+Dynamo caches compiled code on the Python code object it compiled, shared by every
+instance of a class, and guards only on what it traced: two models of one class, one
+compiled under ``activation_memory_budget=1.0`` and one under 0.5, share the first graph
+(measured: no recompile, the second runs the first's partition), and past
+``recompile_limit`` (8) variants of one code object Dynamo silently runs eagerly. So each
+compiled forward enters through its own copy of :func:`_entry`'s code object: every Result
+compiles its own graph under its own budget (its first step pays the compile, as a
+production job's does; inductor's on-disk FX graph cache still shortens repeats), and its
+cache dies with it.
+
+Note: [the budget is in force when the graph compiles]
+Compilation is lazy: it runs inside the first call, on whatever ``torch._functorch.config``
+says then. The backend (:class:`_InductorBackend`) is where the graph compiles, so it
+patches ``activation_memory_budget`` (the partitioner reads it while splitting the joint
+graph into forward and backward) around inductor's ``compile_fx``, for the first call and
+any recompile alike; with ``force_non_lazy_backward_lowering`` the backward is compiled
+there too instead of at the first backward, so a failure and the whole compile time land
+in the first forward call.
+
+Note: [compile and sharding]
+Plans with shard.strategy other than 'none' are refused (the plan rule
+``compile_one_process`` in autoscale/plan/_compile.py): this pass runs after the shard
+pass, on the DDP wrapper or the FSDP2 root, and neither composition is checked against the
+untouched model here yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from autoscale.capture import ModelGraph
+from autoscale.errors import PassError
+from autoscale.passes.base import MemoryTerms, PassContext
+from autoscale.plan import CompilePlan
+
+__all__ = ["CompilePass", "compile_model"]
+
+_MARK = "_autoscale_compiled"
+
+
+def compile_model(model: nn.Module, *, plan: CompilePlan) -> nn.Module:
+    """Run ``model``'s forward as one inductor-compiled graph, as ``plan.mode`` says.
+
+    Rewrites ``model`` in place (the runtime passes its own copy) and returns it; 'off' is a
+    no-op. The graph compiles at the first call, under ``plan.budget`` (Note: [the budget is
+    in force when the graph compiles]); a compile failure there raises PassError naming the
+    mode and the fix.
+
+    Invariant: loss and gradients equal the eager model's up to inductor's reordering and
+    fusion of fp32 arithmetic (tests bound it); parameter names and the state_dict are
+    unchanged (Note: [compile the forward, keep the keys]).
+    """
+    if not plan.active or getattr(model, _MARK, False):
+        return model
+    if isinstance(model, DistributedDataParallel):
+        raise PassError(f"compile.mode={plan.mode!r} under DDP is not supported; set "
+                        "compile.mode='off' or shard.strategy='none'.")
+    compiled = torch.compile(_fresh_entry(), backend=_backend(plan.budget), fullgraph=True)
+    model.forward = functools.partial(_compiled_call, compiled, model.forward, plan.mode,
+                                      type(model).__name__)
+    setattr(model, _MARK, True)
+    return model
+
+
+def _entry(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return forward(*args, **kwargs)
+
+
+def _fresh_entry() -> Callable[..., Any]:
+    """:func:`_entry` with a code object of its own: Note: [one compile per Result]."""
+    code = _entry.__code__.replace()
+    return types.FunctionType(code, _entry.__globals__, _entry.__name__)
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What a failed compilation raises: Dynamo's errors (a graph break under fullgraph,
+    BackendCompilerFailed and its InductorError, which wrap lowering and C++ build
+    failures) and inductor's own compiler checks."""
+    from torch._dynamo import exc as dynamo_exc
+    from torch._inductor import exc as inductor_exc
+
+    return (dynamo_exc.TorchDynamoException, inductor_exc.InvalidCxxCompiler,
+            inductor_exc.CppCompileError)
+
+
+def _compiled_call(compiled: Callable[..., Any], forward: Callable[..., Any], mode: str,
+                   name: str, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return compiled(forward, *args, **kwargs)
+    except _compile_errors() as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise PassError(
+            f"compile.mode={mode!r} could not compile {name}'s forward: "
+            f"{type(err).__name__}: {first}. Use compile.mode='off' for this model (a "
+            "graph break, an op inductor cannot lower, or no working C++ compiler).") from err
+
+
+@dataclass(frozen=True)
+class _InductorBackend:
+    """Inductor's ``compile_fx`` under one ``activation_memory_budget``."""
+
+    budget: float
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        from torch._functorch import config as functorch_config
+        from torch._inductor.compile_fx import compile_fx
+
+        with functorch_config.patch(activation_memory_budget=self.budget,
+                                    force_non_lazy_backward_lowering=True):
+            return compile_fx(gm, list(example_inputs))
+
+
+@functools.cache
+def _backend(budget: float) -> _InductorBackend:
+    # One object per budget: Dynamo matches a cache entry's backend by identity.
+    return _InductorBackend(budget)
+
+
+def _is_fake(model: nn.Module) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return any(isinstance(p, FakeTensor) for p in model.parameters())
+
+
+class CompilePass:
+    """The pipeline entry for :func:`compile_model` (plan section ``compile``)."""
+
+    section = "compile"
+    invariant = ("loss and gradients equal the eager model's up to inductor's reordering of "
+                 "fp32 arithmetic; state_dict keys unchanged")
+
+    def enabled(self, section: CompilePlan) -> bool:
+        return section.active
+
+    def apply(self, model: nn.Module, section: CompilePlan, ctx: PassContext) -> nn.Module:
+        """:func:`compile_model`; a no-op on a model whose parameters are fake tensors (the
+        cost model's simulated step, autoscale/cost/_simulate.py: Dynamo cannot compile
+        under its FakeTensorMode, and the estimate is then eager's)."""
+        if _is_fake(model):
+            return model
+        return compile_model(model, plan=section)
+
+    def memory(self, section: CompilePlan, graph: ModelGraph,
+               terms: MemoryTerms) -> MemoryTerms:
+        """Unchanged: the estimate of a compiled plan is its eager step's (inductor's
+        partitioner saves at most what eager saves at budget 1.0; tests measure the gap)."""
+        return terms

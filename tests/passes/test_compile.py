@@ -1,0 +1,82 @@
+"""passes/compile.py and the ``compile`` plan section: torch.compile as a plan knob."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from autoscale import BlockPolicy, CheckpointPlan, CompilePlan, Plan, PlanError, ShardPlan
+from autoscale.runtime import build_result
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+import mlp
+
+
+def test_section_round_trips_and_old_plans_are_off() -> None:
+    plan = Plan().replace(compile=CompilePlan(mode="inductor-budget",
+                                              activation_memory_budget=0.5))
+    again = Plan.from_dict(plan.to_dict())
+    assert again == plan and again.digest() == plan.digest()
+    assert again.compile.budget == 0.5
+    old = Plan().to_dict()
+    assert "compile" not in old["sections"]  # omit_default: old files and digests unchanged
+    assert Plan.from_dict(old).compile.mode == "off"
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"mode": "inductor-budget", "activation_memory_budget": 1.5}, "(0, 1]"),
+    ({"mode": "inductor-budget", "activation_memory_budget": 0.0}, "(0, 1]"),
+    ({"mode": "inductor-budget"}, "needs compile.activation_memory_budget"),
+    ({"mode": "inductor", "activation_memory_budget": 0.5}, "mode='inductor-budget'"),
+    ({"mode": "max-autotune"}, "is not one of"),
+])
+def test_bad_values_are_refused(kwargs: dict, words: str) -> None:
+    with pytest.raises(PlanError) as err:
+        CompilePlan(**kwargs)
+    assert words in str(err.value)
+
+
+def test_sharded_compile_is_refused() -> None:
+    with pytest.raises(PlanError, match=r"shard\.strategy='ddp' is not supported"):
+        Plan().replace(compile=CompilePlan(mode="inductor"),
+                       shard=ShardPlan(strategy="ddp", world_size=2))
+
+
+def _loss_and_grads(plan: Plan, model, batch, loss_fn):
+    result = build_result(plan, model, loss_fn=loss_fn)
+    loss = result.accumulate(batch)
+    return loss, {n: p.grad for n, p in result.model.named_parameters()}, result
+
+
+# Inductor fuses and reorders fp32 reductions (layer norm, the matmuls' bias adds): the
+# measured gap on this MLP is ~6e-8; 1e-5 / 1e-4 leaves room for other CPUs' vector widths.
+@pytest.mark.parametrize("section", [
+    CompilePlan(mode="inductor"),
+    CompilePlan(mode="inductor-budget", activation_memory_budget=0.5),
+])
+def test_compiled_loss_and_grads_equal_eager(section: CompilePlan) -> None:
+    model, batch, loss_fn = mlp.build(batch_size=16)
+    ck = CheckpointPlan(blocks=(BlockPolicy(fqn="net.blocks.1", policy="selective",
+                                            save=("mm",)),))
+    ref_loss, ref_grads, _ = _loss_and_grads(Plan().replace(checkpoint=ck), model, batch,
+                                               loss_fn)
+    loss, grads, result = _loss_and_grads(Plan().replace(compile=section, checkpoint=ck),
+                                          model, batch, loss_fn)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert list(result.model.state_dict()) == list(model.state_dict())
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "passes/checkpoint.py passes context_fn=noop_context_fn explicitly for full blocks, which "
+    "torch 2.13 Dynamo refuses (NotImplementedError: checkpoint not implemented for "
+    "LazyVariableTracker context_fn); fix there: omit context_fn when the block has none"))
+def test_full_checkpointed_block_compiles() -> None:
+    model, batch, loss_fn = mlp.build(batch_size=16)
+    plan = Plan().replace(compile=CompilePlan(mode="inductor"),
+                          checkpoint=CheckpointPlan(blocks=("net.blocks.1",)))
+    _loss_and_grads(plan, model, batch, loss_fn)
