@@ -18,6 +18,7 @@ from torch import nn
 
 from autoscale._units import format_bytes, parse_bytes
 from autoscale.capture._capture import capture
+from autoscale.cost._checkpoint_solver import CheckpointBudgets
 from autoscale.cost._cost import calibrate, static_bytes
 from autoscale.errors import InfeasibleError, PlanMismatchError, TunerError
 from autoscale.measure import Measurement
@@ -242,6 +243,8 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
                                 step_time_s=baseline.step_time_s)
         estimates = PlanEstimates(model, setup.batch, setup.graph, loss_fn=loss_fn,
                                   calibration=calibration)
+        space, solver_note = _with_checkpoint_solver(space, model, setup, loss_fn)
+        notes = (*notes, *filter(None, [solver_note]))
         records = run_search(study, space, setup.base, estimates=estimates,
                              budget=setup.budget, trials=trials,
                              measure=lambda plan: runner.measure(plan, timeout_s=timeout),
@@ -262,6 +265,22 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
                            setup.graph.strategy, name, setup.world_size,
                            notes=(*notes, *why, *filter(None, [estimates.note])))
     return result
+
+
+def _with_checkpoint_solver(space: SearchSpace, model: nn.Module, setup: _Setup,
+                            loss_fn: LossFn | None) -> tuple[SearchSpace, str | None]:
+    """``space`` with the exact checkpoint solver behind its checkpoint knob (Note: [the
+    checkpoint knob]), or unchanged, with the reason, where the solver cannot simulate
+    the model (the knob stays "the first n blocks", fully checkpointed)."""
+    if not space.block_names:
+        return space, None
+    budgets = CheckpointBudgets(model, setup.batch, setup.graph, loss_fn=loss_fn)
+    try:
+        budgets.bounds(setup.reference)
+    except Exception as err:  # any failure of the simulation: say so and go on
+        return space, (f"checkpoint knob: the first n blocks, fully checkpointed (the "
+                       f"solver could not simulate the model: {type(err).__name__}: {err})")
+    return dataclasses.replace(space, checkpoint=budgets), None
 
 
 #: The convergence guardrail: steps of each A/B run, the tail averaged, and the largest

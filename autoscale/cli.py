@@ -40,9 +40,8 @@ def main() -> None:
 
 def _plan_summary(plan) -> str:
     micro = plan.batch.micro_batch_size
-    ckpt = len(plan.checkpoint.blocks)
     parts = [f"micro={micro or 'all'}x{plan.batch.grad_accum_steps}",
-             plan.precision.mode, f"ckpt={ckpt}"]
+             plan.precision.mode, f"ckpt={_checkpoint_summary(plan.checkpoint)}"]
     if plan.optimizer.kind != "adamw" or plan.optimizer.kernel not in ("auto", "torch"):
         parts.append(f"{plan.optimizer.kind}/{plan.optimizer.kernel}")
     if plan.shard.strategy != "none":
@@ -50,6 +49,14 @@ def _plan_summary(plan) -> str:
         if plan.compress.method != "none":
             parts.append(f"comm={plan.compress.method}")
     return " ".join(parts)
+
+
+def _checkpoint_summary(section) -> str:
+    """'0', or how many blocks are fully ('4f') and selectively ('2s') checkpointed."""
+    kinds = [p.policy for p in section.policies.values()]
+    full, selective = kinds.count("full"), kinds.count("selective")
+    parts = [f"{full}f"] * bool(full) + [f"{selective}s"] * bool(selective)
+    return "+".join(parts) or "0"
 
 
 @app.command()

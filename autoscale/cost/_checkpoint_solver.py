@@ -59,6 +59,7 @@ __all__ = [
     "DEFAULT_SAVE_SETS",
     "BlockOption",
     "BlockOptions",
+    "CheckpointBudgets",
     "CheckpointSolution",
     "measure_block_options",
     "sac_op_overhead_s",
@@ -401,7 +402,8 @@ def solve_checkpoint_plan(model: nn.Module, batch: Any, graph: Any, budget_bytes
                           plan: Plan | None = None,
                           save_sets: Mapping[str, tuple[str, ...]] = DEFAULT_SAVE_SETS,
                           loss_fn: Any = None, rates: MachineRates | None = None,
-                          sac_op_overhead: float | None = None) -> CheckpointPlan:
+                          sac_op_overhead: float | None = None,
+                          options: BlockOptions | None = None) -> CheckpointPlan:
     """The checkpoint section that keeps the forward's activations (as
     ``autoscale.estimate(...).activations`` counts them: inside blocks and out) within
     ``budget_bytes`` at the least recompute time: :func:`measure_block_options`, then
@@ -412,12 +414,13 @@ def solve_checkpoint_plan(model: nn.Module, batch: Any, graph: Any, budget_bytes
     where mixed policies keep a few bytes more than their sum (measured: +0.2% on HF GPT-2
     at a quarter of its activations), the solved plan is simulated and solved again on a
     budget lowered by the excess. Raises InfeasibleError naming the smallest feasible
-    budget when none fits.
+    budget when none fits. ``options``: the blocks' options already measured for ``plan``
+    (what :func:`measure_block_options` returns), reused instead of measured again.
     """
     plan = plan or Plan()
-    measured = measure_block_options(model, batch, graph, plan=plan, save_sets=save_sets,
-                                     loss_fn=loss_fn, rates=rates,
-                                     sac_op_overhead=sac_op_overhead)
+    measured = options or measure_block_options(
+        model, batch, graph, plan=plan, save_sets=save_sets, loss_fn=loss_fn, rates=rates,
+        sac_op_overhead=sac_op_overhead)
     fqns = [b.fqn for b in graph.blocks]
 
     def simulated(section: CheckpointPlan) -> int:
@@ -445,3 +448,65 @@ def solve_checkpoint_plan(model: nn.Module, batch: Any, graph: Any, budget_bytes
         f"smallest feasible budget is {smallest} bytes (every block at its leanest option, "
         f"{measured.outside_bytes} bytes of it kept outside the blocks). Raise the budget, "
         "or save memory elsewhere (micro-batches, lower precision).")
+
+
+class CheckpointBudgets:
+    """The tuner's checkpoint knob: a fraction ``f`` in [0, 1] turned into every block's
+    policy by the exact solver.
+
+    Note: [the checkpoint knob]
+    ``f`` places the solver's activation budget between the least the checkpoint policies
+    can keep (``floor``: every block at its leanest option, plus what the forward keeps
+    outside the blocks) and what no checkpointing keeps (``ceiling``):
+    ``floor + f * (ceiling - floor)``. So f=1 is no checkpointing, f=0 the leanest
+    policies, and every f in between is feasible, where a fraction of the no-checkpoint
+    memory alone would leave the range below ``floor / ceiling`` (a fifth to a twentieth
+    of it on the example models) infeasible. The bytes depend on the rest of the plan
+    (micro-batch size, precision, one rank's share of the batch), so the blocks' options
+    are measured once per such combination and each solved section is kept, per
+    combination and fraction: a tune pays about half a second per new one (fake tensors,
+    no real compute).
+    """
+
+    def __init__(self, model: nn.Module, batch: Any, graph: Any, *, loss_fn: Any = None) -> None:
+        self._model, self._batch, self._graph, self._loss_fn = model, batch, graph, loss_fn
+        self._options: dict[str, tuple[BlockOptions, int, int]] = {}
+        self._sections: dict[tuple[str, float], CheckpointPlan] = {}
+
+    def section(self, plan: Plan, fraction: float) -> CheckpointPlan:
+        """The checkpoint section for ``plan`` (its checkpoint section ignored) whose
+        simulated forward keeps at most ``floor + fraction * (ceiling - floor)`` bytes at
+        the least recompute time; ``fraction >= 1`` gives no checkpointing at all."""
+        if not 0.0 <= fraction <= 1.0:
+            raise PlanError(f"the checkpoint budget fraction must be in [0, 1], got "
+                            f"{fraction!r}.")
+        if fraction >= 1.0:
+            return CheckpointPlan()
+        key = repr((plan.batch, plan.precision, plan.shard))
+        cached = self._sections.get((key, fraction))
+        if cached is not None:
+            return cached
+        rest = plan.replace(checkpoint=CheckpointPlan())
+        options, floor, ceiling = self._measured(key, rest)
+        section = solve_checkpoint_plan(
+            self._model, self._batch, self._graph, int(floor + fraction * (ceiling - floor)),
+            plan=rest, loss_fn=self._loss_fn, options=options)
+        self._sections[(key, fraction)] = section
+        return section
+
+    def bounds(self, plan: Plan) -> tuple[int, int]:
+        """(floor, ceiling) activation bytes for ``plan``'s other sections."""
+        key = repr((plan.batch, plan.precision, plan.shard))
+        _, floor, ceiling = self._measured(key, plan.replace(checkpoint=CheckpointPlan()))
+        return floor, ceiling
+
+    def _measured(self, key: str, plan: Plan) -> tuple[BlockOptions, int, int]:
+        if key not in self._options:
+            options = measure_block_options(self._model, self._batch, self._graph, plan=plan,
+                                            loss_fn=self._loss_fn)
+            inside = [(opts[0].kept_bytes, min(o.kept_bytes for o in opts))
+                      for opts in options.blocks]
+            self._options[key] = (options,
+                                  options.outside_bytes + sum(low for _, low in inside),
+                                  options.outside_bytes + sum(none for none, _ in inside))
+        return self._options[key]

@@ -27,6 +27,7 @@ import optuna
 from torch import nn
 
 from autoscale._units import format_bytes
+from autoscale.cost._checkpoint_solver import CheckpointBudgets
 from autoscale.cost._cost import Calibration, estimate_graph
 from autoscale.errors import PlanError, TunerError
 from autoscale.plan import (
@@ -131,6 +132,15 @@ class SearchSpace:
     world_size: int = 1
     strategies: tuple[str, ...] = ("ddp", "zero1", "zero2", "zero3")
     compressors: tuple[str, ...] = ("none",)
+    checkpoint: CheckpointBudgets | None = dataclasses.field(default=None, compare=False)
+    """The solver behind the checkpoint knob (Note: [the checkpoint knob]): the knob is
+    then ``activation_budget``, a fraction, and every block gets the policy (none, full or
+    selective) the exact solver picks for it. None: the knob is ``checkpointed_blocks``,
+    full checkpointing of the first n blocks (a model the simulator cannot run)."""
+
+    @property
+    def solves_checkpoints(self) -> bool:
+        return self.checkpoint is not None and bool(self.block_names)
 
     @property
     def micro_batch_sizes(self) -> list[int]:
@@ -148,12 +158,10 @@ class SearchSpace:
     def plan_from(self, params: dict[str, Any], base: Plan) -> Plan:
         """The plan that a trial's parameters stand for."""
         micro = params.get("micro_batch_size", self.batch_size)
-        n_ckpt = params.get("checkpointed_blocks", 0)
         changes: dict[str, Any] = {
             "batch": BatchPlan(micro_batch_size=None if micro == self.batch_size else micro,
                                grad_accum_steps=self.batch_size // micro),
             "precision": PrecisionPlan(mode=params.get("precision", "fp32")),
-            "checkpoint": CheckpointPlan(blocks=self.block_names[:n_ckpt]),
         }
         if len(self.optimizers) > 1:
             changes["optimizer"] = self.optimizers[params["optimizer"]]
@@ -162,15 +170,34 @@ class SearchSpace:
             changes["shard"] = ShardPlan(strategy=strategy, world_size=self.world_size)
             method = params.get(_compress_param(strategy), "none")
             changes["compress"] = CompressPlan(method=method)
-        return base.replace(**changes)
+        plan = base.replace(**changes)
+        if self.checkpoint is not None and "activation_budget" in params:
+            section = self.checkpoint.section(plan,
+                                              round(float(params["activation_budget"]), 4))
+        else:
+            section = CheckpointPlan(
+                blocks=self.block_names[:params.get("checkpointed_blocks", 0)])
+        return plan.replace(checkpoint=section)
+
+    def _checkpoint_param(self, trial: optuna.Trial) -> dict[str, Any]:
+        if self.solves_checkpoints:
+            return {"activation_budget": trial.suggest_float(
+                "activation_budget", 0.0, 1.0, step=_BUDGET_STEP)}
+        return {"checkpointed_blocks": trial.suggest_int("checkpointed_blocks", 0,
+                                                         len(self.block_names))}
+
+    def _checkpoint_extreme(self, *, most: bool) -> dict[str, Any]:
+        """The knob at its most memory-saving (most) or at no checkpointing."""
+        if self.solves_checkpoints:
+            return {"activation_budget": 0.0 if most else 1.0}
+        return {"checkpointed_blocks": len(self.block_names) if most else 0}
 
     def suggest(self, trial: optuna.Trial, base: Plan) -> Plan:
         params = {
             "micro_batch_size": trial.suggest_categorical("micro_batch_size",
                                                           self.micro_batch_sizes),
             "precision": trial.suggest_categorical("precision", list(self.precisions)),
-            "checkpointed_blocks": trial.suggest_int("checkpointed_blocks", 0,
-                                                     len(self.block_names)),
+            **self._checkpoint_param(trial),
         }
         if len(self.optimizers) > 1:
             params["optimizer"] = trial.suggest_categorical(
@@ -190,7 +217,7 @@ class SearchSpace:
         micro = min((d for d in sizes if d >= self.batch_size / 8), default=sizes[-1])
         low = "bf16" if "bf16" in self.precisions else self.precisions[-1]
         params: dict[str, Any] = {"micro_batch_size": micro, "precision": low,
-                                  "checkpointed_blocks": len(self.block_names)}
+                                  **self._checkpoint_extreme(most=True)}
         if len(self.optimizers) > 1:
             params["optimizer"] = 0
         if self.distributed:
@@ -202,7 +229,8 @@ class SearchSpace:
     def default_params(self) -> dict[str, Any]:
         """The untouched model's plan (across ranks: plain DDP, nothing compressed)."""
         params: dict[str, Any] = {"micro_batch_size": self.batch_size,
-                                  "precision": self.precisions[0], "checkpointed_blocks": 0}
+                                  "precision": self.precisions[0],
+                                  **self._checkpoint_extreme(most=False)}
         if len(self.optimizers) > 1:
             params["optimizer"] = 0
         if self.distributed:
@@ -210,6 +238,10 @@ class SearchSpace:
             params["shard"] = strategy
             params[_compress_param(strategy)] = "none"
         return params
+
+
+#: The checkpoint knob's step: 21 budgets from the leanest policies (0) to none (1).
+_BUDGET_STEP = 0.05
 
 
 def _compress_param(strategy: str) -> str:
@@ -582,18 +614,26 @@ def _enqueue_known_good(study: optuna.Study, space: SearchSpace) -> None:
 
 
 def _same_params(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
-    """An earlier finished trial of this study with exactly ``trial``'s parameters."""
+    """An earlier finished trial of this study with exactly ``trial``'s parameters, or
+    with the same plan (two checkpoint budgets the solver answers alike)."""
     finished = trial.study.get_trials(deepcopy=False)
+    same = _same_plan(trial)
     return next((t for t in finished if t.number != trial.number and _counts(t)
-                 and t.params == trial.params), None)
+                 and same(t)), None)
+
+
+def _same_plan(trial: optuna.Trial) -> Callable[[optuna.trial.FrozenTrial], bool]:
+    params, plan = trial.params, trial.user_attrs.get("plan")
+    return lambda t: t.params == params or (plan is not None
+                                            and t.user_attrs.get("plan") == plan)
 
 
 def _running_twin(trial: optuna.Trial) -> int | None:
-    """The number of a trial with ``trial``'s parameters that another worker is running."""
+    """The number of a trial with ``trial``'s plan that another worker is running."""
     running = trial.study.get_trials(deepcopy=False,
                                      states=(optuna.trial.TrialState.RUNNING,))
-    return next((t.number for t in running
-                 if t.number != trial.number and t.params == trial.params), None)
+    same = _same_plan(trial)
+    return next((t.number for t in running if t.number != trial.number and same(t)), None)
 
 
 def _record(records: list[TrialRecord], on_trial: Callable[[TrialRecord], None] | None,
