@@ -172,8 +172,15 @@ class SearchSpace:
             changes["compress"] = CompressPlan(method=method)
         plan = base.replace(**changes)
         if self.checkpoint is not None and "activation_budget" in params:
-            section = self.checkpoint.section(plan,
-                                              round(float(params["activation_budget"]), 4))
+            fraction = round(float(params["activation_budget"]), 4)
+            try:
+                section = self.checkpoint.section(plan, fraction)
+            except Exception:  # the model fails under this plan: its trial reports why
+                # The simulation runs in the tuner's own process; a model that crashes
+                # under (say) bf16 autocast must fail that trial alone, in its isolated
+                # worker, with the model's own error. The nearest old-knob plan goes there.
+                section = CheckpointPlan(
+                    blocks=self.block_names[:round((1.0 - fraction) * len(self.block_names))])
         else:
             section = CheckpointPlan(
                 blocks=self.block_names[:params.get("checkpointed_blocks", 0)])
