@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NamedTuple
 
 import typer
 from rich.console import Console
@@ -142,6 +142,8 @@ def tune(
         console.print(note, highlight=False, soft_wrap=True)
     if report.best is not None:
         console.print(_comparison_table(report, result.plan))
+        if (front := _pareto_table(report, result.plan)) is not None:
+            console.print(front)
     result.plan.save(out)
     console.print(f"plan written to [bold]{out}[/] (capture: {report.capture_strategy})")
 
@@ -224,6 +226,57 @@ def _comparison_table(report, plan) -> Table:
     table.add_row("ratio (plan / baseline)", f"{report.speedup:.2f}x",
                   f"{best.step_time_s / base.step_time_s:.2f}x", f"{report.memory_ratio:.2f}x", "",
                   *ratio)
+    return table
+
+
+class _FrontPoint(NamedTuple):
+    """A measured trial as autoscale.search._report.pareto_front reads it."""
+
+    samples_per_s: float
+    peak: int
+    record: Any
+
+
+def pareto_rows(report) -> list[Any]:
+    """The measured feasible trials (repeats left out) that no other such trial beats on
+    both throughput (higher) and peak memory (lower), lowest peak first."""
+    from autoscale.search._report import pareto_front
+
+    points = [_FrontPoint(r.samples_per_s, r.peak_memory_bytes, r) for r in report.trials
+              if r.state == "measured" and r.feasible and not r.is_repeat
+              and r.samples_per_s and r.peak_memory_bytes]
+    return [p.record for p in pareto_front(points)]
+
+
+def _pareto_table(report, plan) -> Table | None:
+    """The Pareto front of the trials against the baseline, the chosen plan marked; None
+    when no trial was measured (a resumed study that ran nothing)."""
+    rows = pareto_rows(report)
+    if not rows:
+        return None
+    base = report.baseline
+    chosen = plan.digest()
+    marked = any(r.plan.digest() == chosen for r in rows)
+    # Note: [front figures] each trial was measured once, during the search; the baseline
+    # is the confirmed median of the table above, so these ratios are indicative only.
+    caption = ("samples/s and peak: each trial's one measurement in the search; ratios to the "
+               "baseline re-measured above")
+    if not marked:
+        caption += ("\nthe chosen plan is not on this front: its confirmed figures above beat "
+                    "these single measurements")
+    table = Table(title=f"Pareto front of the measured trials: throughput vs peak memory "
+                        f"({len(rows)} of {len(report.trials)} trials)", caption=caption)
+    for col in ("", "#", "plan", "samples/s", "vs baseline", "peak", "vs baseline", "fits"):
+        table.add_column(col, justify="left" if col in ("", "plan") else "right",
+                         no_wrap=col == "plan")
+    for r in rows:
+        ratio = f"{r.samples_per_s / base.samples_per_s:.2f}x" if base else "-"
+        peak_ratio = f"{r.peak_memory_bytes / base.peak_memory_bytes:.2f}x" if base else "-"
+        fits = report.memory_budget is None or r.peak_memory_bytes <= report.memory_budget
+        table.add_row("chosen" if r.plan.digest() == chosen else "", str(r.number),
+                      _plan_summary(r.plan), f"{r.samples_per_s:.1f}", ratio,
+                      format_bytes(r.peak_memory_bytes), peak_ratio, "yes" if fits else "no",
+                      style="bold" if r.plan.digest() == chosen else None)
     return table
 
 
@@ -341,8 +394,42 @@ def bench(
     console.print(table)
 
 
-if __name__ == "__main__":
-    main()
+
+@app.command("apply")
+def apply_plan(
+    script: Script,
+    plan_path: Annotated[Path, typer.Argument(help="The plan file autoscale tune wrote.")],
+    steps: Annotated[int, typer.Option(min=1, help="Training steps to run.")] = 5,
+) -> None:
+    """Apply a saved plan to the workload and train STEPS steps, with no search.
+
+    The production entry: the plan's schema, model fingerprint and world size are checked
+    (another model or world size is refused), another device or torch version warns.
+    Under torchrun each rank trains on its share of the example batch; the process group
+    is joined from torchrun's environment (gloo on CPU, NCCL on CUDA) unless the script
+    already did.
+    """
+    import autoscale
+    from autoscale import _cli_apply as run
+    from autoscale.search._workload import load_workload
+
+    work = load_workload(script)
+    ranks = run.join_ranks(work.model)
+    # Only rank 0 prints, or torchrun interleaves N copies of every table.
+    out = console if ranks.rank == 0 else Console(quiet=True)
+    if not out.is_terminal:
+        out.width = max(out.width, 140)
+    try:
+        plan = autoscale.Plan.load(plan_path)
+        result, warned = run.applied(plan, work, ranks)
+        out.print(run.validation_table(plan_path, plan, result, ranks))
+        for text in warned:
+            out.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
+        trained = run.train(result, work.example_inputs, ranks, steps)
+    finally:
+        run.leave_ranks(ranks)
+    out.print(run.steps_table(trained))
+    out.print(run.summary_table(trained, plan, ranks))
 
 
 Storage = Annotated[str, typer.Argument(help="The study's Optuna storage: a SQLite path "
@@ -414,3 +501,7 @@ def dashboard(
     console.print(f"optuna-dashboard on http://127.0.0.1:{port} (Ctrl-C to stop)")
     raise typer.Exit(subprocess.call([exe, url or storage, "--host", "127.0.0.1",
                                       "--port", str(port)]))
+
+
+if __name__ == "__main__":
+    main()
