@@ -128,9 +128,11 @@ def _checkpointed_forward(forward: Any, context_fn: Callable[[], Any] | None,
         return forward(*args, **kwargs)
     # Non-reentrant: supports kwargs, inputs that do not require grad (the first block's
     # input often does not) and context_fn; it is the variant PyTorch recommends.
+    # A full block passes no context_fn at all: Dynamo (torch.compile over a checkpointed
+    # block) refuses an explicit noop_context_fn, while the default is the same thing.
+    extra = {} if context_fn is None else {"context_fn": context_fn}
     return torch.utils.checkpoint.checkpoint(
-        forward, *args, use_reentrant=False, preserve_rng_state=True,
-        context_fn=context_fn or torch.utils.checkpoint.noop_context_fn, **kwargs
+        forward, *args, use_reentrant=False, preserve_rng_state=True, **extra, **kwargs
     )
 
 

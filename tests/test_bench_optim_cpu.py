@@ -31,8 +31,10 @@ def test_small_run_prints_every_row_and_the_goals(capsys) -> None:
     for table in ("AdamW bf16", "SGD bf16"):
         assert any(r.startswith(table) and "autoscale ref" in r and r.endswith("reference")
                    for r in rows)
-    assert sum(r.startswith(("LAMB", "LARS")) and "foreach" in r and r.endswith("foreach")
-               for r in rows) == 4
+    # the auto rows end with whichever kernel the dispatcher picked (foreach under load):
+    # only the fixed foreach rows are counted
+    assert sum(r.startswith(("LAMB", "LARS")) and "autoscale auto" not in r
+               and "foreach" in r and r.endswith("foreach") for r in rows) == 4
     assert out.count("(stream)") == 6
     assert out.count("goal: autoscale") == 2
     assert out.count("claim: autoscale") == 4

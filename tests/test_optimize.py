@@ -128,6 +128,7 @@ def test_inputs_that_do_not_match_the_model(gpt) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # ~20-30 s; resume is also shown fast by tests/test_cli.py's Ctrl-C test
 def test_study_resumes_from_sqlite(gpt, tmp_path) -> None:
     model, batch = gpt
     db = tmp_path / "study.db"
@@ -235,6 +236,7 @@ def test_default_precisions_skip_fp16_on_cpu_but_honour_an_explicit_list() -> No
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # ~20 s
 def test_repeated_proposals_are_reused_not_measured_and_do_not_count(gpt) -> None:
     model, batch = gpt
     records = []
