@@ -115,6 +115,7 @@ def optimize(
     compressors: Sequence[str] | None = None,
     heartbeat_s: float = 10.0,
     sampler: str = "tpe",
+    compile_modes: Sequence[str] | None = None,
 ) -> Result:
     """Search for the fastest plan whose measured peak memory fits ``memory_budget``.
 
@@ -151,6 +152,16 @@ def optimize(
 
     ``sampler`` is Optuna's TPE ("tpe", the default, which reads the memory constraint)
     or its random sampler ("random", the baseline the search-quality benchmark uses).
+
+    ``compile_modes`` lets the search put the model under torch.compile (see
+    autoscale/plan/_compile.py): "off", "inductor" (with the solver's checkpoint policies)
+    and "inductor-budget" (inductor's own activation_memory_budget, set from the same
+    activation-budget knob, with no checkpoint section). Default: "off" and "inductor" on
+    CUDA, "off" only on CPU, where compiling costs tens of seconds per trial for about 1.0x
+    (measured on examples/gpt.py); name them to search them anywhere. One-process plans
+    only. A trial's compile time is reported apart from its step time (the
+    ``compile_time_s`` user attribute of its Optuna trial, and TrialRecord.compile_time_s),
+    and a compile failure fails that trial alone.
     """
     return _optimize(model, example_inputs, source=None, loss_fn=loss_fn,
                      memory_budget=memory_budget, optimizer=optimizer,
@@ -160,7 +171,8 @@ def optimize(
                      inplace=inplace, on_trial=on_trial, isolate=isolate,
                      heartbeat_s=heartbeat_s,
                      trial_timeout=trial_timeout, world_size=world_size,
-                     compressors=compressors, sampler=sampler)
+                     compressors=compressors, sampler=sampler,
+                     compile_modes=compile_modes)
 
 
 def optimize_script(path: str | os.PathLike[str], **options: Any) -> Result:
@@ -478,7 +490,8 @@ def _setup(model: nn.Module, example_inputs: Batch, *, memory_budget: int | str 
            optimizer: str = "adamw", optimizer_kwargs: dict[str, Any] | None = None,
            precisions: Sequence[str] | None = None,
            allowed_optimizers: Sequence[str] | None = None, world_size: int = 1,
-           compressors: Sequence[str] | None = None) -> _Setup:  # fmt: skip
+           compressors: Sequence[str] | None = None,
+           compile_modes: Sequence[str] | None = None) -> _Setup:  # fmt: skip
     batch = check_batch(example_inputs)
     budget = None if memory_budget is None else parse_bytes(memory_budget)
     device = next(model.parameters()).device
@@ -497,7 +510,8 @@ def _setup(model: nn.Module, example_inputs: Batch, *, memory_budget: int | str 
                         block_names=tuple(b.fqn for b in graph.blocks),
                         precisions=_check_precisions(precisions, device),
                         optimizers=candidates, world_size=world_size,
-                        compressors=_check_compressors(compressors, world_size))
+                        compressors=_check_compressors(compressors, world_size),
+                        compile_modes=_check_compile_modes(compile_modes, device, world_size))
     return _Setup(batch, budget, opt_plan, space, base, graph, device, world_size)
 
 
@@ -637,6 +651,28 @@ def _optimizer_candidates(chosen: OptimizerPlan, allowed: Sequence[str] | None,
         return (chosen,)
     plans = [chosen] + [optimizer_plan(n, kwargs) for n in allowed if n != chosen.kind]
     return tuple(plans)
+
+
+def _check_compile_modes(modes: Sequence[str] | None, device: torch.device,
+                         world_size: int) -> tuple[str, ...]:  # fmt: skip
+    from autoscale.plan._compile import COMPILE_MODES
+
+    if modes is None:
+        # On CPU inductor measured ~1.0x on the example models for 10-30 s of compile per
+        # trial: searching it by default would only spend the user's trials.
+        modes = ("off", "inductor") if device.type == "cuda" else ("off",)
+    modes = tuple(dict.fromkeys(modes))
+    bad = [m for m in modes if m not in COMPILE_MODES]
+    if bad or not modes:
+        raise TunerError(f"compile_modes={list(modes)!r}: each must be one of "
+                         f"{list(COMPILE_MODES)}.")
+    if world_size > 1 and modes != ("off",):
+        if "off" not in modes:
+            raise TunerError(f"compile_modes={list(modes)!r} at world_size={world_size}: "
+                             "autoscale compiles one-process plans only; add 'off' or use "
+                             "world_size=1.")
+        return ("off",)
+    return modes
 
 
 def _check_precisions(precisions: Sequence[str] | None, device: torch.device

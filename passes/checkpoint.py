@@ -130,7 +130,7 @@ def _checkpointed_forward(forward: Any, context_fn: Callable[[], Any] | None,
     # input often does not) and context_fn; it is the variant PyTorch recommends.
     # A full block passes no context_fn at all: Dynamo (torch.compile over a checkpointed
     # block) refuses an explicit noop_context_fn, while the default is the same thing.
-    extra = {} if context_fn is None else {"context_fn": context_fn}
+    extra: dict[str, Any] = {} if context_fn is None else {"context_fn": context_fn}
     return torch.utils.checkpoint.checkpoint(
         forward, *args, use_reentrant=False, preserve_rng_state=True, **extra, **kwargs
     )

@@ -71,6 +71,16 @@ class Measurement:
     """Bytes this rank sent in collectives per optimizer step (filled from the compression
     pass's counters, not by :func:`measure`); None where nothing counted them (one
     process, an uncounted hook)."""
+    first_step_s: float | None = None
+    """Wall time of the first (warm-up) step, None with ``warmup=0``: one-off costs land
+    there (torch.compile's compilation above all), kept apart from ``step_time_s``."""
+
+    @property
+    def first_step_overhead_s(self) -> float | None:
+        """What the first step cost beyond a steady one (a compiled plan's compile time)."""
+        if self.first_step_s is None:
+            return None
+        return max(0.0, self.first_step_s - self.step_time_s)
 
     def __post_init__(self) -> None:
         if not self.step_times_s or any(t <= 0 for t in self.step_times_s):
@@ -133,8 +143,13 @@ def measure(
     dev = _resolve_device(batch, model, device)
     sync = _synchronizer(dev)
 
-    for _ in range(warmup):
+    first: float | None = None
+    for i in range(warmup):
+        start = time.perf_counter()
         step_fn(batch)  # the loss is dropped at once so it is not live in the next step
+        if i == 0:
+            sync()
+            first = time.perf_counter() - start
     sync()
     # Garbage in reference cycles from earlier steps would otherwise sit in the CUDA
     # baseline, or be freed at a random point inside the tracked step.
@@ -160,6 +175,7 @@ def measure(
         baseline_bytes=tracker.baseline_bytes,
         device=str(dev),
         batch_size=batch_size,
+        first_step_s=first,
     )
 
 

@@ -33,6 +33,7 @@ from autoscale.errors import PlanError, TunerError
 from autoscale.plan import (
     BatchPlan,
     CheckpointPlan,
+    CompilePlan,
     CompressPlan,
     OptimizerPlan,
     Plan,
@@ -132,6 +133,9 @@ class SearchSpace:
     world_size: int = 1
     strategies: tuple[str, ...] = ("ddp", "zero1", "zero2", "zero3")
     compressors: tuple[str, ...] = ("none",)
+    compile_modes: tuple[str, ...] = ("off",)
+    """torch.compile modes the search may pick (autoscale/plan/_compile.py): a knob only
+    when more than one is allowed, and only for one-process plans."""
     checkpoint: CheckpointBudgets | None = dataclasses.field(default=None, compare=False)
     """The solver behind the checkpoint knob (Note: [the checkpoint knob]): the knob is
     then ``activation_budget``, a fraction, and every block gets the policy (none, full or
@@ -170,7 +174,17 @@ class SearchSpace:
             changes["shard"] = ShardPlan(strategy=strategy, world_size=self.world_size)
             method = params.get(_compress_param(strategy), "none")
             changes["compress"] = CompressPlan(method=method)
+        mode = params.get("compile", self.compile_modes[0] if not self.distributed else "off")
+        if mode != "off":
+            changes["compile"] = CompilePlan(
+                mode=mode, activation_memory_budget=1.0 if mode == "inductor-budget" else None)
         plan = base.replace(**changes)
+        if mode == "inductor-budget" and "activation_budget" in params:
+            # Note: [compile's own budget]: the same knob, handed to inductor's min-cut
+            # partitioner instead of the solver (the alternative the benchmark compares).
+            fraction = max(_MIN_COMPILE_BUDGET, round(float(params["activation_budget"]), 4))
+            return plan.replace(compile=CompilePlan(mode=mode,
+                                                    activation_memory_budget=fraction))
         if self.checkpoint is not None and "activation_budget" in params:
             fraction = round(float(params["activation_budget"]), 4)
             try:
@@ -206,6 +220,8 @@ class SearchSpace:
             "precision": trial.suggest_categorical("precision", list(self.precisions)),
             **self._checkpoint_param(trial),
         }
+        if len(self.compile_modes) > 1 and not self.distributed:
+            params["compile"] = trial.suggest_categorical("compile", list(self.compile_modes))
         if len(self.optimizers) > 1:
             params["optimizer"] = trial.suggest_categorical(
                 "optimizer", list(range(len(self.optimizers))))
@@ -227,6 +243,8 @@ class SearchSpace:
                                   **self._checkpoint_extreme(most=True)}
         if len(self.optimizers) > 1:
             params["optimizer"] = 0
+        if len(self.compile_modes) > 1 and not self.distributed:
+            params["compile"] = "off"
         if self.distributed:
             strategy = self.strategies[-1]
             params["shard"] = strategy
@@ -240,6 +258,8 @@ class SearchSpace:
                                   **self._checkpoint_extreme(most=False)}
         if len(self.optimizers) > 1:
             params["optimizer"] = 0
+        if len(self.compile_modes) > 1 and not self.distributed:
+            params["compile"] = self.compile_modes[0]
         if self.distributed:
             strategy = self.strategies[0]
             params["shard"] = strategy
@@ -249,6 +269,8 @@ class SearchSpace:
 
 #: The checkpoint knob's step: 21 budgets from the leanest policies (0) to none (1).
 _BUDGET_STEP = 0.05
+#: inductor's activation_memory_budget must be > 0: the knob's 0 becomes this.
+_MIN_COMPILE_BUDGET = 0.05
 
 
 def _compress_param(strategy: str) -> str:
@@ -324,6 +346,9 @@ class TrialRecord:
     counted: int = 0
     """Trials of the study that count towards the requested total once this one ends
     (earlier runs of a resumed study included): the progress bar's position."""
+    compile_time_s: float | None = None
+    """A compiled plan's compile time (its first step beyond a steady one), reported apart
+    from the step time; None for eager plans."""
 
     @property
     def is_repeat(self) -> bool:
@@ -486,8 +511,12 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
         trial.set_constraint(_CONSTRAINT, over)
         trial.set_user_attr("peak_memory_bytes", int(m.peak_memory_bytes))
         trial.set_user_attr("step_time_s", float(m.step_time_s))
+        compile_s = m.first_step_overhead_s if plan.compile.active else None
+        if compile_s is not None:
+            trial.set_user_attr("compile_time_s", float(compile_s))
         _record(records, on_trial, TrialRecord(trial.number, plan, "measured", m.samples_per_s,
-                                               m.peak_memory_bytes, est, over <= 0), trial.study)
+                                               m.peak_memory_bytes, est, over <= 0,
+                                               compile_time_s=compile_s), trial.study)
         return float(m.samples_per_s)
 
     def _repeat(trial: optuna.Trial, prior: optuna.trial.FrozenTrial, plan: Plan,
