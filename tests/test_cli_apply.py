@@ -56,8 +56,8 @@ def losses(stdout: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def mlp_plan() -> Plan:
-    """A plan for examples/mlp.py that rewrites something (micro-batches of 16 accumulated
-    4 times, two blocks fully checkpointed), with its figures measured here for real."""
+    """A plan for examples/mlp.py that rewrites something (micro-batches of 32 accumulated
+    twice, two blocks fully checkpointed), with its figures measured here for real."""
     import mlp
 
     from autoscale.capture import capture
@@ -65,10 +65,10 @@ def mlp_plan() -> Plan:
     model, batch, loss_fn = mlp.build()
     plan = Plan(fingerprint=Fingerprint.of(model, capture(model, batch).structure_hash()),
                 environment=Environment.current("cpu")).replace(
-        batch=BatchPlan(micro_batch_size=16, grad_accum_steps=4),
+        batch=BatchPlan(micro_batch_size=32, grad_accum_steps=2),
         checkpoint=CheckpointPlan.of({"net.blocks.0": "full", "net.blocks.2": "full"}))
     m = autoscale.measure(autoscale.apply(plan, model, batch, loss_fn=loss_fn), batch,
-                          warmup=1, iters=2)
+                          warmup=0, iters=1)
     return plan.replace(measured=Measured(
         samples_per_s=m.samples_per_s, step_time_s=m.step_time_s,
         peak_memory_bytes=m.peak_memory_bytes, memory_budget_bytes=64 * 2**20,
