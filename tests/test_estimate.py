@@ -63,6 +63,8 @@ def test_a_linear_stack_is_counted_byte_for_byte(stack, checkpointed) -> None:
     saved = L * B * D * F32 + F32
     if not checkpointed:
         saved += L * B * H * F32
+    else:  # and the CPU RNG state each checkpointed block replays in its recompute
+        saved += L * torch.get_rng_state().numel()
     assert est.activations == saved
     assert est.total == _measured(plan, model, batch)
 

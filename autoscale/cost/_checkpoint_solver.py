@@ -320,7 +320,7 @@ def _fake_forward(model: nn.Module, batch: Any, plan: Plan, fqns: list[str], los
     ``count_ops``) each block's forward ops with their priced seconds."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from autoscale.cost._simulate import _fake_batch, _fake_copy
+    from autoscale.cost._simulate import _fake_batch, _fake_copy, _rng_states_counted
     from autoscale.measure._memory import PeakMemoryTracker
     from autoscale.runtime import build_result
     from autoscale.runtime._batch import call_model, compute_loss, split_batch
@@ -333,8 +333,11 @@ def _fake_forward(model: nn.Module, batch: Any, plan: Plan, fqns: list[str], los
         micro, _ = next(iter(split_batch(fake_batch, plan.batch.micro_batch_size)))
         result.model.train()
         roots = (result.model, fake_batch)
+        # A checkpointed block keeps the CPU RNG state it replays in recompute (5056 bytes,
+        # made outside the dispatcher): counted, or tight budgets are missed by that much.
         with PeakMemoryTracker(roots=roots, device="cpu", fake=True) as tracker, \
-                _OpPrices(rates, run.ops, enabled=count_ops) as prices:
+                _OpPrices(rates, run.ops, enabled=count_ops) as prices, \
+                _rng_states_counted(tracker):
             handles = _block_hooks(result.model, fqns, tracker, run.kept, prices)
             try:
                 loss = compute_loss(result.loss_fn, call_model(result.model, micro), micro)

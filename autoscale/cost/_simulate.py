@@ -299,7 +299,8 @@ def _saved_by_forward(result: Any, batch: Batch, roots: Any) -> tuple[int, int]:
     micro, _ = next(iter(split_batch(batch, result.plan.batch.micro_batch_size)))
     result.model.train()
     copies = _WeightCopies(result.model)
-    with PeakMemoryTracker(roots=roots, device="cpu", fake=True) as tracker, copies:
+    with PeakMemoryTracker(roots=roots, device="cpu", fake=True) as tracker, copies, \
+            _rng_states_counted(tracker):
         loss = compute_loss(result.loss_fn, call_model(result.model, micro), micro)
         saved = tracker.current_bytes - tracker.baseline_bytes
     del loss

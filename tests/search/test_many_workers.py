@@ -17,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _postgres
 
 ROOT = Path(__file__).resolve().parents[2]
+# The workload's space holds 8 distinct plans (4 micro-batch sizes x fp32/bf16; its blocks
+# are too small for checkpointing to save memory, so the checkpoint knob adds none).
 TRIALS = 6
 
 
@@ -33,7 +35,7 @@ def _tune(url: str, out: Path) -> subprocess.Popen[bytes]:
     cmd = [str(Path(sys.executable).parent / "autoscale"), "tune",
            str(ROOT / "tests" / "workloads" / "ranked.py"), "--storage", url,
            "--study-name", "shared",
-           "--trials", str(TRIALS), "--heartbeat", "1", "--precision", "fp32",
+           "--trials", str(TRIALS), "--heartbeat", "1", "--precision", "fp32", "--precision", "bf16",
            "--out", str(out)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)  # its own group: killed with its worker
