@@ -68,6 +68,7 @@ def test_short_optimize_returns_a_measured_plan_that_fits(gpt) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # ~30 s
 def test_tight_budget_forces_memory_saving_plan(gpt) -> None:
     model, batch = gpt
     loose = autoscale.optimize(model, batch, trials=2, seed=0, precisions=FAST)
@@ -195,6 +196,7 @@ class RefusesBf16(TwoBlocks):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # ~19 s; crashes in trials: tests/search/test_workers.py's sweep
 def test_a_crashing_trial_fails_alone() -> None:
     model = RefusesBf16()
     result = autoscale.optimize(model, (torch.randn(8, 16),), trials=4, precisions=FAST)
@@ -207,6 +209,7 @@ def test_a_crashing_trial_fails_alone() -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # ~21 s
 def test_tuner_may_choose_among_allowed_optimizers(gpt) -> None:
     model, batch = gpt
     result = autoscale.optimize(model, batch, trials=6, precisions=("fp32",),
@@ -223,6 +226,7 @@ def test_tuner_may_choose_among_allowed_optimizers(gpt) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # ~12 s
 def test_default_precisions_skip_fp16_on_cpu_but_honour_an_explicit_list() -> None:
     model, batch = TwoBlocks(), (torch.randn(8, 16),)
     seen: list[str] = []
