@@ -187,6 +187,21 @@ def test_the_fake_step_counts_the_ops_a_real_step_runs(stack) -> None:
         result.accumulate((batch,))
     assert counter.op_count + est.optimizer_counts[1] == est.ops
     assert sorted((*k, n) for k, n in counter.ops.items()) == list(est.counted)
+    # Four micro-batches: the first two are counted, the second once per later one (Note:
+    # [simulating two micro-batches]). Every op with FLOPs is counted as the real step
+    # runs it; ops without differ by the real step's slicing of the batch into
+    # micro-batches and by the 0-dim loss total (measured: 13 of 385 ops, 8% of the bytes).
+    plan = plan.replace(batch=BatchPlan(micro_batch_size=B // 4, grad_accum_steps=4))
+    est = estimate_step_time(model, batch, plan, rates=RATES)
+    with OpCounter() as counter:
+        build_result(plan, model).accumulate((batch,))
+    estimated = {c[:4]: c[4] for c in est.counted}
+    for key, n in counter.ops.items():
+        if key[0] > 0:
+            assert estimated.get(key) == n, key
+    assert abs(est.ops - est.optimizer_counts[1] - counter.op_count) <= 16
+    real_bytes = sum(k[1] * n for k, n in counter.ops.items())
+    assert est.bytes - est.optimizer_counts[0] == pytest.approx(real_bytes, rel=0.1)
 
 
 def test_dropout_is_priced_by_the_random_numbers_drawn() -> None:

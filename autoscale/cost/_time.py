@@ -236,11 +236,24 @@ def _count_step(model: nn.Module, batch: Batch, plan: Plan, *, loss_fn: LossFn |
                 graph: Any) -> tuple[OpCounter, list[nn.Parameter]]:
     """Every micro-batch's forward and backward of the planned step on fake tensors, under
     an OpCounter; with the planned model's trainable parameters (fake)."""
-    from autoscale.cost._simulate import fake_step
+    from autoscale.cost._simulate import fake_step, first_micro_batches
+    from autoscale.runtime._batch import split_batch
 
-    with fake_step(model, batch, plan, loss_fn=loss_fn, graph=graph) as (result, fake_batch), \
-            OpCounter() as counter:
-        result.accumulate(fake_batch)
+    # Every micro-batch after the first runs the same ops (the first's, plus adding its
+    # gradients to those held): Note: [simulating two micro-batches]. The first two are
+    # counted, the second once per later micro-batch. The 0-dim loss total's creation is
+    # then counted once a micro-batch, a few scalar ops too many in a step of thousands.
+    accum = plan.batch.grad_accum_steps if plan.batch.micro_batch_size is not None else 1
+    with fake_step(model, batch, plan, loss_fn=loss_fn, graph=graph) as (result, fake_batch):
+        micros = first_micro_batches(fake_batch, plan, 2)
+        parts = [m for m, _ in split_batch(micros, plan.batch.micro_batch_size)]
+        with OpCounter() as counter:
+            result.accumulate(parts[0] if accum > 1 else fake_batch)
+        if accum > 1:
+            with OpCounter() as later:
+                result.accumulate(parts[1])
+            for key, n in later.ops.items():
+                counter.ops[key] += n * (accum - 1)
     seen: dict[int, nn.Parameter] = {}
     for p in result.model.parameters():
         if p.requires_grad:
