@@ -20,7 +20,7 @@ from autoscale._units import format_bytes, parse_bytes
 from autoscale.capture._capture import capture
 from autoscale.cost._checkpoint_solver import CheckpointBudgets
 from autoscale.cost._cost import calibrate, static_bytes
-from autoscale.errors import InfeasibleError, PlanMismatchError, TunerError
+from autoscale.errors import InfeasibleError, PlanError, PlanMismatchError, TunerError
 from autoscale.measure import Measurement
 from autoscale.plan import (
     CompressPlan,
@@ -34,6 +34,7 @@ from autoscale.plan import (
 from autoscale.runtime._batch import Batch, LossFn, batch_size, check_batch
 from autoscale.runtime._optimizers import optimizer_plan
 from autoscale.runtime._result import Result, build_result
+from autoscale.search._guesses import best_guesses
 from autoscale.search._study import (
     SAMPLERS,
     LinkCheck,
@@ -215,10 +216,13 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
               loss_fn: LossFn | None = None,
               on_trial: Callable[[TrialRecord], None] | None = None,
               network: RankNetwork | None = None, heartbeat_s: float = 10.0,
-              sampler: str = "tpe", **knobs: Any) -> Result:  # fmt: skip
+              sampler: str = "tpe", cost_guesses: bool = True,
+              **knobs: Any) -> Result:  # fmt: skip
     """optimize()'s body; ``knobs`` are _setup()'s arguments, ``source`` the workers'
     workload (None: serialize the model when isolating), ``network`` where the trial ranks
-    run (default loopback; bench/bench_compress.py --tune runs them across a shaped link)."""
+    run (default loopback; bench/bench_compress.py --tune runs them across a shaped link),
+    ``cost_guesses`` whether the cost model's best guesses are measured first (Note: [the
+    cost model orders the candidates]; off only to measure what they bring)."""
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
         raise TunerError(f"trials must be an integer >= 0, got {trials!r}.")
     if trial_timeout is not None and not trial_timeout > 0:
@@ -256,11 +260,14 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
         estimates = PlanEstimates(model, setup.batch, setup.graph, loss_fn=loss_fn,
                                   calibration=calibration)
         space, solver_note = _with_checkpoint_solver(space, model, setup, loss_fn)
-        notes = (*notes, *filter(None, [solver_note]))
+        guesses, guess_note = _cost_model_guesses(
+            space, model, setup, estimates, baseline, study, loss_fn=loss_fn,
+            k=_guess_count(trials), seed=seed) if cost_guesses else ([], None)
+        notes = (*notes, *filter(None, [solver_note, guess_note]))
         records = run_search(study, space, setup.base, estimates=estimates,
                              budget=setup.budget, trials=trials,
                              measure=lambda plan: runner.measure(plan, timeout_s=timeout),
-                             on_trial=on_trial)
+                             on_trial=on_trial, guesses=guesses)
         finalists = top_feasible(study, setup.budget, _FINALISTS)
         if not finalists:
             raise _nothing_fits(setup.budget, baseline, study,
@@ -293,6 +300,47 @@ def _with_checkpoint_solver(space: SearchSpace, model: nn.Module, setup: _Setup,
         return space, (f"checkpoint knob: the first n blocks, fully checkpointed (the "
                        f"solver could not simulate the model: {type(err).__name__}: {err})")
     return dataclasses.replace(space, checkpoint=budgets), None
+
+
+def _guess_count(trials: int) -> int:
+    """How many of the cost model's best guesses a tune of ``trials`` trials queues: a
+    third of them, at most 4, so the sampler keeps most of a long search."""
+    return max(1, min(4, trials // 3))
+
+
+def _cost_model_guesses(space: SearchSpace, model: nn.Module, setup: _Setup,
+                        estimates: PlanEstimates, baseline: Measurement, study: Any, *,
+                        loss_fn: LossFn | None, k: int, seed: int,
+                        ) -> tuple[list[Any], str | None]:  # fmt: skip
+    """The plans the cost model expects to fit and to run fastest, to be measured first
+    (Note: [the cost model orders the candidates]), with the note the report prints.
+    Step times are priced at this machine's rates refined on the measured baseline."""
+    from autoscale.cost import estimate_step_time, machine_rates, refine
+
+    if setup.device.type != "cpu":
+        return [], (f"cost model: no best guesses on {setup.device.type} (its step-time "
+                    "rates are calibrated on the CPU only); the sampler starts alone")
+    link = study.user_attrs.get("link_check")
+    link_rate = link["gradient_bytes"] / link["all_reduce_s"] if link else None
+    if setup.world_size > 1 and not link_rate:
+        return [], ("cost model: no best guesses (the link between the ranks was not "
+                    "timed: compression is off)")
+
+    def seconds(plan: Plan, rates: Any) -> float:
+        return estimate_step_time(model, setup.batch, plan, loss_fn=loss_fn, graph=setup.graph,
+                                  rates=rates, link_bytes_per_s=link_rate).total_s
+
+    try:
+        rates = machine_rates()
+        reference = estimate_step_time(model, setup.batch, setup.reference, loss_fn=loss_fn,
+                                       graph=setup.graph, rates=rates,
+                                       link_bytes_per_s=link_rate)
+        rates = refine(rates, reference, baseline.step_time_s)
+    except PlanError as err:
+        return [], f"cost model: no best guesses (step time not estimable: {err})"
+    return best_guesses(space, setup.base, memory=estimates.bytes,
+                        step_time=lambda plan: seconds(plan, rates), budget=setup.budget,
+                        k=k, seed=seed)
 
 
 #: The convergence guardrail: steps of each A/B run, the tail averaged, and the largest
@@ -335,8 +383,9 @@ def _guarded_winner(setup: _Setup, runner: TrialRunner, plans: list[Plan],
     A plan with a lossy knob (lossy_knobs) wins only if a short A/B run keeps its loss
     curve with its exact twin's: both train GUARD_STEPS steps on the example batch from
     the same weights and seed, and the mean loss of the last GUARD_TAIL steps may differ
-    by at most GUARD_TOLERANCE, relative. Otherwise the lossy finalists are set aside and
-    the best exact one wins (none left: TunerError). The figures go on the study
+    by at most GUARD_TOLERANCE, relative. Otherwise that plan is set aside and the next
+    best finalist is judged the same way, until an exact one or a lossy one that keeps
+    the curve wins (none left: TunerError). The figures go on the study
     (user attr "convergence_check") and into the report's notes.
     """
     exclude: set[int] = set()
@@ -360,7 +409,11 @@ def _guarded_winner(setup: _Setup, runner: TrialRunner, plans: list[Plan],
                 convergence_exact_loss=check["exact"], convergence_tolerance=GUARD_TOLERANCE,
                 convergence_steps=GUARD_STEPS)
             return plan.replace(measured=measured), (*why, *notes)
-        exclude |= {i for i, p in enumerate(plans) if lossy_knobs(p)}
+        # Only this plan is set aside: another lossy finalist (int8 where PowerSGD drifted)
+        # may keep the curve, and gets its own check before an exact plan wins.
+        exclude.add(next(i for i, p in enumerate(plans) if i not in exclude and p.replace(
+            fingerprint=plan.fingerprint, environment=plan.environment,
+            measured=plan.measured) == plan))
         if all(i in exclude or m is None for i, m in enumerate(confirmed)):
             raise TunerError("every finalist that fits uses a lossy knob whose loss curve "
                              f"left the exact plan's ({notes[-1]}); raise the budget, or "
@@ -400,8 +453,9 @@ def _space_for_the_link(space: SearchSpace, runner: TrialRunner, baseline: Measu
                         ) -> tuple[SearchSpace, tuple[str, ...]]:  # fmt: skip
     """The search space with compression dropped where the link says it cannot pay (Note:
     [when compression can pay]); the check is stored on the study and reported."""
-    if not isinstance(runner, WorkerRunner) or runner.world_size == 1 or not any(
-            c != "none" for c in space.compressors):
+    # Timed even where no compressor is allowed: the cost model's step times need the
+    # link's rate (Note: [the cost model orders the candidates]).
+    if not isinstance(runner, WorkerRunner) or runner.world_size == 1:
         return space, ()
     grads = baseline.comm_bytes_per_step or 0
     try:

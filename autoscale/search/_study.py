@@ -18,7 +18,7 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -454,7 +454,7 @@ def _counts(t: optuna.trial.FrozenTrial) -> bool:
 def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
                estimates: PlanEstimates, budget: int | None, trials: int,
                measure: Measure, on_trial: Callable[[TrialRecord], None] | None = None,
-               ) -> list[TrialRecord]:
+               guesses: Sequence[Any] = ()) -> list[TrialRecord]:
     """Run trials until the study holds ``trials`` counted ones; returns this run's records.
 
     A resumed study (same storage and name) runs only the missing trials, and a plan
@@ -465,12 +465,18 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
     reason (Note: [pruning on the estimate]). KeyboardInterrupt propagates after the
     running trial is marked interrupted
     (FAIL, not counted, measured again on resume).
+
+    ``guesses`` (autoscale/search/_guesses.py's Guess) are queued right after the
+    untouched model's plan and before the frugal one: Note: [the cost model orders the
+    candidates]. A guessed trial records its ``estimated_step_s``.
     """
     from autoscale.search._workers import TrialFailed
 
     records: list[TrialRecord] = []
     fail_orphans(study)
-    _enqueue_known_good(study, space)
+    _enqueue_known_good(study, space, [g.params for g in guesses])
+    step_guess = {json.dumps(g.plan.to_dict(), sort_keys=True): g.estimated_step_s
+                  for g in guesses}
 
     def objective(trial: optuna.Trial) -> float:
         try:
@@ -483,6 +489,9 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
         est = estimates.bytes(plan)
         trial.set_user_attr("plan", plan.to_dict())
         trial.set_user_attr("estimated_bytes", est)
+        guessed = step_guess.get(json.dumps(plan.to_dict(), sort_keys=True))
+        if guessed is not None:
+            trial.set_user_attr("estimated_step_s", guessed)
         prior = _same_params(trial)
         if prior is not None:
             return _repeat(trial, prior, plan, est)
@@ -637,13 +646,15 @@ def fail_orphans(study: optuna.Study) -> list[int]:
     return failed
 
 
-def _enqueue_known_good(study: optuna.Study, space: SearchSpace) -> None:
-    """Queue the default and the frugal plan unless the study already tried or queued them
-    (a resumed study whose first trial Ctrl-C stopped queues it again)."""
+def _enqueue_known_good(study: optuna.Study, space: SearchSpace,
+                        guesses: Sequence[dict[str, Any]] = ()) -> None:
+    """Queue the default plan, the cost model's ``guesses`` and the frugal plan, in that
+    order, unless the study already tried or queued them (a resumed study whose first
+    trial Ctrl-C stopped queues it again)."""
     done = [t.params for t in study.get_trials(deepcopy=False) if _counts(t)]
     waiting = [t.params for t in study.get_trials(
         deepcopy=False, states=(optuna.trial.TrialState.WAITING,))]
-    for params in (space.default_params(), space.frugal_params()):
+    for params in (space.default_params(), *guesses, space.frugal_params()):
         if params not in done and params not in waiting:
             study.enqueue_trial(params)
             waiting.append(params)

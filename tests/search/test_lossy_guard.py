@@ -150,3 +150,33 @@ def test_a_lossy_winner_outside_the_tolerance_gives_way_to_the_best_exact_plan(
     with pytest.raises(TunerError, match="lossy knob"):
         api._guarded_winner(setup, runner, plans[:1], peaks[:1], confirmed[:1],
                             _measured(80.0, 200), {}, study, timeout_s=60)
+
+
+def test_a_second_lossy_finalist_gets_its_own_check_after_the_first_is_set_aside(
+        setup, monkeypatch) -> None:  # fmt: skip
+    import optuna
+
+    import autoscale._api as api
+    from autoscale.runtime._optimizers import optimizer_plan
+
+    runner, plans, peaks, confirmed = _guard_case(setup)
+    # Finalists, fastest first: 8-bit AdamW (drifts), 8-bit with other betas (keeps the
+    # curve), then the exact plan.
+    keeps = setup.base.replace(optimizer=optimizer_plan("adamw8bit", {"betas": (0.8, 0.99)}))
+    plans, peaks = [plans[0], keeps, plans[1]], [100, 100, 100]
+    confirmed = [_measured(130.0, 100), _measured(120.0, 100), _measured(100.0, 100)]
+    checked = []
+
+    def check(runner, plan, *, timeout_s):
+        checked.append(plan.optimizer.kwargs.get("betas"))
+        passed = plan.optimizer.kwargs.get("betas") is not None
+        return {"passed": passed, "lossy": 1.0, "exact": 1.0, "gap": 0.0 if passed else 0.5}
+
+    monkeypatch.setattr(api, "_convergence_check", check)
+    plan, notes = api._guarded_winner(setup, runner, plans, peaks, confirmed,
+                                      _measured(80.0, 200), {}, study := optuna.create_study(),
+                                      timeout_s=60)
+    assert checked == [None, (0.8, 0.99)]
+    assert plan.optimizer.kind == "adamw8bit" and plan.optimizer.kwargs["betas"] == (0.8, 0.99)
+    assert "set aside" in notes[0] and "kept" in notes[1]
+    assert study.user_attrs["convergence_check"]["passed"]

@@ -35,7 +35,8 @@ def _tune(url: str, out: Path) -> subprocess.Popen[bytes]:
     cmd = [str(Path(sys.executable).parent / "autoscale"), "tune",
            str(ROOT / "tests" / "workloads" / "ranked.py"), "--storage", url,
            "--study-name", "shared",
-           "--trials", str(TRIALS), "--heartbeat", "1", "--precision", "fp32", "--precision", "bf16",
+           "--trials", str(TRIALS), "--heartbeat", "1",
+           "--precision", "fp32", "--precision", "bf16",
            "--out", str(out)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)  # its own group: killed with its worker

@@ -1,0 +1,84 @@
+"""The cost model's best guesses (Note: [the cost model orders the candidates]): the coarse
+grid covers every knob, the guesses fit the budget by the estimate and come fastest first,
+and a tune measures them right after the untouched model's plan."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from tests_helpers import tiny_gpt
+
+from autoscale import OptimizerPlan, Plan
+from autoscale.search._guesses import best_guesses, candidate_params
+from autoscale.search._study import SearchSpace
+
+
+def _space(**kw) -> SearchSpace:
+    return SearchSpace(batch_size=8, block_names=("b.0", "b.1", "b.2", "b.3"),
+                       precisions=("fp32", "bf16"), **kw)
+
+
+def test_the_grid_is_every_knob_with_the_checkpoint_ends_and_middle() -> None:
+    grid = candidate_params(_space())
+    # micro 1, 2, 4, 8 x fp32/bf16 x first-n blocks 0, 2, 4 (no solver here)
+    assert len(grid) == 4 * 2 * 3
+    assert {p["checkpointed_blocks"] for p in grid} == {0, 2, 4}
+    assert len({json.dumps(p, sort_keys=True) for p in grid}) == len(grid)
+    ranked = candidate_params(_space(world_size=2, compressors=("none", "int8")))
+    # ... x 4 strategies x 2 compressors, each under its family's parameter name
+    assert len(ranked) == 4 * 2 * 3 * 8
+    assert {(p["shard"], p.get("compress_ddp", p.get("compress_fsdp"))) for p in ranked} == \
+        set(itertools.product(("ddp", "zero1", "zero2", "zero3"), ("none", "int8")))
+    two = candidate_params(_space(optimizers=(OptimizerPlan(kind="adamw"),
+                                              OptimizerPlan(kind="sgd"))))
+    assert {p["optimizer"] for p in two} == {0, 1} and len(two) == 2 * len(grid)
+
+
+def test_guesses_fit_by_the_estimate_and_come_fastest_first() -> None:
+    space = _space()
+    base = Plan()
+
+    def memory(plan: Plan) -> int:  # fewer rows a micro-batch, less memory
+        return (plan.batch.micro_batch_size or 8) * 100 + len(plan.checkpoint.blocks)
+
+    def step_time(plan: Plan) -> float:
+        if plan.precision.mode == "bf16" and plan.batch.micro_batch_size == 2:
+            raise RuntimeError("not estimable")
+        return 1.0 / (plan.batch.micro_batch_size or 8) + 0.01 * len(plan.checkpoint.blocks)
+
+    guesses, note = best_guesses(space, base, memory=memory, step_time=step_time,
+                                 budget=450, k=3)
+    # micro 8 (800 B) is over the budget; micro 4 is the fastest that fits.
+    assert [g.plan.batch.micro_batch_size for g in guesses] == [4, 4, 4]
+    assert [len(g.plan.checkpoint.blocks) for g in guesses] == [0, 0, 2]
+    times = [g.estimated_step_s for g in guesses]
+    assert times == sorted(times)
+    assert all(g.estimated_bytes <= 450 for g in guesses)
+    assert "24 distinct plans of a 24-point grid" in note
+    assert "6 over the budget, 3 not estimable" in note
+    # Params reproduce the plan the guess was priced as.
+    assert all(space.plan_from(g.params, base) == g.plan for g in guesses)
+
+
+def test_pricing_stops_at_its_time_limit() -> None:
+    guesses, note = best_guesses(_space(), Plan(), memory=lambda p: 0,
+                                 step_time=lambda p: 1.0, budget=None, k=2, time_limit_s=0.0)
+    assert guesses == [] and "cut at 0 s" in note
+
+
+@pytest.mark.distributed
+def test_a_tune_measures_the_best_guess_right_after_the_untouched_plan() -> None:
+    import autoscale
+
+    model, batch = tiny_gpt(dropout=0.0)
+    result = autoscale.optimize(model, batch, trials=3, precisions=("fp32",), iters=1,
+                                isolate=False)
+    notes = result.report.notes
+    assert any(n.startswith("cost model: ") and "queued first" in n for n in notes), notes
+    trials = sorted(result.report.trials, key=lambda r: r.number)
+    # #0 the untouched plan, #1 the cost model's fastest guess (not the untouched plan).
+    first, second = trials[0], trials[1]
+    assert first.plan.batch.micro_batch_size is None
+    assert second.plan != first.plan
