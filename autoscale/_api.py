@@ -34,7 +34,7 @@ from autoscale.plan import (
 from autoscale.runtime._batch import Batch, LossFn, batch_size, check_batch
 from autoscale.runtime._optimizers import optimizer_plan
 from autoscale.runtime._result import Result, build_result
-from autoscale.search._guesses import best_guesses
+from autoscale.search._guesses import best_guesses, in_child
 from autoscale.search._study import (
     SAMPLERS,
     LinkCheck,
@@ -262,7 +262,8 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
         space, solver_note = _with_checkpoint_solver(space, model, setup, loss_fn)
         guesses, guess_note = _cost_model_guesses(
             space, model, setup, estimates, baseline, study, loss_fn=loss_fn,
-            k=_guess_count(trials), seed=seed) if cost_guesses else ([], None)
+            k=_guess_count(trials), seed=seed, timeout_s=timeout,
+        ) if cost_guesses else ([], None)
         notes = (*notes, *filter(None, [solver_note, guess_note]))
         records = run_search(study, space, setup.base, estimates=estimates,
                              budget=setup.budget, trials=trials,
@@ -310,11 +311,13 @@ def _guess_count(trials: int) -> int:
 
 def _cost_model_guesses(space: SearchSpace, model: nn.Module, setup: _Setup,
                         estimates: PlanEstimates, baseline: Measurement, study: Any, *,
-                        loss_fn: LossFn | None, k: int, seed: int,
+                        loss_fn: LossFn | None, k: int, seed: int, timeout_s: float,
                         ) -> tuple[list[Any], str | None]:  # fmt: skip
     """The plans the cost model expects to fit and to run fastest, to be measured first
     (Note: [the cost model orders the candidates]), with the note the report prints.
-    Step times are priced at this machine's rates refined on the measured baseline."""
+    Step times are priced at this machine's rates refined on the measured baseline. The
+    ranking runs in a forked child with the trial time limit (``in_child``): a model that
+    crashes or hangs on fake tensors costs the guesses, not the tune."""
     from autoscale.cost import estimate_step_time, machine_rates, refine
 
     if setup.device.type != "cpu":
@@ -330,17 +333,25 @@ def _cost_model_guesses(space: SearchSpace, model: nn.Module, setup: _Setup,
         return estimate_step_time(model, setup.batch, plan, loss_fn=loss_fn, graph=setup.graph,
                                   rates=rates, link_bytes_per_s=link_rate).total_s
 
-    try:
-        rates = machine_rates()
-        reference = estimate_step_time(model, setup.batch, setup.reference, loss_fn=loss_fn,
-                                       graph=setup.graph, rates=rates,
-                                       link_bytes_per_s=link_rate)
-        rates = refine(rates, reference, baseline.step_time_s)
-    except PlanError as err:
-        return [], f"cost model: no best guesses (step time not estimable: {err})"
-    return best_guesses(space, setup.base, memory=estimates.bytes,
-                        step_time=lambda plan: seconds(plan, rates), budget=setup.budget,
-                        k=k, seed=seed)
+    def rank() -> tuple[list[Any], str]:
+        try:
+            reference = estimate_step_time(model, setup.batch, setup.reference,
+                                           loss_fn=loss_fn, graph=setup.graph, rates=rates,
+                                           link_bytes_per_s=link_rate)
+            refined = refine(rates, reference, baseline.step_time_s)
+        except PlanError as err:
+            return [], f"cost model: no best guesses (step time not estimable: {err})"
+        return best_guesses(space, setup.base, memory=estimates.bytes,
+                            step_time=lambda plan: seconds(plan, refined),
+                            budget=setup.budget, k=k, seed=seed,
+                            time_limit_s=0.75 * timeout_s)
+
+    rates = machine_rates()  # measured once per machine, here, not in the child
+    ranked, why = in_child(rank, timeout_s=timeout_s)
+    if ranked is None:
+        return [], (f"cost model: no best guesses (ranking the plans, which runs the model "
+                    f"on fake tensors, {why}); the sampler starts alone")
+    return ranked  # type: ignore[no-any-return]
 
 
 #: The convergence guardrail: steps of each A/B run, the tail averaged, and the largest

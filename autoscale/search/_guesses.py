@@ -20,13 +20,22 @@ Ranking stops at a time limit (the candidates are visited in a seeded shuffled o
 a cut sample is unbiased) and says how many it priced. A model the estimator cannot
 simulate, or a device without calibrated rates, gets no guesses, with the reason: the
 search then runs as before.
+
+The estimates run the user's model (on fake tensors), over many plans at once, so the
+ranking runs in a forked child of the tuner (``in_child``) with a time limit: a model
+that crashes or hangs under some plan costs the tune its guesses, never the tuner (its
+trials then fail alone in their workers, as every measured trial does).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
+import pickle
 import random
+import select
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +43,7 @@ from typing import Any
 
 from autoscale.plan import Plan
 
-__all__ = ["Guess", "best_guesses", "candidate_params"]
+__all__ = ["Guess", "best_guesses", "candidate_params", "in_child"]
 
 
 @dataclass(frozen=True)
@@ -130,3 +139,55 @@ def best_guesses(space: Any, base: Plan, *, memory: Callable[[Plan], int],
             f"in {took:.1f} s{cut}; {over} over the budget, {failed} not estimable; "
             f"the {min(k, len(priced))} fastest estimated queued first")
     return priced[:k], note
+
+
+def in_child(fn: Callable[[], Any], *, timeout_s: float) -> tuple[Any, str | None]:
+    """``fn()`` run in a forked child process: ``(result, None)``, or ``(None, why)`` when
+    it raised, crashed or ran past ``timeout_s`` (the child is then killed). The result
+    comes back pickled. The child runs torch on one thread (a fork's copy of the parent's
+    thread pool must not be entered) and leaves with ``os._exit``, so nothing of the
+    parent's (open files, database connections) is closed or flushed twice. Where there
+    is no fork (not POSIX), ``fn`` runs here."""
+    if not hasattr(os, "fork"):
+        return fn(), None
+    import torch
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(read)
+        try:
+            torch.set_num_threads(1)
+            payload = pickle.dumps(("ok", fn()))
+        except BaseException as err:  # everything goes back as a reason
+            line = (str(err).splitlines() or [""])[0][:200]
+            payload = pickle.dumps(("error", f"{type(err).__name__}: {line}"))
+        with os.fdopen(write, "wb") as out:
+            out.write(payload)
+        os._exit(0)
+    os.close(write)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        with os.fdopen(read, "rb", buffering=0) as src:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([src], [], [], left)[0]:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    return None, f"timed out after {timeout_s:.0f} s"
+                chunk = src.read(1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    except BaseException:  # Ctrl-C: the child goes with the tuner
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return None, f"crashed: {signal.Signals(os.WTERMSIG(status)).name}"
+    if not chunks:
+        return None, f"exited with status {os.waitstatus_to_exitcode(status)} and no result"
+    kind, value = pickle.loads(b"".join(chunks))
+    return (value, None) if kind == "ok" else (None, value)

@@ -82,3 +82,34 @@ def test_a_tune_measures_the_best_guess_right_after_the_untouched_plan() -> None
     first, second = trials[0], trials[1]
     assert first.plan.batch.micro_batch_size is None
     assert second.plan != first.plan
+
+
+def test_the_child_returns_a_result_or_why_it_did_not() -> None:
+    import ctypes
+    import time
+
+    from autoscale.search._guesses import in_child
+
+    assert in_child(lambda: {"plans": [Plan()]}, timeout_s=30) == ({"plans": [Plan()]}, None)
+    assert in_child(lambda: 1 / 0, timeout_s=30) == (None, "ZeroDivisionError: division by zero")
+    result, why = in_child(lambda: ctypes.string_at(0), timeout_s=30)
+    assert result is None and why == "crashed: SIGSEGV"
+    start = time.monotonic()
+    result, why = in_child(lambda: time.sleep(60), timeout_s=1)
+    assert result is None and why == "timed out after 1 s" and time.monotonic() - start < 10
+
+
+@pytest.mark.distributed
+def test_a_model_that_crashes_under_some_plan_costs_the_guesses_not_the_tune() -> None:
+    from pathlib import Path
+
+    from autoscale._api import optimize_script
+
+    faulty = Path(__file__).resolve().parents[1] / "workloads" / "faulty.py"
+    # Its micro-batches of 2 segfault and of 4 hang: the ranking, run in a child, meets
+    # one of them whatever its order.
+    result = optimize_script(faulty, trials=1, precisions=("fp32",), optimizer="adam",
+                             trial_timeout=10)
+    notes = [n for n in result.report.notes if n.startswith("cost model")]
+    assert len(notes) == 1 and "no best guesses" in notes[0], notes
+    assert "crashed: SIGSEGV" in notes[0] or "timed out" in notes[0], notes
