@@ -263,6 +263,7 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
         guesses, guess_note = _cost_model_guesses(
             space, model, setup, estimates, baseline, study, loss_fn=loss_fn,
             k=_guess_count(trials), seed=seed, timeout_s=timeout,
+            spend_s=max(_MIN_GUESS_S, min(0.75 * timeout, took)),
         ) if cost_guesses else ([], None)
         notes = (*notes, *filter(None, [solver_note, guess_note]))
         records = run_search(study, space, setup.base, estimates=estimates,
@@ -303,6 +304,10 @@ def _with_checkpoint_solver(space: SearchSpace, model: nn.Module, setup: _Setup,
     return dataclasses.replace(space, checkpoint=budgets), None
 
 
+#: The least time the cost model's ranking may spend, however fast the baseline was.
+_MIN_GUESS_S = 3.0
+
+
 def _guess_count(trials: int) -> int:
     """How many of the cost model's best guesses a tune of ``trials`` trials queues: a
     third of them, at most 4, so the sampler keeps most of a long search."""
@@ -312,10 +317,12 @@ def _guess_count(trials: int) -> int:
 def _cost_model_guesses(space: SearchSpace, model: nn.Module, setup: _Setup,
                         estimates: PlanEstimates, baseline: Measurement, study: Any, *,
                         loss_fn: LossFn | None, k: int, seed: int, timeout_s: float,
-                        ) -> tuple[list[Any], str | None]:  # fmt: skip
+                        spend_s: float) -> tuple[list[Any], str | None]:  # fmt: skip
     """The plans the cost model expects to fit and to run fastest, to be measured first
     (Note: [the cost model orders the candidates]), with the note the report prints.
     Step times are priced at this machine's rates refined on the measured baseline. The
+    pricing spends at most ``spend_s`` (what measuring the baseline took, worker start
+    included: the ranking costs a tune at most one more such measurement). The
     ranking runs in a forked child with the trial time limit (``in_child``): a model that
     crashes or hangs on fake tensors costs the guesses, not the tune."""
     from autoscale.cost import estimate_step_time, machine_rates, refine
@@ -344,7 +351,7 @@ def _cost_model_guesses(space: SearchSpace, model: nn.Module, setup: _Setup,
         return best_guesses(space, setup.base, memory=estimates.bytes,
                             step_time=lambda plan: seconds(plan, refined),
                             budget=setup.budget, k=k, seed=seed,
-                            time_limit_s=0.75 * timeout_s)
+                            time_limit_s=spend_s)
 
     rates = machine_rates()  # measured once per machine, here, not in the child
     ranked, why = in_child(rank, timeout_s=timeout_s)

@@ -236,7 +236,7 @@ def _user(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def _memory(strategy: str) -> dict:
+def _memory(strategy: str, *, accumulate: bool = False) -> dict:
     """One step's per-rank peak of a model whose parameter and AdamW state bytes dominate
     its activations (width 256, 6 blocks: 1 MiB of parameters a block), and the estimate.
 
@@ -248,6 +248,9 @@ def _memory(strategy: str) -> dict:
     graph = capture(model, batch)
     plan = Plan(sections={"optimizer": ADAMW,
                           "shard": _shard(strategy) if strategy != "none" else ShardPlan()})
+    if accumulate:  # two micro-batches a rank: DDP's no_sync, then a synced backward
+        micro = BATCH // dist.get_world_size() // 2
+        plan = plan.replace(batch=BatchPlan(micro_batch_size=micro, grad_accum_steps=2))
     mine = _mine(batch) if strategy != "none" else batch
     result = build_result(plan, model, graph=graph)
     result.step(mine)  # the optimizer state exists from here on
@@ -363,6 +366,8 @@ def main(out: str, mode: str) -> None:
         for strategy in ("ddp", "zero1", "zero2", "zero3"):
             gc.collect()
             results[f"memory/{strategy}"] = _memory(strategy)
+        gc.collect()
+        results["memory/ddp-accumulate"] = _memory("ddp", accumulate=True)
         torch.manual_seed(0)
         model = Net()
         graph = capture(model, _batches()[0])

@@ -52,7 +52,8 @@ def results(tmp_path_factory) -> dict:
 
 @pytest.mark.distributed
 def test_every_case_ran(results: dict) -> None:
-    assert sorted(results) == sorted(CASES + OVERFLOW + [f"memory/{s}" for s in STRATEGIES])
+    assert sorted(results) == sorted(CASES + OVERFLOW + [f"memory/{s}" for s in STRATEGIES]
+                                     + ["memory/ddp-accumulate"])
 
 
 def _check_trains_like_one_process(r: dict, *, mode: str = "fp32") -> None:
@@ -126,6 +127,17 @@ def test_per_rank_peak_falls_from_ddp_to_zero3_and_matches_the_estimate(results:
         # the tuner's prune margins (autoscale/search/_study.py, SHARDED_MARGIN) here.
         simulated = r["simulated"] / r["measured"]
         assert 0.90 <= simulated <= 1.10, (strategy, simulated)
+
+
+@pytest.mark.distributed
+def test_ddp_with_micro_batches_holds_the_gradients_beside_the_buckets(results: dict
+                                                                      ) -> None:
+    # Under no_sync autograd keeps the gradients apart from DDP's buckets until the last
+    # micro-batch's hooks copy them in. The simulated estimate counts both (before it did,
+    # it was 14-16% under on the GPT example at 2 ranks; tests/passes' 6 MiB Net: see the
+    # figures this prints on failure).
+    r = results["memory/ddp-accumulate"]
+    assert 0.95 <= r["simulated"] / r["measured"] <= 1.05, r
 
 
 @pytest.mark.distributed
