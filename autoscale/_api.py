@@ -262,7 +262,7 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
         space, solver_note = _with_checkpoint_solver(space, model, setup, loss_fn)
         guesses, guess_note = _cost_model_guesses(
             space, model, setup, estimates, baseline, study, loss_fn=loss_fn,
-            k=_guess_count(trials), seed=seed, timeout_s=timeout,
+            k=_guess_count(trials), timeout_s=timeout,
             spend_s=max(_MIN_GUESS_S, min(0.75 * timeout, took)),
         ) if cost_guesses else ([], None)
         notes = (*notes, *filter(None, [solver_note, guess_note]))
@@ -316,7 +316,7 @@ def _guess_count(trials: int) -> int:
 
 def _cost_model_guesses(space: SearchSpace, model: nn.Module, setup: _Setup,
                         estimates: PlanEstimates, baseline: Measurement, study: Any, *,
-                        loss_fn: LossFn | None, k: int, seed: int, timeout_s: float,
+                        loss_fn: LossFn | None, k: int, timeout_s: float,
                         spend_s: float) -> tuple[list[Any], str | None]:  # fmt: skip
     """The plans the cost model expects to fit and to run fastest, to be measured first
     (Note: [the cost model orders the candidates]), with the note the report prints.
@@ -350,7 +350,7 @@ def _cost_model_guesses(space: SearchSpace, model: nn.Module, setup: _Setup,
             return [], f"cost model: no best guesses (step time not estimable: {err})"
         return best_guesses(space, setup.base, memory=estimates.bytes,
                             step_time=lambda plan: seconds(plan, refined),
-                            budget=setup.budget, k=k, seed=seed,
+                            budget=setup.budget, k=k,
                             time_limit_s=spend_s)
 
     rates = machine_rates()  # measured once per machine, here, not in the child

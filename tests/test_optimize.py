@@ -150,6 +150,7 @@ def test_study_resumes_from_sqlite(gpt, tmp_path) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # ~15 s; apply's refusals run by default in tests/test_cli_apply.py
 def test_apply_matching_and_mismatched_models(gpt, tmp_path) -> None:
     model, batch = gpt
     result = autoscale.optimize(model, batch, trials=2, precisions=FAST)

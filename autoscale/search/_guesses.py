@@ -16,10 +16,12 @@ is where most of the search's quality comes from.
 The grid is coarse on purpose: its size is the product of the knobs' choices, so the
 checkpoint knob's 21 budgets would multiply it tenfold, while its ends and middle already
 say whether checkpointing pays and TPE refines the budget around the measured winners.
-Ranking stops at a time limit (the candidates are visited in a seeded shuffled order, so
-a cut sample is unbiased) and says how many it priced. A model the estimator cannot
-simulate, or a device without calibrated rates, gets no guesses, with the reason: the
-search then runs as before.
+Ranking stops at a time limit (the tuner gives it what measuring the baseline took) and
+says how many it priced. Candidates are visited largest micro-batch and least
+checkpointing first, the plans that run fastest when they fit, so a cut drops the small
+micro-batches with heavy recomputation, which rarely win, rather than a random share.
+A model the estimator cannot simulate, or a device without calibrated rates, gets no
+guesses, with the reason: the search then runs as before.
 
 The estimates run the user's model (on fake tensors), over many plans at once, so the
 ranking runs in a forked child of the tuner (``in_child``) with a time limit: a model
@@ -33,7 +35,6 @@ import itertools
 import json
 import os
 import pickle
-import random
 import select
 import signal
 import time
@@ -91,9 +92,16 @@ def candidate_params(space: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _promise(params: dict[str, Any]) -> tuple[float, float]:
+    """Sort key: larger micro-batches first, then less checkpointing (sorted() is stable,
+    so the other knobs keep the grid's order)."""
+    ckpt = params.get("activation_budget", -params.get("checkpointed_blocks", 0))
+    return -params["micro_batch_size"], -ckpt
+
+
 def best_guesses(space: Any, base: Plan, *, memory: Callable[[Plan], int],
                  step_time: Callable[[Plan], float], budget: int | None, k: int,
-                 seed: int = 0, time_limit_s: float = 60.0,
+                 time_limit_s: float = 60.0,
                  ) -> tuple[list[Guess], str]:  # fmt: skip
     """Up to ``k`` distinct plans of ``space``'s coarse grid (candidate_params) that the
     cost model expects to fit ``budget`` (``memory(plan) <= budget``), fastest estimated
@@ -104,8 +112,7 @@ def best_guesses(space: Any, base: Plan, *, memory: Callable[[Plan], int],
     of the same global batch, so steps compare as throughput); either may raise, which
     drops that candidate. Never measures anything; stops pricing past ``time_limit_s``.
     """
-    grid = candidate_params(space)
-    random.Random(seed).shuffle(grid)
+    grid = sorted(candidate_params(space), key=_promise)
     start = time.monotonic()
     seen: set[str] = set()
     priced: list[Guess] = []
