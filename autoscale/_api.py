@@ -19,7 +19,7 @@ from torch import nn
 from autoscale._units import format_bytes, parse_bytes
 from autoscale.capture._capture import capture
 from autoscale.cost._checkpoint_solver import CheckpointBudgets
-from autoscale.cost._cost import calibrate, static_bytes
+from autoscale.cost._cost import Calibration, calibrate, static_bytes
 from autoscale.errors import InfeasibleError, PlanError, PlanMismatchError, TunerError
 from autoscale.measure import Measurement
 from autoscale.plan import (
@@ -34,7 +34,7 @@ from autoscale.plan import (
 from autoscale.runtime._batch import Batch, LossFn, batch_size, check_batch
 from autoscale.runtime._optimizers import optimizer_plan
 from autoscale.runtime._result import Result, build_result
-from autoscale.search._guesses import best_guesses, in_child
+from autoscale.search._guesses import ChildStream, pick_guesses, price_candidates
 from autoscale.search._study import (
     SAMPLERS,
     LinkCheck,
@@ -250,21 +250,29 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
         runner = stack.enter_context(_runner(model, setup, source=source, loss_fn=loss_fn,
                                              isolate=isolate, warmup=warmup, iters=iters,
                                              folder=stack, network=network))
+        space, solver_note = _with_checkpoint_solver(setup.space, model, setup, loss_fn)
+        # One rank: the cost model prices its candidates while the baseline is measured.
+        pricing = (_price_in_child(space, model, setup, loss_fn=loss_fn)
+                   if cost_guesses and setup.world_size == 1 else None)
+        if isinstance(pricing, ChildStream):
+            stack.callback(pricing.close)  # Ctrl-C or a failed baseline: the child goes too
         baseline, took = _timed(lambda: _baseline(runner, setup.optimizer))
         timeout = trial_timeout or max(_MIN_TRIAL_TIMEOUT_S, _TIMEOUT_FACTOR * took)
-        space, notes = _space_for_the_link(setup.space, runner, baseline, study,
+        space, notes = _space_for_the_link(space, runner, baseline, study,
                                            timeout_s=timeout)
         calibration = calibrate(model, setup.graph, setup.reference,
                                 peak_bytes=baseline.peak_memory_bytes,
                                 step_time_s=baseline.step_time_s)
         estimates = PlanEstimates(model, setup.batch, setup.graph, loss_fn=loss_fn,
                                   calibration=calibration)
-        space, solver_note = _with_checkpoint_solver(space, model, setup, loss_fn)
-        guesses, guess_note = _cost_model_guesses(
-            space, model, setup, estimates, baseline, study, loss_fn=loss_fn,
-            k=_guess_count(trials), timeout_s=timeout,
-            spend_s=max(_MIN_GUESS_S, min(0.75 * timeout, took)),
-        ) if cost_guesses else ([], None)
+        if cost_guesses and setup.world_size > 1:  # the step times need the link's rate
+            pricing = _price_in_child(space, model, setup, loss_fn=loss_fn,
+                                      baseline=baseline, study=study)
+            if isinstance(pricing, ChildStream):
+                stack.callback(pricing.close)
+        guesses, guess_note = _collect_guesses(
+            pricing, baseline, k=_guess_count(trials),
+            spend_s=max(_MIN_GUESS_S, min(0.75 * timeout, took)))
         notes = (*notes, *filter(None, [solver_note, guess_note]))
         records = run_search(study, space, setup.base, estimates=estimates,
                              budget=setup.budget, trials=trials,
@@ -304,8 +312,9 @@ def _with_checkpoint_solver(space: SearchSpace, model: nn.Module, setup: _Setup,
     return dataclasses.replace(space, checkpoint=budgets), None
 
 
-#: The least time the cost model's ranking may spend, however fast the baseline was.
-_MIN_GUESS_S = 3.0
+#: The cost model's pricing: the least time the tune waits for it after the baseline,
+#: however fast that was, and the most the child spends in all.
+_MIN_GUESS_S, _MAX_GUESS_S = 3.0, 45.0
 
 
 def _guess_count(trials: int) -> int:
@@ -314,51 +323,71 @@ def _guess_count(trials: int) -> int:
     return max(1, min(4, trials // 3))
 
 
-def _cost_model_guesses(space: SearchSpace, model: nn.Module, setup: _Setup,
-                        estimates: PlanEstimates, baseline: Measurement, study: Any, *,
-                        loss_fn: LossFn | None, k: int, timeout_s: float,
-                        spend_s: float) -> tuple[list[Any], str | None]:  # fmt: skip
-    """The plans the cost model expects to fit and to run fastest, to be measured first
-    (Note: [the cost model orders the candidates]), with the note the report prints.
-    Step times are priced at this machine's rates refined on the measured baseline. The
-    pricing spends at most ``spend_s`` (what measuring the baseline took, worker start
-    included: the ranking costs a tune at most one more such measurement). The
-    ranking runs in a forked child with the trial time limit (``in_child``): a model that
-    crashes or hangs on fake tensors costs the guesses, not the tune."""
+def _price_in_child(space: SearchSpace, model: nn.Module, setup: _Setup, *,
+                    loss_fn: LossFn | None, baseline: Measurement | None = None,
+                    study: Any = None) -> ChildStream | str:
+    """Start pricing ``space``'s candidates in a forked child (Note: [the cost model orders
+    the candidates]): its ChildStream, or why there are no guesses. Without ``baseline``
+    (one rank, priced while the baseline is measured) the step times are at this machine's
+    calibrated rates, and the child first sends ("reference", seconds) of the untouched
+    plan for the parent to scale them by; with it (several ranks, after the link check)
+    they are refined on it and priced with the link's rate."""
     from autoscale.cost import estimate_step_time, machine_rates, refine
 
     if setup.device.type != "cpu":
-        return [], (f"cost model: no best guesses on {setup.device.type} (its step-time "
-                    "rates are calibrated on the CPU only); the sampler starts alone")
-    link = study.user_attrs.get("link_check")
-    link_rate = link["gradient_bytes"] / link["all_reduce_s"] if link else None
-    if setup.world_size > 1 and not link_rate:
-        return [], ("cost model: no best guesses (the link between the ranks was not "
-                    "timed: compression is off)")
+        return (f"cost model: no best guesses on {setup.device.type} (its step-time rates "
+                "are calibrated on the CPU only); the sampler starts alone")
+    link_rate = None
+    if setup.world_size > 1:
+        link = study.user_attrs.get("link_check") if study is not None else None
+        if not link:
+            return "cost model: no best guesses (the link between the ranks was not timed)"
+        link_rate = link["gradient_bytes"] / link["all_reduce_s"]
+    rates = machine_rates()  # measured once per machine, here, not in each child
+    estimates = PlanEstimates(model, setup.batch, setup.graph, loss_fn=loss_fn,
+                              calibration=Calibration())
 
-    def seconds(plan: Plan, rates: Any) -> float:
+    def seconds(plan: Plan, at: Any) -> float:
         return estimate_step_time(model, setup.batch, plan, loss_fn=loss_fn, graph=setup.graph,
-                                  rates=rates, link_bytes_per_s=link_rate).total_s
+                                  rates=at, link_bytes_per_s=link_rate).total_s
 
-    def rank() -> tuple[list[Any], str]:
+    def produce(emit: Callable[[Any], None]) -> None:
+        at = rates
         try:
-            reference = estimate_step_time(model, setup.batch, setup.reference,
-                                           loss_fn=loss_fn, graph=setup.graph, rates=rates,
-                                           link_bytes_per_s=link_rate)
-            refined = refine(rates, reference, baseline.step_time_s)
+            if baseline is None:
+                emit(("reference", seconds(setup.reference, rates)))
+            else:
+                reference = estimate_step_time(
+                    model, setup.batch, setup.reference, loss_fn=loss_fn, graph=setup.graph,
+                    rates=rates, link_bytes_per_s=link_rate)
+                at = refine(rates, reference, baseline.step_time_s)
         except PlanError as err:
-            return [], f"cost model: no best guesses (step time not estimable: {err})"
-        return best_guesses(space, setup.base, memory=estimates.bytes,
-                            step_time=lambda plan: seconds(plan, refined),
-                            budget=setup.budget, k=k,
-                            time_limit_s=spend_s)
+            emit(("error", f"step time not estimable: {err}"))
+            return
+        price_candidates(space, setup.base, memory=estimates.bytes,
+                         step_time=lambda plan: seconds(plan, at), budget=setup.budget,
+                         emit=emit, time_limit_s=_MAX_GUESS_S)
 
-    rates = machine_rates()  # measured once per machine, here, not in the child
-    ranked, why = in_child(rank, timeout_s=timeout_s)
-    if ranked is None:
-        return [], (f"cost model: no best guesses (ranking the plans, which runs the model "
-                    f"on fake tensors, {why}); the sampler starts alone")
-    return ranked  # type: ignore[no-any-return]
+    return ChildStream(produce)
+
+
+def _collect_guesses(pricing: ChildStream | str | None, baseline: Measurement, *, k: int,
+                     spend_s: float) -> tuple[list[Any], str | None]:
+    """The guesses the child priced, waiting at most ``spend_s`` more for it: a child that
+    crashed, hung or ran out of time keeps what it sent (Note: [the cost model orders the
+    candidates]); with the note the tune prints."""
+    if pricing is None:
+        return [], None
+    if isinstance(pricing, str):
+        return [], pricing
+    events, why, took = pricing.collect(time.monotonic() + spend_s)
+    reference = next((e[1] for e in events if e[0] == "reference"), None)
+    scale = baseline.step_time_s / reference if reference else 1.0
+    if not any(e[0] == "guess" for e in events):
+        return [], (f"cost model: no best guesses (pricing the plans, which runs the model "
+                    f"on fake tensors: {why or 'none fits the budget'}); the sampler "
+                    "starts alone")
+    return pick_guesses(events, k, took_s=took, stopped=why, scale=scale)
 
 
 #: The convergence guardrail: steps of each A/B run, the tail averaged, and the largest

@@ -24,19 +24,23 @@ A model the estimator cannot simulate, or a device without calibrated rates, get
 guesses, with the reason: the search then runs as before.
 
 The estimates run the user's model (on fake tensors), over many plans at once, so the
-ranking runs in a forked child of the tuner (``in_child``) with a time limit: a model
-that crashes or hangs under some plan costs the tune its guesses, never the tuner (its
-trials then fail alone in their workers, as every measured trial does).
+pricing runs in a forked child of the tuner (``ChildStream``), which sends each priced
+plan back as it goes: a model that crashes or hangs under some plan costs the tune the
+plans not priced yet, never the tuner (its trials then fail alone in their workers, as
+every measured trial does). With one rank the child prices while the tuner measures the
+baseline, so the ranking mostly hides behind that measurement.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
 import pickle
 import select
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +48,8 @@ from typing import Any
 
 from autoscale.plan import Plan
 
-__all__ = ["Guess", "best_guesses", "candidate_params", "in_child"]
+__all__ = ["ChildStream", "Guess", "best_guesses", "candidate_params", "pick_guesses",
+           "price_candidates"]
 
 
 @dataclass(frozen=True)
@@ -99,31 +104,29 @@ def _promise(params: dict[str, Any]) -> tuple[float, float]:
     return -params["micro_batch_size"], -ckpt
 
 
-def best_guesses(space: Any, base: Plan, *, memory: Callable[[Plan], int],
-                 step_time: Callable[[Plan], float], budget: int | None, k: int,
-                 time_limit_s: float = 60.0,
-                 ) -> tuple[list[Guess], str]:  # fmt: skip
-    """Up to ``k`` distinct plans of ``space``'s coarse grid (candidate_params) that the
-    cost model expects to fit ``budget`` (``memory(plan) <= budget``), fastest estimated
-    step first; with a one-line note of what was priced. See Note: [the cost model orders
-    the candidates].
-
-    ``memory`` and ``step_time`` are the estimators (per-rank peak bytes, seconds a step
-    of the same global batch, so steps compare as throughput); either may raise, which
-    drops that candidate. Never measures anything; stops pricing past ``time_limit_s``.
-    """
+def price_candidates(space: Any, base: Plan, *, memory: Callable[[Plan], int],
+                     step_time: Callable[[Plan], float], budget: int | None,
+                     emit: Callable[[tuple[Any, ...]], None],
+                     time_limit_s: float = 60.0) -> None:
+    """Price ``space``'s coarse grid (candidate_params), most promising first, and
+    ``emit`` one event per candidate as it goes: ``("guess", Guess)`` for a plan the cost
+    model expects to fit ``budget`` (``memory(plan) <= budget``), ``("over",)`` for one it
+    does not, ``("failed",)`` for one the plan rules or the estimators refuse, and
+    ``("grid", n)`` first. ``memory`` and ``step_time`` are the estimators (per-rank peak
+    bytes; seconds a step of the same global batch, so steps compare as throughput).
+    Never measures anything; stops past ``time_limit_s``. Events go out one by one so that
+    a reader may stop listening at any time and keep what came (see ``ChildStream``)."""
     grid = sorted(candidate_params(space), key=_promise)
+    emit(("grid", len(grid)))
     start = time.monotonic()
     seen: set[str] = set()
-    priced: list[Guess] = []
-    over = failed = 0
     for params in grid:
         if time.monotonic() - start > time_limit_s:
             break
         try:
             plan = space.plan_from(params, base)
         except Exception:  # a combination the plan rules refuse
-            failed += 1
+            emit(("failed",))
             continue
         key = json.dumps(plan.to_dict(), sort_keys=True)
         if key in seen:
@@ -132,69 +135,132 @@ def best_guesses(space: Any, base: Plan, *, memory: Callable[[Plan], int],
         try:
             peak = memory(plan)
             if budget is not None and peak > budget:
-                over += 1
+                emit(("over",))
                 continue
             seconds = step_time(plan)
         except Exception:  # the estimator cannot price it: not a guess
-            failed += 1
+            emit(("failed",))
             continue
-        priced.append(Guess(params, plan, peak, seconds))
-    priced.sort(key=lambda g: g.estimated_step_s)
-    took = time.monotonic() - start
-    cut = "" if len(seen) + failed >= len(grid) else f" (cut at {time_limit_s:.0f} s)"
-    note = (f"cost model: {len(seen)} distinct plans of a {len(grid)}-point grid estimated "
-            f"in {took:.1f} s{cut}; {over} over the budget, {failed} not estimable; "
-            f"the {min(k, len(priced))} fastest estimated queued first")
+        emit(("guess", Guess(params, plan, peak, seconds)))
+
+
+def pick_guesses(events: list[tuple[Any, ...]], k: int, *, took_s: float,
+                 stopped: str | None = None, scale: float = 1.0,
+                 ) -> tuple[list[Guess], str]:  # fmt: skip
+    """The ``k`` fastest guesses among ``events`` (price_candidates'), their step times
+    times ``scale``, and the one-line note the tune prints; ``stopped`` says why pricing
+    ended early, if it did."""
+    grid = next((e[1] for e in events if e[0] == "grid"), 0)
+    priced = sorted((dataclasses.replace(e[1], estimated_step_s=e[1].estimated_step_s * scale)
+                     for e in events if e[0] == "guess"), key=lambda g: g.estimated_step_s)
+    over = sum(1 for e in events if e[0] == "over")
+    failed = sum(1 for e in events if e[0] == "failed")
+    done = len(priced) + over + failed
+    cut = f" (stopped: {stopped})" if stopped else ""
+    note = (f"cost model: {done} plans of a {grid}-point grid estimated in {took_s:.1f} s"
+            f"{cut}; {over} over the budget, {failed} not estimable; the "
+            f"{min(k, len(priced))} fastest estimated queued first")
     return priced[:k], note
 
 
-def in_child(fn: Callable[[], Any], *, timeout_s: float) -> tuple[Any, str | None]:
-    """``fn()`` run in a forked child process: ``(result, None)``, or ``(None, why)`` when
-    it raised, crashed or ran past ``timeout_s`` (the child is then killed). The result
-    comes back pickled. The child runs torch on one thread (a fork's copy of the parent's
-    thread pool must not be entered) and leaves with ``os._exit``, so nothing of the
-    parent's (open files, database connections) is closed or flushed twice. Where there
-    is no fork (not POSIX), ``fn`` runs here."""
-    if not hasattr(os, "fork"):
-        return fn(), None
-    import torch
+def best_guesses(space: Any, base: Plan, *, memory: Callable[[Plan], int],
+                 step_time: Callable[[Plan], float], budget: int | None, k: int,
+                 time_limit_s: float = 60.0,
+                 ) -> tuple[list[Guess], str]:  # fmt: skip
+    """Up to ``k`` distinct plans of ``space``'s coarse grid that the cost model expects to
+    fit ``budget``, fastest estimated step first, with the note; in this process (the
+    tuner prices in a child: ``ChildStream``). See Note: [the cost model orders the
+    candidates] and ``price_candidates``."""
+    events: list[tuple[Any, ...]] = []
+    start = time.monotonic()
+    price_candidates(space, base, memory=memory, step_time=step_time, budget=budget,
+                     emit=events.append, time_limit_s=time_limit_s)
+    took = time.monotonic() - start
+    stopped = f"{time_limit_s:.0f} s" if took > time_limit_s else None
+    return pick_guesses(events, k, took_s=took, stopped=stopped)
 
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child
-        os.close(read)
+
+class ChildStream:
+    """``produce(emit)`` run in a forked child, each emitted event sent back at once, so
+    the parent keeps what came whatever happens after: the child raising, crashing,
+    hanging, or being stopped at the parent's deadline.
+
+    The child runs torch on one thread (a fork's copy of the parent's thread pool must not
+    be entered) and leaves with ``os._exit``, so nothing of the parent's (open files,
+    database connections) is closed or flushed twice. Where there is no fork (not POSIX)
+    ``produce`` runs in ``collect``, in this process."""
+
+    def __init__(self, produce: Callable[[Callable[[Any], None]], None]) -> None:
+        self._produce = produce
+        self._start = time.monotonic()
+        self.pid = 0
+        if not hasattr(os, "fork"):
+            return
+        import torch
+
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            os.close(read)
+            out = os.fdopen(write, "wb")
+
+            def emit(event: Any) -> None:
+                data = pickle.dumps(event)
+                out.write(len(data).to_bytes(8, "little") + data)
+                out.flush()
+
+            try:
+                torch.set_num_threads(1)
+                produce(emit)
+            except BaseException as err:  # everything goes back as a reason
+                line = (str(err).splitlines() or [""])[0][:200]
+                emit(("error", f"{type(err).__name__}: {line}"))
+            out.close()
+            os._exit(0)
+        os.close(write)
+        self.pid, self._read = pid, os.fdopen(read, "rb", buffering=0)
+
+    def close(self) -> None:
+        """Kill the child if it was never collected (the tune stopped before it asked)."""
+        if self.pid > 0:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.pid = -1
+            self._read.close()
+
+    def collect(self, deadline: float) -> tuple[list[Any], str | None, float]:
+        """Every event the child sent until it finished or ``deadline`` (time.monotonic),
+        when it is killed; why it stopped early (None: it finished), and the seconds since
+        it started."""
+        if self.pid < 0:
+            raise RuntimeError("ChildStream.collect: already collected or closed")
+        if not self.pid:
+            events: list[Any] = []
+            self._produce(events.append)
+            return events, None, time.monotonic() - self._start
+        events, buffer, why = [], b"", None
         try:
-            torch.set_num_threads(1)
-            payload = pickle.dumps(("ok", fn()))
-        except BaseException as err:  # everything goes back as a reason
-            line = (str(err).splitlines() or [""])[0][:200]
-            payload = pickle.dumps(("error", f"{type(err).__name__}: {line}"))
-        with os.fdopen(write, "wb") as out:
-            out.write(payload)
-        os._exit(0)
-    os.close(write)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        with os.fdopen(read, "rb", buffering=0) as src:
             while True:
                 left = deadline - time.monotonic()
-                if left <= 0 or not select.select([src], [], [], left)[0]:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    return None, f"timed out after {timeout_s:.0f} s"
-                chunk = src.read(1 << 16)
+                if left <= 0 or not select.select([self._read], [], [], left)[0]:
+                    why = "time limit"
+                    break
+                chunk = self._read.read(1 << 16)
                 if not chunk:
                     break
-                chunks.append(chunk)
-    except BaseException:  # Ctrl-C: the child goes with the tuner
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        raise
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        return None, f"crashed: {signal.Signals(os.WTERMSIG(status)).name}"
-    if not chunks:
-        return None, f"exited with status {os.waitstatus_to_exitcode(status)} and no result"
-    kind, value = pickle.loads(b"".join(chunks))
-    return (value, None) if kind == "ok" else (None, value)
+                buffer += chunk
+                while len(buffer) >= 8 and len(buffer) >= 8 + int.from_bytes(buffer[:8], "little"):
+                    n = int.from_bytes(buffer[:8], "little")
+                    events.append(pickle.loads(buffer[8:8 + n]))
+                    buffer = buffer[8 + n:]
+        finally:  # Ctrl-C included: the child goes with the tuner
+            if why is not None or sys.exc_info()[0] is not None:
+                os.kill(self.pid, signal.SIGKILL)
+            _, status = os.waitpid(self.pid, 0)
+            self.pid = -1
+            self._read.close()
+        took = time.monotonic() - self._start
+        errors = [e[1] for e in events if e[0] == "error"]
+        if why is None and os.WIFSIGNALED(status):
+            why = f"crashed: {signal.Signals(os.WTERMSIG(status)).name}"
+        return [e for e in events if e[0] != "error"], why or (errors[0] if errors else None), took
