@@ -314,7 +314,7 @@ def _with_checkpoint_solver(space: SearchSpace, model: nn.Module, setup: _Setup,
 
 #: The cost model's pricing: the least time the tune waits for it after the baseline,
 #: however fast that was, and the most the child spends in all.
-_MIN_GUESS_S, _MAX_GUESS_S = 3.0, 45.0
+_MIN_GUESS_S, _MAX_GUESS_S = 1.5, 45.0
 
 
 def _guess_count(trials: int) -> int:

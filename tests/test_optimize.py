@@ -99,6 +99,7 @@ def test_budget_below_parameters_is_refused(gpt) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # ~15 s; the static refusal below the parameters' bytes runs by default
 def test_nothing_fits_is_a_clear_error(gpt) -> None:
     model, batch = gpt
     static = sum(p.numel() * 4 for p in model.parameters()) * 4

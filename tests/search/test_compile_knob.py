@@ -38,10 +38,15 @@ def test_the_knob_maps_into_the_plan_and_only_where_allowed() -> None:
     assert ranks.plan_from(ranks.default_params(), Plan()).compile.mode == "off"
 
 
-def test_optimize_refuses_an_unknown_mode_and_defaults_to_eager_on_cpu() -> None:
+def test_optimize_refuses_an_unknown_mode() -> None:
     model, batch = tiny_gpt(batch_size=4)
     with pytest.raises(TunerError, match="compile_modes"):
         autoscale.optimize(model, batch, trials=1, compile_modes=("jit",))
+
+
+@pytest.mark.slow  # ~10-20 s
+def test_optimize_defaults_to_eager_on_cpu() -> None:
+    model, batch = tiny_gpt(batch_size=4)
     seen: list[str] = []
     autoscale.optimize(model, batch, trials=2, precisions=("fp32",), isolate=False, iters=1,
                        on_trial=lambda r: seen.append(r.plan.compile.mode))

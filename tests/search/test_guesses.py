@@ -117,6 +117,7 @@ def test_the_child_sends_each_event_and_the_parent_keeps_them_whatever_happens()
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # ~14 s; the child's crash and hang handling runs by default just above
 def test_a_model_that_crashes_under_some_plan_costs_the_guesses_not_the_tune() -> None:
     from pathlib import Path
 
