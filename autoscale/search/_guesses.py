@@ -249,10 +249,12 @@ class ChildStream:
                 if not chunk:
                     break
                 buffer += chunk
-                while len(buffer) >= 8 and len(buffer) >= 8 + int.from_bytes(buffer[:8], "little"):
-                    n = int.from_bytes(buffer[:8], "little")
-                    events.append(pickle.loads(buffer[8:8 + n]))
-                    buffer = buffer[8 + n:]
+                while len(buffer) >= 8:  # whole length-prefixed events only
+                    end = 8 + int.from_bytes(buffer[:8], "little")
+                    if len(buffer) < end:
+                        break
+                    events.append(pickle.loads(buffer[8:end]))
+                    buffer = buffer[end:]
         finally:  # Ctrl-C included: the child goes with the tuner
             if why is not None or sys.exc_info()[0] is not None:
                 os.kill(self.pid, signal.SIGKILL)
