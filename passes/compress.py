@@ -35,7 +35,7 @@ under DDP grows with the world size; past ~8 ranks a two-phase exchange would be
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -88,6 +88,14 @@ class CommStats:
     """PowerSGD's P and Q matrices held on this rank now."""
     residual_where: str = ""
     """Where the residual lives and what its size is."""
+    holders: list[Any] = field(default_factory=list, repr=False, compare=False)
+    """The hooks and reduce-scatters that hold the residuals and factors (``held()``)."""
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The residual and factor tensors this model's compression keeps between steps:
+        live memory that neither the model nor the optimizer reaches, which the peak
+        measurement counts among its roots (autoscale.measure)."""
+        return [t for holder in self.holders for t in holder.held()]
 
     def record(self, sent: int, uncompressed: int) -> None:
         self.bytes_sent += sent
@@ -242,6 +250,10 @@ class _DDPCompressor:
         # bucket index -> (ids of its parameters, residual): DDP rebuilds its buckets after
         # the first step, and a residual laid out for another bucket must not be added.
         self.residuals: dict[int, tuple[tuple[int, ...], torch.Tensor]] = {}
+        stats.holders.append(self)
+
+    def held(self) -> list[torch.Tensor]:
+        return [t for _, t in self.residuals.values()]
 
     def residual(self, bucket: dist.GradBucket) -> torch.Tensor:
         key = tuple(id(p) for p in bucket.parameters())
@@ -296,6 +308,12 @@ class _PowerSGD:
         self.state = torch_powersgd.PowerSGDState(
             process_group=group, matrix_approximation_rank=plan.powersgd_rank,
             start_powerSGD_iter=_POWERSGD_START, use_error_feedback=True, warm_start=True)
+        stats.holders.append(self)
+
+    def held(self) -> list[torch.Tensor]:
+        s = self.state
+        return [t for d in (s.error_dict, s.p_memory_dict, s.q_memory_dict)
+                for t in d.values()]
 
     def __call__(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         s, buf = self.state, bucket.buffer()
@@ -353,6 +371,10 @@ class _CompressedReduceScatter(ReduceScatter):
         self.feedback = plan.keeps_residual
         self.stats = stats
         self.residual: torch.Tensor | None = None
+        stats.holders.append(self)
+
+    def held(self) -> list[torch.Tensor]:
+        return [] if self.residual is None else [self.residual]
 
     def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
@@ -393,6 +415,11 @@ class _PowerSGDReduceScatter(ReduceScatter):
         self.unit = unit
         self.state = UnitPowerSGD(plan.powersgd_rank)
         self.stats = stats
+        stats.holders.append(self)
+
+    def held(self) -> list[torch.Tensor]:
+        res = self.state.residual
+        return [*([] if res is None else [res]), *self.state.qs]
 
     def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)

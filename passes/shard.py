@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
@@ -82,7 +83,10 @@ def shard_model(model: nn.Module, *, plan: ShardPlan, graph: ModelGraph | None,
         return DistributedDataParallel(model, process_group=process_group,
                                        bucket_cap_mb=plan.bucket_cap_mb,
                                        gradient_as_bucket_view=True)
-    mesh = DeviceMesh.from_group(process_group, device_type)
+    # The mesh's rank map is real data even when the cost model builds this step on fake
+    # tensors (autoscale/cost/_simulate.py): DeviceMesh reads it with tolist().
+    with unset_fake_temporarily():
+        mesh = DeviceMesh.from_group(process_group, device_type)
     options = _fsdp_options(plan, precision)
     for fqn in shard_units(model, graph):
         fully_shard(model.get_submodule(fqn), mesh=mesh,

@@ -149,7 +149,24 @@ def simulated_estimate(model: nn.Module, batch: Any, plan: Plan, *, graph: Any,
                          peak_bytes=sim.peak, phase=sim.phase, method="simulated")
     if plan.shard.strategy == "none":
         return est
+    if sim.sharded:
+        return _compressed(est, model, graph, plan)
     return _sharded(est, model, graph, plan, weight_copies=sim.weight_copies if low else 0)
+
+
+def _compressed(est: MemoryEstimate, model: nn.Module, graph: Any, plan: Plan
+                ) -> MemoryEstimate:  # fmt: skip
+    """``est`` (one rank's step with its FSDP2 units simulated: Note: [simulating FSDP2])
+    with the compress pass's residual and working copy (passes/compress.py), held through
+    the whole step."""
+    from autoscale.plan import CompressPlan
+
+    whole = estimate_graph(model, graph, plan)
+    exact = estimate_graph(model, graph, plan.replace(compress=CompressPlan()))
+    residual = whole.gradients - exact.gradients
+    working = whole.temporaries - exact.temporaries
+    return replace(est, temporaries=est.temporaries + working, residuals=residual,
+                   peak_bytes=est.total + residual + working)
 
 
 def _sharded(est: MemoryEstimate, model: nn.Module, graph: Any, plan: Plan, *,

@@ -79,6 +79,9 @@ class SimulatedStep:
 
     held_gradients: int = 0
     """Gradients live before the step (DDP's bucket views), in ``forward_backward_peak``."""
+    sharded: bool = False
+    """The FSDP2 units themselves ran (Note: [simulating FSDP2]): parameters, gradients,
+    state and peak are already one rank's."""
     weight_copies: int = 0
     """Autocast's low-precision copies of the parameters made by one forward (among the
     activations: the matmuls save them); under FSDP2 with a low param_dtype the
@@ -118,32 +121,109 @@ def simulate_step(model: nn.Module, batch: Batch, plan: Plan, *,
 
     from autoscale.runtime._batch import rank_share
 
-    local = plan
+    local, sharded = plan, False
     if plan.shard.strategy != "none":
         batch = rank_share(batch, 0, plan.shard.world_size)
-        local = plan.replace(shard=ShardPlan(), compress=CompressPlan())
-    with fake_step(model, batch, local, loss_fn=loss_fn, graph=graph) as (result, fake_batch):
+        sharded = simulates_sharding(plan)
+        local = plan.replace(compress=CompressPlan()) if sharded else plan.replace(
+            shard=ShardPlan(), compress=CompressPlan())
+    group = (_fake_process_group(plan.shard.world_size) if sharded
+             else contextlib.nullcontext())
+    with group, fake_step(model, batch, local, loss_fn=loss_fn, graph=graph) as (
+            result, fake_batch):
         state = _fake_state(result.optimizer)
         roots = (result.model, state, fake_batch)
         params, batch_bytes = _bytes(result.model), _bytes(fake_batch)
-        activations, copies = _saved_by_forward(result, fake_batch, roots)
+        if not sharded:  # FSDP2's forward alone would leave its units unsharded: after
+            activations, copies = _saved_by_forward(result, fake_batch, roots)
         held = 0
         if plan.shard.strategy == "ddp":
             held = (_bucket_bytes(result.model) if _accumulates(local)
                     else _bucket_views(result.model))
         with PeakMemoryTracker(roots=roots, device="cpu", fake=True) as tracker, \
-                _rng_states_counted(tracker), _Workspaces(tracker):
+                _rng_states_counted(tracker), _Workspaces(tracker), \
+                _storage_resizes_counted(tracker):
             result.accumulate(first_micro_batches(fake_batch, local, 2))
-        grads = _grad_bytes(result.model)
+        if sharded:
+            grads = _bytes([p.grad for p in result.model.parameters() if p.grad is not None])
+            activations, copies = _saved_by_forward(result, fake_batch, roots, sharded=True)
+        else:
+            grads = _grad_bytes(result.model)
     # SGD creates its momentum buffers in its first step, not in _init_state.
     state_bytes = _bytes(state) if state else 0
-    state_bytes = state_bytes or _torch_state_bytes(model, plan)
+    state_bytes = state_bytes or _torch_state_bytes(model, plan) // (
+        plan.shard.world_size if sharded else 1)
     baseline = params + state_bytes + batch_bytes + held
     peak_fb = tracker.peak_bytes - tracker.baseline_bytes + baseline
     return SimulatedStep(parameters=params, gradients=grads, optimizer_state=state_bytes,
                          batch=batch_bytes, activations=activations,
                          forward_backward_peak=peak_fb, step_peak=baseline + grads - held,
-                         held_gradients=held, weight_copies=copies)
+                         held_gradients=held, weight_copies=copies, sharded=sharded)
+
+
+def simulates_sharding(plan: Plan) -> bool:
+    """Whether the simulation runs ``plan``'s FSDP2 units themselves (zero2/zero3, on a
+    fake process group: see Note: [simulating FSDP2]) rather than adding the shard pass's
+    report to the unsharded step: possible whenever this process has no process group of
+    its own (the tuner, ``autoscale estimate``), which a fake default group would replace."""
+    import torch.distributed as dist
+
+    return (plan.shard.uses_fsdp and dist.is_available() and not dist.is_initialized()
+            and plan.shard.world_size > 1)
+
+
+# Note: [simulating FSDP2]
+# FSDP2's memory is its schedule: which units are unsharded when, the all-gather outputs
+# kept for backward, the reduce-scatter inputs in flight, the root kept whole; a formula
+# over block sizes (passes/shard.py, Pass.memory) was within 0.90-1.10 of the measured
+# peak, not within 5%. So the simulated step runs the real fully_shard units, rank 0 of a
+# default process group of the plan's world size on torch's "fake" backend (a process group
+# that sends nothing; collectives on fake tensors return fake outputs of the right shapes),
+# which is how torch's own FSDP2 memory tracker is exercised without a cluster. Two things
+# the dispatcher-level ledger would otherwise miss are counted: FSDP2 frees and re-allocates
+# the unsharded parameters by UntypedStorage.resize_, outside any op
+# (_storage_resizes_counted), and its forward alone leaves units unsharded, so the
+# activations are read after the step (_saved_by_forward(sharded=True)). DDP and zero1 do
+# not run on fake tensors (DDP broadcasts real parameter data at construction); their
+# per-rank terms are exact from the unsharded step (Note: [per-rank memory of each
+# strategy]). Where this process already has a process group (an estimate inside a
+# torchrun job), the fake group cannot replace it, and the FSDP2 terms come from the
+# shard pass's report instead, as before.
+
+
+@contextlib.contextmanager
+def _fake_process_group(world_size: int) -> Iterator[None]:
+    """A default process group of ``world_size`` ranks on torch's fake backend, this
+    process rank 0, for the length of the block."""
+    import torch.distributed as dist
+
+    # Importing it registers the "fake" backend (torch's own testing module: the process
+    # group torch's FSDP2 memory tracker is tested with).
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _storage_resizes_counted(tracker: PeakMemoryTracker) -> Iterator[None]:
+    """Show the ledger every ``UntypedStorage.resize_`` (FSDP2 frees and re-allocates its
+    unsharded parameters so, outside the dispatcher)."""
+    real = torch.UntypedStorage.resize_
+
+    def counted(storage: torch.UntypedStorage, size: int) -> Any:
+        out = real(storage, size)
+        tracker.observe_storage(storage)
+        return out
+
+    torch.UntypedStorage.resize_ = counted  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.UntypedStorage.resize_ = real  # type: ignore[method-assign]
 
 
 def first_micro_batches(batch: Batch, plan: Plan, n: int) -> Batch:
@@ -316,18 +396,43 @@ def _torch_state_bytes(model: nn.Module, plan: Plan) -> int:
     return static_bytes(model, plan.replace(shard=ShardPlan()))[2]
 
 
-def _saved_by_forward(result: Any, batch: Batch, roots: Any) -> tuple[int, int]:
+def _saved_by_forward(result: Any, batch: Batch, roots: Any, *,
+                      sharded: bool = False) -> tuple[int, int]:
     """Bytes the first micro-batch's forward leaves live for backward (the loss's graph),
-    and among them autocast's copies of the parameters."""
+    and among them autocast's copies of the parameters. ``sharded``: the model's FSDP2
+    units run (Note: [simulating FSDP2]); the parameters they hold unsharded after
+    forward are not activations and are left out."""
     micro, _ = next(iter(split_batch(batch, result.plan.batch.micro_batch_size)))
     result.model.train()
     copies = _WeightCopies(result.model)
     with PeakMemoryTracker(roots=roots, device="cpu", fake=True) as tracker, copies, \
-            _rng_states_counted(tracker):
+            _rng_states_counted(tracker), _storage_resizes_counted(tracker):
         loss = compute_loss(result.loss_fn, call_model(result.model, micro), micro)
         saved = tracker.current_bytes - tracker.baseline_bytes
+        if sharded:
+            saved -= _unsharded_bytes(result.model)
     del loss
     return saved, copies.nbytes
+
+
+def _unsharded_bytes(model: nn.Module) -> int:
+    """Bytes of FSDP2's all-gathered (unsharded) parameters allocated now."""
+    from torch.distributed.fsdp import FSDPModule
+
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        group = module._get_fsdp_state()._fsdp_param_group
+        for fp in group.fsdp_params if group is not None else ():
+            for t in (*fp.all_gather_outputs, getattr(fp, "_unsharded_param", None)):
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    if id(st) not in seen:
+                        seen.add(id(st))
+                        total += st.nbytes()
+    return total
 
 
 class _WeightCopies(TorchDispatchMode):

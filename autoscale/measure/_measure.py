@@ -155,7 +155,10 @@ def measure(
     # baseline, or be freed at a random point inside the tracked step.
     gc.collect()
 
-    with _peak_tracker((model, optimizer, batch), dev) as tracker:
+    # Held between steps beyond the model and optimizer (a Result's compression residuals):
+    # live at the step's start like them, so part of the baseline.
+    held = getattr(step, "held_state", ())
+    with _peak_tracker((model, optimizer, batch, held), dev) as tracker:
         step_fn(batch)
 
     times: list[float] = []

@@ -284,18 +284,29 @@ class PeakMemoryTracker:
         with self._lock:
             for t in tensors:
                 for st in _storages(t):
-                    if not _on_device(st, self.device, fake=self.fake):
-                        continue
-                    nbytes = st.nbytes()
-                    entry = self._live.get(id(st))
-                    if entry is None:
-                        ref = weakref.ref(st, functools.partial(self._on_free, id(st)))
-                        self._live[id(st)] = (ref, nbytes)
-                        self._total += nbytes
-                    elif entry[1] != nbytes:
-                        self._live[id(st)] = (entry[0], nbytes)
-                        self._total += nbytes - entry[1]
+                    self._count(st)
             self.peak_bytes = max(self.peak_bytes, self._total)
+
+    def observe_storage(self, st: torch.UntypedStorage) -> None:
+        """Count ``st`` at its current size: for storages resized outside the dispatcher
+        (``UntypedStorage.resize_``, which FSDP2 uses to free and re-allocate its
+        all-gathered parameters), where no op shows the ledger the new size."""
+        with self._lock:
+            self._count(st)
+            self.peak_bytes = max(self.peak_bytes, self._total)
+
+    def _count(self, st: torch.UntypedStorage) -> None:
+        if not _on_device(st, self.device, fake=self.fake):
+            return
+        nbytes = st.nbytes()
+        entry = self._live.get(id(st))
+        if entry is None:
+            ref = weakref.ref(st, functools.partial(self._on_free, id(st)))
+            self._live[id(st)] = (ref, nbytes)
+            self._total += nbytes
+        elif entry[1] != nbytes:
+            self._live[id(st)] = (entry[0], nbytes)
+            self._total += nbytes - entry[1]
 
     def add_transient(self, nbytes: int) -> None:
         """Count ``nbytes`` held for an instant on top of what is live now (a kernel's

@@ -57,6 +57,15 @@ class Result:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def held_state(self) -> list[torch.Tensor]:
+        """Tensors the step keeps between steps outside the model and the optimizer
+        (gradient compression's residuals and factors); the peak measurement's roots."""
+        from autoscale.passes.compress import comm_stats
+
+        stats = comm_stats(self.model)
+        return [] if stats is None else stats.held_tensors()
+
     def step(self, batch: Batch) -> float:
         """One optimizer step on ``batch``; returns the batch's mean loss.
 

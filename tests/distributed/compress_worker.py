@@ -186,6 +186,7 @@ def _step_case(model: nn.Module, graph: Any, batch: tuple, locals_: list[torch.T
         "residual_bytes": stats.residual_bytes,
         "state_bytes": stats.state_bytes,
         "residual_where": stats.residual_where,
+        "held_bytes": sum(t.nbytes for t in result.held_state),
     }
 
 

@@ -276,7 +276,7 @@ def _memory(strategy: str, *, accumulate: bool = False) -> dict:
     est = estimate_graph(model, graph, plan)
     simulated = autoscale.estimate(model, batch, plan, graph=graph).total
     return {"measured": max(peaks), "per_rank": peaks, "estimate": est.total,
-            "simulated": simulated,
+            "simulated": simulated, "plan": plan.to_dict(),
             "baseline": baseline, "rises": rises,
             "parameters": est.parameters, "gradients": est.gradients,
             "optimizer_state": est.optimizer_state, "activations": est.activations,

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import autoscale
 from autoscale import (
     CheckpointPlan,
     PassError,
@@ -123,10 +124,28 @@ def test_per_rank_peak_falls_from_ddp_to_zero3_and_matches_the_estimate(results:
         # micro-batch they come after), zero3 1.06-1.10.
         ratio = r["estimate"] / r["measured"]
         assert 0.85 <= ratio <= 1.25, (strategy, ratio)
-        # autoscale.estimate (the simulated step with the pass's per-rank terms) holds
-        # the tuner's prune margins (autoscale/search/_study.py, SHARDED_MARGIN) here.
+        # autoscale.estimate inside a process group (an estimate in a torchrun job: the
+        # unsharded step with the pass's per-rank terms) holds the tuner's prune margins
+        # (autoscale/search/_study.py, SHARDED_MARGIN) here.
         simulated = r["simulated"] / r["measured"]
         assert 0.90 <= simulated <= 1.10, (strategy, simulated)
+        # Where the estimating process has no process group (the tuner, `autoscale
+        # estimate`), zero2/zero3 run their FSDP2 units in the simulation (Note:
+        # [simulating FSDP2]): measured exact here; the profiler's reading of a rank's
+        # peak is an upper bound off by a block at times (shard_worker's Note).
+        estimate = autoscale.estimate(*_memory_model(), Plan.from_dict(r["plan"])).total
+        if strategy in ("zero2", "zero3"):
+            assert 0.98 <= estimate / r["measured"] <= 1.0, (strategy, estimate, r)
+
+
+def _memory_model() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """shard_worker's memory model and global batch, built as its _memory builds them."""
+    sys.path.insert(0, str(WORKER.parent))
+    import shard_worker
+
+    torch.manual_seed(0)
+    model = shard_worker.Net(width=256, depth=6)
+    return model, (torch.randn(shard_worker.BATCH, 6), torch.randn(shard_worker.BATCH, 1))
 
 
 @pytest.mark.distributed
