@@ -27,6 +27,12 @@ machine. The rates are measured the same way (Note: [timing a busy machine]). Be
 default plan, as the tuner does after its baseline trial. Per model: the Spearman rank
 correlation of estimated and measured step time and the median absolute error. Goals
 (issue 15): Spearman >= 0.9 per model, median absolute error within 15%.
+
+Then the distributed plans (``--ranks``, default 2; 1 leaves them out): on every model,
+ddp, zero1, zero2, zero3 and FSDP2 with bf16 units, offload, 8-bit state, micro-batches and
+full checkpointing, and compression (int8 under DDP, PowerSGD under FSDP2), each measured
+as a real multi-process gloo job by the tuner's own trial runner (the largest rank's peak),
+against the estimate made in this process. The same memory goals.
 """
 
 from __future__ import annotations
@@ -159,6 +165,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved timing rounds per plan (the fastest is kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
+    parser.add_argument("--ranks", type=int, default=2,
+                        help="ranks of the distributed plans' section (1: leave it out)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -182,6 +190,13 @@ def main() -> None:
     for name, build in models(args.quick).items():
         rows[name] = _bench_model(name, build, rates, args.rounds)
     _summary(rows)
+    if args.ranks > 1:
+        print(f"\ndistributed plans, {args.ranks} gloo ranks: the largest rank's measured peak")
+        print(f"{'model':9s} {'plan':17s} {'measured':>11s} {'estimate':>11s} {'error':>7s} "
+              f"{'est. s':>6s}")
+        sharded = {name: _bench_sharded(name, build, args.ranks)
+                   for name, build in models(args.quick).items()}
+        _sharded_summary(sharded, args.ranks)
 
 
 def _bench_model(name: str, build: Any, rates: Any, rounds: int) -> list[dict[str, float]]:
@@ -219,6 +234,95 @@ def _bench_model(name: str, build: Any, rates: Any, rounds: int) -> list[dict[st
               f"{row['est_step'] * 1e3:8.1f} {row['est_step'] / row['step'] - 1:+7.1%} "
               f"{row['refined'] / row['step'] - 1:+7.1%} {row['took_t']:6.2f}")
     return out
+
+
+def sharded_plans(graph: Any, batch: int, ranks: int) -> dict[str, Any]:
+    """Distributed plans at ``ranks`` ranks: every strategy, and each FSDP2 one with the
+    knobs that change its schedule (checkpointing, bf16 units, micro-batches, offload,
+    8-bit state) and compression with its residuals."""
+    from autoscale import BatchPlan, CheckpointPlan, Plan, PrecisionPlan, ShardPlan
+    from autoscale.plan import CompressPlan
+    from autoscale.runtime._optimizers import optimizer_plan
+
+    def shard(strategy: str, **kwargs: Any) -> ShardPlan:
+        return ShardPlan(strategy=strategy, world_size=ranks, **kwargs)
+
+    blocks = tuple(b.fqn for b in graph.blocks)
+    share = batch // ranks
+    out = {s: Plan(sections={"shard": shard(s)}) for s in ("ddp", "zero1", "zero2", "zero3")}
+    out.update({
+        "zero2 bf16": Plan(sections={"shard": shard("zero2"),
+                                     "precision": PrecisionPlan(mode="bf16")}),
+        "zero3 offload": Plan(sections={"shard": shard("zero3", offload=True)}),
+        "zero2 8-bit": Plan(sections={"shard": shard("zero2"),
+                                      "optimizer": optimizer_plan("adamw8bit", None)}),
+        "ddp int8": Plan(sections={"shard": shard("ddp"),
+                                   "compress": CompressPlan(method="int8")}),
+        "zero2 powersgd": Plan(sections={"shard": shard("zero2"),
+                                         "compress": CompressPlan(method="powersgd")})})
+    if share >= 2:
+        out[f"zero3 micro {share // 2}x2"] = Plan(sections={
+            "shard": shard("zero3"),
+            "batch": BatchPlan(micro_batch_size=share // 2, grad_accum_steps=2)})
+    if blocks:
+        out["zero3 ckpt all"] = Plan(sections={"shard": shard("zero3"),
+                                               "checkpoint": CheckpointPlan(blocks=blocks)})
+    return out
+
+
+def _bench_sharded(name: str, build: Any, ranks: int) -> list[dict[str, Any]]:
+    """Estimated against measured per-rank peak (the largest rank's) of ``name``'s
+    distributed plans, each measured as a real ``ranks``-process gloo job by the tuner's
+    own trial runner (WorkerRunner: Note: [multi-rank trials])."""
+    import tempfile
+
+    import autoscale
+    from autoscale._units import format_bytes
+    from autoscale.plan import Fingerprint
+    from autoscale.runtime._batch import batch_size
+    from autoscale.search._workers import WorkerRunner, pickle_workload
+
+    model, batch, *rest = build()
+    loss_fn = rest[0] if rest else None
+    graph = autoscale.capture(model, batch)
+    fingerprint = Fingerprint.of(model, graph.structure_hash())
+    spread = {label: plan.replace(fingerprint=fingerprint)
+              for label, plan in sharded_plans(graph, batch_size(batch), ranks).items()}
+    out = []
+    with tempfile.TemporaryDirectory(prefix="bench-estimate-") as tmp:
+        runner = WorkerRunner(pickle_workload(model, batch, loss_fn, tmp),
+                              device=torch.device("cpu"),
+                              fingerprint=spread["ddp"].fingerprint_digest(), warmup=1,
+                              iters=1, world_size=ranks)
+        try:
+            for label, plan in spread.items():
+                start = time.perf_counter()
+                est = autoscale.estimate(model, batch, plan, graph=graph, loss_fn=loss_fn)
+                took = time.perf_counter() - start
+                peak = runner.measure(plan).peak_memory_bytes
+                err = est.total / peak - 1
+                print(f"{name:9s} {label:17s} {format_bytes(peak):>11s} "
+                      f"{format_bytes(est.total):>11s} {err:+7.2%} {took:6.2f}", flush=True)
+                out.append({"label": label, "peak": peak, "est": est.total})
+        finally:
+            runner.close()
+    return out
+
+
+def _sharded_summary(rows: dict[str, list[dict[str, Any]]], ranks: int) -> None:
+    errs = {name: [abs(r["est"] / r["peak"] - 1) for r in model_rows]
+            for name, model_rows in rows.items()}
+    flat = [e for model_errs in errs.values() for e in model_errs]
+    print()
+    print(f"{'model':9s} {'plans':>5s} {'median |err|':>13s} {'max |err|':>10s}   "
+          f"(per-rank peak, {ranks} ranks)")
+    for name, model_errs in errs.items():
+        print(f"{name:9s} {len(model_errs):5d} {statistics.median(model_errs):13.2%} "
+              f"{max(model_errs):10.2%}")
+    print(f"{'all':9s} {len(flat):5d} {statistics.median(flat):13.2%} {max(flat):10.2%}")
+    ok = max(flat) <= 0.05 and statistics.median(flat) <= 0.02
+    print(f"memory goal at {ranks} ranks (every error within 5%, median within 2%): "
+          f"{'met' if ok else 'NOT met'}")
 
 
 def _summary(rows: dict[str, list[dict[str, float]]]) -> None:

@@ -259,6 +259,34 @@ def test_measure_result_like_object_and_dict_batch() -> None:
     assert measure(ResultLike(), {"x": x}, batch_size=7, warmup=0, iters=1).batch_size == 7
 
 
+def test_the_baseline_counts_held_state_and_a_wrapped_local_optimizer() -> None:
+    # ZeroRedundancyOptimizer keeps its shard's state in ``.optim`` and a compressing DDP
+    # hook its residuals outside model and optimizer (Result.held_state): both are live
+    # between steps, and a baseline that missed them under-read zero1 and compressed plans
+    # by the state and the residual (GPT at 2 ranks: 3.12 MiB each).
+    model, local, x, step = _linear_setup(torch.optim.Adam)
+
+    class Wrapper(torch.optim.Optimizer):  # ZeroRedundancyOptimizer's shape
+        def __init__(self) -> None:
+            super().__init__(list(model.parameters()), {})
+            self.optim = local
+
+    residual = torch.zeros(1000)
+
+    class ResultLike:
+        def __init__(self) -> None:
+            self.model, self.optimizer, self.held_state = model, Wrapper(), [residual]
+
+        def step(self, batch: torch.Tensor) -> torch.Tensor:
+            return step(batch)
+
+    plain = measure(step, x, model=model, optimizer=local, warmup=1, iters=1)
+    wrapped = measure(ResultLike(), x, warmup=1, iters=1)
+    assert wrapped.baseline_bytes == plain.baseline_bytes + residual.nbytes
+    assert wrapped.peak_memory_bytes == plain.peak_memory_bytes + residual.nbytes
+    assert plain.baseline_bytes >= W_BYTES + X_BYTES + 2 * W_BYTES  # Adam's two moments
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

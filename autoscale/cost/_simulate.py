@@ -137,7 +137,7 @@ def simulate_step(model: nn.Module, batch: Batch, plan: Plan, *,
         if not sharded:  # FSDP2's forward alone would leave its units unsharded: after
             activations, copies = _saved_by_forward(result, fake_batch, roots)
         held = 0
-        if plan.shard.strategy == "ddp":
+        if plan.shard.uses_ddp:
             held = (_bucket_bytes(result.model) if _accumulates(local)
                     else _bucket_views(result.model))
         with PeakMemoryTracker(roots=roots, device="cpu", fake=True) as tracker, \
@@ -460,9 +460,10 @@ def _bucket_views(model: nn.Module) -> int:
     buckets that DDP allocates once and keeps for the whole run, so they are live from the
     step's first op, not from backward. Simulated as such: every gradient made before the
     step (autograd then accumulates into it in place); returns their bytes, held in the
-    baseline. Measured on the GPT example at 2 ranks: exact for ddp; zero1 (the same DDP
-    under ZeroRedundancyOptimizer) measured one gradient-size lower, as if the buckets were
-    not held, so zero1 is simulated without this (exact on 3 of 4 plans, -1.7% on one)."""
+    baseline. zero1 is the same DDP under ZeroRedundancyOptimizer and holds them alike.
+    Measured on the GPT and mlp examples at 2 ranks: exact for ddp and zero1 (zero1 once
+    looked a gradient-size lower: the measurement missed ZeRO's local optimizer state,
+    which its own ``state`` does not hold)."""
     for p in model.parameters():
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)

@@ -89,6 +89,11 @@ def _iter_root_tensors(roots: Any) -> Iterator[torch.Tensor]:
         elif isinstance(obj, torch.optim.Optimizer):
             stack.extend(group["params"] for group in obj.param_groups)
             stack.extend(obj.state.values())
+            # ZeroRedundancyOptimizer keeps its shard's state in a local optimizer: its
+            # own ``state`` is empty between steps.
+            local = getattr(obj, "optim", None)
+            if isinstance(local, torch.optim.Optimizer):
+                stack.append(local)
         elif isinstance(obj, Mapping):  # dict, and UserDict-based batches (HF BatchEncoding)
             stack.extend(obj.values())
         elif isinstance(obj, (list, tuple, set, frozenset)):
