@@ -34,7 +34,12 @@ from autoscale.plan import (
 from autoscale.runtime._batch import Batch, LossFn, batch_size, check_batch
 from autoscale.runtime._optimizers import optimizer_plan
 from autoscale.runtime._result import Result, build_result
-from autoscale.search._guesses import ChildStream, pick_guesses, price_candidates
+from autoscale.search._guesses import (
+    ChildStream,
+    pick_guesses,
+    price_candidates,
+    priced_step_times,
+)
 from autoscale.search._study import (
     SAMPLERS,
     LinkCheck,
@@ -44,6 +49,7 @@ from autoscale.search._study import (
     closest_miss,
     open_study,
     run_search,
+    step_time_error,
     top_feasible,
 )
 from autoscale.search._trial import measure_baseline
@@ -270,14 +276,18 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
                                       baseline=baseline, study=study)
             if isinstance(pricing, ChildStream):
                 stack.callback(pricing.close)
-        guesses, guess_note = _collect_guesses(
+        guesses, guess_note, priced = _collect_guesses(
             pricing, baseline, k=_guess_count(trials),
             spend_s=max(_MIN_GUESS_S, min(0.75 * timeout, took)))
         notes = (*notes, *filter(None, [solver_note, guess_note]))
         records = run_search(study, space, setup.base, estimates=estimates,
                              budget=setup.budget, trials=trials,
                              measure=lambda plan: runner.measure(plan, timeout_s=timeout),
-                             on_trial=on_trial, guesses=guesses)
+                             on_trial=on_trial, guesses=guesses, step_estimates=priced)
+        if (step_err := step_time_error(study)) is not None:
+            notes = (*notes, f"cost model: step time estimated within a median "
+                             f"{step_err[1]:.0%} of {step_err[0]} measured trials (refined "
+                             "on each trial before it)")
         finalists = top_feasible(study, setup.budget, _FINALISTS)
         if not finalists:
             raise _nothing_fits(setup.budget, baseline, study,
@@ -372,22 +382,24 @@ def _price_in_child(space: SearchSpace, model: nn.Module, setup: _Setup, *,
 
 
 def _collect_guesses(pricing: ChildStream | str | None, baseline: Measurement, *, k: int,
-                     spend_s: float) -> tuple[list[Any], str | None]:
+                     spend_s: float) -> tuple[list[Any], str | None, dict[str, float]]:
     """The guesses the child priced, waiting at most ``spend_s`` more for it: a child that
     crashed, hung or ran out of time keeps what it sent (Note: [the cost model orders the
-    candidates]); with the note the tune prints."""
+    candidates]); with the note the tune prints, and every priced plan's step seconds
+    (``priced_step_times``)."""
     if pricing is None:
-        return [], None
+        return [], None, {}
     if isinstance(pricing, str):
-        return [], pricing
+        return [], pricing, {}
     events, why, took = pricing.collect(time.monotonic() + spend_s)
     reference = next((e[1] for e in events if e[0] == "reference"), None)
     scale = baseline.step_time_s / reference if reference else 1.0
     if not any(e[0] == "guess" for e in events):
         return [], (f"cost model: no best guesses (pricing the plans, which runs the model "
                     f"on fake tensors: {why or 'none fits the budget'}); the sampler "
-                    "starts alone")
-    return pick_guesses(events, k, took_s=took, stopped=why, scale=scale)
+                    "starts alone"), {}
+    guesses, note = pick_guesses(events, k, took_s=took, stopped=why, scale=scale)
+    return guesses, note, priced_step_times(events, scale)
 
 
 #: The convergence guardrail: steps of each A/B run, the tail averaged, and the largest

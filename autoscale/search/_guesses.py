@@ -163,6 +163,18 @@ def pick_guesses(events: list[tuple[Any, ...]], k: int, *, took_s: float,
     return priced[:k], note
 
 
+def priced_step_times(events: list[tuple[Any, ...]], scale: float = 1.0) -> dict[str, float]:
+    """Every priced plan's estimated step seconds (times ``scale``), keyed by its JSON
+    (``plan_key``): what the search refines and records against each measured trial."""
+    return {plan_key(e[1].plan): e[1].estimated_step_s * scale
+            for e in events if e[0] == "guess"}
+
+
+def plan_key(plan: Plan) -> str:
+    """A plan's identity for look-ups: its JSON with sorted keys."""
+    return json.dumps(plan.to_dict(), sort_keys=True)
+
+
 def best_guesses(space: Any, base: Plan, *, memory: Callable[[Plan], int],
                  step_time: Callable[[Plan], float], budget: int | None, k: int,
                  time_limit_s: float = 60.0,

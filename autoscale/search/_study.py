@@ -16,9 +16,10 @@ import datetime
 import json
 import os
 import socket
+import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -451,10 +452,48 @@ def _counts(t: optuna.trial.FrozenTrial) -> bool:
     return t.state == optuna.trial.TrialState.FAIL and _ERROR in t.user_attrs
 
 
+_STEP_PRICED = "priced_step_s"
+
+
+def step_time_scale(study: optuna.Study) -> float:
+    """The step-time estimate's correction learnt so far: the median of measured over
+    priced step time over the study's measured trials (1.0 before the first).
+
+    Note: [refining the step time on every trial]
+    The cost model prices the candidates once, at this machine's rates scaled onto the
+    measured baseline (autoscale/cost/_time.py, ``refine``). Every measured trial of a
+    priced plan then records both figures, ``priced_step_s`` and ``step_time_s``, and the
+    next trial's ``estimated_step_s`` is its price times the median ratio of those before
+    it: the estimate learns what this model's steps cost here from every measurement, and
+    the study keeps estimate and measurement side by side (``autoscale report`` and the
+    tune's closing note show how close they came). It is read from the study, so every
+    worker sharing it learns from all of them. A median, not a mean: one trial slowed by
+    the shared machine must not move it.
+    """
+    ratios = sorted(t.user_attrs["step_time_s"] / t.user_attrs[_STEP_PRICED]
+                    for t in study.get_trials(deepcopy=False)
+                    if t.state == optuna.trial.TrialState.COMPLETE
+                    and t.user_attrs.get(_STEP_PRICED) and "step_time_s" in t.user_attrs
+                    and "repeat_of" not in t.user_attrs)
+    return statistics.median(ratios) if ratios else 1.0
+
+
+def step_time_error(study: optuna.Study) -> tuple[int, float] | None:
+    """(measured trials with an estimate made before them, the median |estimated /
+    measured - 1| of those estimates), or None when no trial had both."""
+    errs = [abs(t.user_attrs["estimated_step_s"] / t.user_attrs["step_time_s"] - 1)
+            for t in study.get_trials(deepcopy=False)
+            if t.state == optuna.trial.TrialState.COMPLETE
+            and "estimated_step_s" in t.user_attrs and "step_time_s" in t.user_attrs
+            and "repeat_of" not in t.user_attrs]
+    return (len(errs), statistics.median(errs)) if errs else None
+
+
 def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
                estimates: PlanEstimates, budget: int | None, trials: int,
                measure: Measure, on_trial: Callable[[TrialRecord], None] | None = None,
-               guesses: Sequence[Any] = ()) -> list[TrialRecord]:
+               guesses: Sequence[Any] = (),
+               step_estimates: Mapping[str, float] | None = None) -> list[TrialRecord]:
     """Run trials until the study holds ``trials`` counted ones; returns this run's records.
 
     A resumed study (same storage and name) runs only the missing trials, and a plan
@@ -468,7 +507,9 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
 
     ``guesses`` (autoscale/search/_guesses.py's Guess) are queued right after the
     untouched model's plan and before the frugal one: Note: [the cost model orders the
-    candidates]. A guessed trial records its ``estimated_step_s``.
+    candidates]. ``step_estimates`` (plan_key -> seconds: the cost model's priced plans,
+    refined on the baseline) make the step-time estimate learn from every measurement: see
+    Note: [refining the step time on every trial].
     """
     from autoscale.search._workers import TrialFailed
 
@@ -477,6 +518,7 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
     _enqueue_known_good(study, space, [g.params for g in guesses])
     step_guess = {json.dumps(g.plan.to_dict(), sort_keys=True): g.estimated_step_s
                   for g in guesses}
+    step_guess.update(step_estimates or {})
 
     def objective(trial: optuna.Trial) -> float:
         try:
@@ -491,7 +533,8 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
         trial.set_user_attr("estimated_bytes", est)
         guessed = step_guess.get(json.dumps(plan.to_dict(), sort_keys=True))
         if guessed is not None:
-            trial.set_user_attr("estimated_step_s", guessed)
+            trial.set_user_attr(_STEP_PRICED, guessed)
+            trial.set_user_attr("estimated_step_s", guessed * step_time_scale(trial.study))
         prior = _same_params(trial)
         if prior is not None:
             return _repeat(trial, prior, plan, est)

@@ -82,6 +82,28 @@ def test_a_tune_measures_the_best_guess_right_after_the_untouched_plan() -> None
     first, second = trials[0], trials[1]
     assert first.plan.batch.micro_batch_size is None
     assert second.plan != first.plan
+    # Every measured trial of a priced plan recorded its estimate before it ran, refined
+    # on the trials before it (Note: [refining the step time on every trial]).
+    assert any(n.startswith("cost model: step time estimated within") for n in notes), notes
+
+
+def test_the_step_time_estimate_learns_the_median_ratio_of_the_trials_before() -> None:
+    import optuna
+
+    from autoscale.search._study import step_time_error, step_time_scale
+
+    study = optuna.create_study(direction="maximize")
+    assert step_time_scale(study) == 1.0 and step_time_error(study) is None
+    for priced, measured, extra in [(1.0, 2.0, {}), (1.0, 3.0, {}), (2.0, 2.0, {}),
+                                    (1.0, 50.0, {"repeat_of": 0})]:  # a repeat: not again
+        attrs = {"priced_step_s": priced, "step_time_s": measured,
+                 "estimated_step_s": priced * step_time_scale(study), **extra}
+        study.add_trial(optuna.trial.create_trial(value=1.0, user_attrs=attrs))
+    # Ratios 2, 3, 1: the median, not the mean, so one slow trial does not move it much.
+    assert step_time_scale(study) == 2.0
+    # The estimates made before each trial: 1.0 (no ratio yet), 2.0 (x2), 5.0 (x2.5):
+    # errors 0.5, 1/3, 1.5 -> median 0.5.
+    assert step_time_error(study) == (3, 0.5)
 
 
 def test_the_child_sends_each_event_and_the_parent_keeps_them_whatever_happens() -> None:
