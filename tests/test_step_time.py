@@ -232,3 +232,56 @@ def test_a_matmul_is_priced_at_the_rate_of_its_size() -> None:
     assert rates.scaled(2.0).flops_per_s("", 1e7) == pytest.approx(1.1e11)
     # What the cache hands back (lists from JSON) is the same rates.
     assert MachineRates(5e10, 1e10, 1e-6, matmul_curve=[list(p) for p in curve]) == rates
+
+
+T, HEADS, C = 16, 2, 8
+
+
+class _Attention(nn.Module):
+    """One causal self-attention of T tokens, HEADS heads of C channels, through
+    scaled_dot_product_attention (the CPU's fused kernel); the loss is the output's mean
+    square."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(HEADS * C, 3 * HEADS * C, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.view(B, T, HEADS, C).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, dim=-1))
+        out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.square().mean()
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"),
+                    reason="this torch has no fused CPU attention kernel")
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_fused_attention_is_priced_by_its_flops_at_its_own_rates(mode) -> None:
+    from autoscale import PrecisionPlan
+
+    torch.manual_seed(0)
+    plan = _plan(precision=PrecisionPlan(mode=mode)) if mode != "fp32" else _plan()
+    est = estimate_step_time(_Attention(), torch.randn(B, T, HEADS * C), plan, rates=RATES)
+    suffix = "-bf16" if mode == "bf16" else ""
+    by_kind: dict[str, int] = {}
+    for flops, _, _, kind, n in est.counted:
+        by_kind[kind] = by_kind.get(kind, 0) + flops * n
+    # Two batched matmuls of (T, C) by (C, T) per head forward (QK^T, then by V), five
+    # backward (the scores again, then the gradients of the scores, V, Q and K).
+    per_matmul = 2 * B * HEADS * T * T * C
+    assert by_kind["attn" + suffix] == 2 * per_matmul
+    assert by_kind["attn-bwd" + suffix] == 5 * per_matmul
+    # Priced on its own curve: a slow attention kernel slows only its share.
+    slow = MachineRates(RATES.matmul_flops_per_s, RATES.memory_bytes_per_s,
+                        RATES.op_overhead_s, matmul_curve=(("attn-bwd" + suffix, 1.0, 1e3),))
+    assert est.retimed(slow).compute_s == pytest.approx(
+        est.compute_s + 5 * per_matmul / 1e3, rel=1e-3)
+
+
+def test_the_calibration_measures_fused_attention() -> None:
+    from autoscale.cost._rates import _attention_step, _timed
+
+    curve: dict[tuple[str, int], float] = {}
+    _timed(_attention_step(torch.float32, 32, 16), curve)
+    assert {family for family, _ in curve} == {"attn", "attn-bwd"}
+    assert all(rate > 0 for rate in curve.values())

@@ -13,7 +13,12 @@ three rates are measured once per machine by a short run (well under 3 s):
   and 64): a small matmul runs far below a large one (bf16 here: ~25 GFLOP/s at width 64,
   ~380 at 512), and a model's matmul is priced at the rate of its size. Convolutions
   (mkldnn's kernels) get points of their own, from two 3x3 convolutions of 16 and 64
-  channels (fp16: 8).
+  channels (fp16: 8). So does fused attention (``scaled_dot_product_attention``'s CPU
+  kernel), forward and backward apart, from a causal self-attention of 4 sequences of 4
+  heads at 32, 128 and 256 tokens (fp16: the first two): it runs far below a matmul of the
+  same FLOPs, and its bf16 backward below its fp32 one (here ~6 against ~50 GFLOP/s at 64
+  tokens of 32 channels a head), which is what made bf16 look ~2x faster than it runs on
+  attention models when these kernels were priced as FLOP-free.
 - ``memory_bytes_per_s``: an out-of-place add of two 16 MiB fp32 tensors (bytes read plus
   written over its time): past the caches, what a large elementwise op streams at.
 - ``op_overhead_s``: a tiny training step (a stack of 8x8 Linear layers on 2 samples,
@@ -33,7 +38,8 @@ CPU time is exact; with more it assumes the threads were busy together, as torch
 parallel regions keep them.)
 
 They are cached as JSON under ``~/.cache/autoscale/`` (``$XDG_CACHE_HOME`` if set), keyed
-by the CPU model, torch version and thread count, the three things that change them.
+by the CPU model, torch version and thread count, the three things that change them, and by
+``_VERSION``, which changes with what is measured.
 """
 
 from __future__ import annotations
@@ -55,12 +61,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from autoscale.errors import PlanError
 
-__all__ = ["CONVOLUTIONS", "MachineRates", "cache_path", "conv_kind", "machine_rates",
-           "measure_rates"]
+__all__ = ["CONVOLUTIONS", "MachineRates", "cache_path", "conv_kind", "kernel_flops",
+           "machine_rates", "measure_rates", "rate_kind"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,13 +105,13 @@ class MachineRates:
                                 f"{value!r}; measure it with machine_rates().")
 
     def flops_per_s(self, precision: str = "", flops: float | None = None) -> float:
-        """The matmul rate for "bf16", "fp16" or "" (fp32), and for a convolution in
-        those (``conv_kind``); for a call of ``flops`` FLOPs, interpolated on
+        """The matmul rate for "bf16", "fp16" or "" (fp32), and for a convolution or an
+        attention kernel in those (``rate_kind``); for a call of ``flops`` FLOPs, interpolated on
         ``matmul_curve`` (log scale, clamped at its ends) where measured."""
         points = sorted((f, r) for p, f, r in self.matmul_curve if p == precision)
         if flops is None or not points:
             low = {"bf16": self.bf16_flops_per_s, "fp16": self.fp16_flops_per_s}
-            return low.get(precision.removeprefix("conv").lstrip("-")) or self.matmul_flops_per_s
+            return low.get(precision.rpartition("-")[2]) or self.matmul_flops_per_s
         if flops <= points[0][0]:
             return points[0][1]
         for (f0, r0), (f1, r1) in itertools.pairwise(points):
@@ -130,12 +136,18 @@ class MachineRates:
 
 
 # Part of the cache key: a change to what is measured, or how, measures again.
-_VERSION = 6
+_VERSION = 7
+
+
+def rate_kind(family: str, precision: str) -> str:
+    """The curve's name for a kernel of ``family`` ("" a matmul, "conv", "attn",
+    "attn-bwd") in ``precision`` ("", "bf16", "fp16")."""
+    return "-".join(part for part in (family, precision) if part)
 
 
 def conv_kind(precision: str) -> str:
     """The curve's name for a convolution in ``precision`` ("", "bf16", "fp16")."""
-    return f"conv-{precision}" if precision else "conv"
+    return rate_kind("conv", precision)
 
 
 def cpu_model() -> str:
@@ -218,7 +230,7 @@ def measure_rates() -> MachineRates:
         seconds = _best_seconds(functools.partial(x.bernoulli_, 0.9), reps=5, budget_s=0.2)
         random = x.numel() / seconds
     # Low-precision matmuls differ by CPU (bf16 units; fp16 often without a fast path).
-    curves: dict[str, dict[tuple[bool, int], float]] = {"": {}, "bf16": {}, "fp16": {}}
+    curves: dict[str, dict[tuple[str, int], float]] = {"": {}, "bf16": {}, "fp16": {}}
     for width in (64, 128, 512):
         for dtype, name in ((torch.float32, ""), (torch.bfloat16, "bf16")):
             _matmul_rate(dtype, width, curves[name])
@@ -230,9 +242,14 @@ def measure_rates() -> MachineRates:
         for dtype, name in ((torch.float32, ""), (torch.bfloat16, "bf16")):
             _matmul_rate(dtype, width, curves[name], conv=True)
     _matmul_rate(torch.float16, 8, curves["fp16"], conv=True)
-    curve = tuple((conv_kind(name) if is_conv else name, float(f), r)
+    for dtype, name, shapes in ((torch.float32, "", _ATTENTION_SHAPES),
+                                (torch.bfloat16, "bf16", _ATTENTION_SHAPES),
+                                (torch.float16, "fp16", _ATTENTION_SHAPES[:2])):
+        for seq, dim in shapes:
+            _timed(_attention_step(dtype, seq, dim), curves[name])
+    curve = tuple((rate_kind(family, name), float(f), r)
                   for name, points in curves.items()
-                  for (is_conv, f), r in sorted(points.items()))
+                  for (family, f), r in sorted(points.items()))
     return MachineRates(matmul_flops_per_s=fp32,
                         memory_bytes_per_s=bandwidth, op_overhead_s=_op_overhead(),
                         bf16_flops_per_s=bf16, fp16_flops_per_s=fp16,
@@ -247,23 +264,24 @@ class _MatmulTimer(TorchDispatchMode):
         super().__init__()
         self.flops = 0
         self.seconds = 0.0
-        self.calls: dict[tuple[bool, int], float] = {}
-        """(a convolution?, FLOPs of a call) -> the best rate seen for it."""
+        self.calls: dict[tuple[str, int], float] = {}
+        """(its family: see ``rate_kind``, FLOPs of a call) -> the best rate seen for it."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func._overloadpacket not in _MATMULS | CONVOLUTIONS:
+        packet = func._overloadpacket
+        if packet not in _MATMULS and packet not in CONVOLUTIONS and packet not in _ATTENTION:
             return func(*args, **kwargs)
         start, cpu = time.perf_counter(), time.process_time()
         out = func(*args, **kwargs)
         wall = time.perf_counter() - start
         seconds = min(wall, (time.process_time() - cpu) / torch.get_num_threads())
-        flops = int(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
+        flops, family = kernel_flops(func, args, kwargs, out)
         self.seconds += seconds
         self.flops += flops
         if seconds > 0:
-            key = (func._overloadpacket in CONVOLUTIONS, flops)
+            key = (family, flops)
             self.calls[key] = max(self.calls.get(key, 0.0), flops / seconds)
         return out
 
@@ -274,8 +292,48 @@ _MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm,
 CONVOLUTIONS = {torch.ops.aten.convolution, torch.ops.aten.convolution_backward}
 
 
+def _attention_ops() -> dict[Any, tuple[str, Callable[..., int]]]:
+    # The CPU's fused attention kernels are not in torch's FLOP registry (only the CUDA
+    # ones are), so their FLOPs come from the same formulas by hand: the batched matmuls
+    # the kernel runs (causal or not: this kernel computes every block either way).
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_: Any,
+                **__: Any) -> int:
+        return int(sdpa_flop_count(q.shape, k.shape, v.shape))
+
+    def backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 *_: Any, **__: Any) -> int:
+        return int(sdpa_backward_flop_count(grad.shape, q.shape, k.shape, v.shape))
+
+    ops: dict[Any, tuple[str, Callable[..., int]]] = {}
+    for name, entry in (("_scaled_dot_product_flash_attention_for_cpu", ("attn", forward)),
+                        ("_scaled_dot_product_flash_attention_for_cpu_backward",
+                         ("attn-bwd", backward))):
+        if hasattr(torch.ops.aten, name):  # absent from older torch builds
+            ops[getattr(torch.ops.aten, name)] = entry
+    return ops
+
+
+#: Fused attention runs at rates of its own, far from a matmul's of the same FLOPs (bf16
+#: backward here: ~6 GFLOP/s at 64 tokens and 32 channels a head, bf16 matmuls ~200), and
+#: its backward at others than its forward; each kept apart on the curve.
+_ATTENTION = _attention_ops()
+
+
+def kernel_flops(func: Any, args: Any, kwargs: Any, out: Any) -> tuple[int, str]:
+    """(FLOPs, family: see ``rate_kind``) of one call of an aten op; (0, "") where torch
+    has no formula for it."""
+    packet = func._overloadpacket
+    if packet in _ATTENTION:
+        family, formula = _ATTENTION[packet]
+        return formula(*args, **kwargs), family
+    counted = flop_registry.get(packet)
+    if counted is None:
+        return 0, ""
+    return int(counted(*args, **kwargs, out_val=out)), "conv" if packet in CONVOLUTIONS else ""
+
+
 def _matmul_rate(dtype: torch.dtype, width: int,
-                 curve: dict[tuple[bool, int], float] | None = None, *,
+                 curve: dict[tuple[str, int], float] | None = None, *,
                  conv: bool = False) -> float:
     """FLOPs per second of the matmuls of a small training step (Linear layers and an
     attention-shaped batched matmul, forward and backward, under autocast for bf16/fp16):
@@ -313,7 +371,28 @@ def _conv_step(dtype: torch.dtype, width: int) -> Callable[[], None]:
     return step
 
 
-def _timed(step: Callable[[], None], curve: dict[tuple[bool, int], float] | None) -> float:
+#: (tokens, channels a head) of the calibration's attention: from a small model's to a
+#: long context's, where the kernel nears its matmul rate (fp16: the first two; its
+#: backward runs at ~7 GFLOP/s, and the longest alone would take a second).
+_ATTENTION_SHAPES = ((32, 32), (128, 32), (256, 64))
+
+
+def _attention_step(dtype: torch.dtype, seq: int, dim: int) -> Callable[[], None]:
+    """Self-attention over 4 sequences of 4 heads, forward and backward, on q, k and v
+    laid out as a model's projections leave them (heads a transposed view)."""
+    batch, heads = 4, 4
+    qkv = torch.randn(batch, seq, 3 * heads * dim, dtype=dtype, requires_grad=True)
+
+    def step() -> None:
+        q, k, v = (t.view(batch, seq, heads, dim).transpose(1, 2)
+                   for t in qkv.chunk(3, dim=-1))
+        out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.float().square().mean().backward()
+
+    return step
+
+
+def _timed(step: Callable[[], None], curve: dict[tuple[str, int], float] | None) -> float:
     step()
     best = 0.0
     for _ in range(3):

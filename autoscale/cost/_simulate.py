@@ -30,11 +30,19 @@ What the simulation cannot run, it adds from exact counts:
   same shapes, dtypes and strides under the allocator tracker, the workspace is the peak
   less inputs and outputs, cached per signature for the process, and added to the ledger
   as a transient at that op. A probe allocates one op's tensors, never the model's.
-- A distributed plan simulates one rank's share of the batch on the local plan; what
-  sharding and compression change per rank (parameters, gradients and state divided,
-  FSDP2's all-gather and reduce-scatter buffers, error-feedback residuals) comes from
-  those passes' own ``Pass.memory`` reports (passes/base.py), as a difference between the
-  plan and its unsharded twin.
+- Libraries that branch on whether a tensor is fake take their tracing path, which the
+  real step does not: HuggingFace transformers then builds the causal mask as a tensor
+  instead of letting SDPA apply it, and expands grouped-query k and v to every head (the
+  HF Llama of bench/bench_estimate.py: +1.5 MiB, +3.6%). Telling it the tensors are real
+  does not help: it then reads their values (packed-sequence detection), which fake
+  tensors do not have. The estimate errs high there, the safe side.
+- A distributed plan simulates one rank's share of the batch. zero2/zero3 run their
+  FSDP2 units on a fake process group (Note: [simulating FSDP2]); ddp and zero1 run the
+  local plan with DDP's gradient buckets held (DDP does not run on fake tensors). What
+  compression keeps per rank (error-feedback residuals, a codec's working memory) and,
+  inside a torchrun job, what sharding changes comes from those passes' own
+  ``Pass.memory`` reports (passes/base.py), as a difference between the plan and its
+  unsharded twin.
 """
 
 from __future__ import annotations
@@ -113,7 +121,8 @@ def simulate_step(model: nn.Module, batch: Batch, plan: Plan, *,
                   loss_fn: LossFn | None = None, graph: Any = None) -> SimulatedStep:
     """Simulate ``plan``'s training step for ``model`` on ``batch`` (the global batch) on
     fake tensors and return its memory (for a distributed plan: one rank's, on its share
-    of the batch, before sharding; see Note: [the estimate is a simulated step]).
+    of the batch; see Note: [the estimate is a simulated step] and Note: [simulating
+    FSDP2]).
 
     ``model`` and ``batch`` are only read. Raises PlanError naming the op when the model
     cannot run on fake tensors (data-dependent control flow, an op without a fake kernel).
@@ -252,7 +261,8 @@ def fake_step(model: nn.Module, batch: Batch, plan: Plan, *, loss_fn: LossFn | N
     """``plan``'s Result built on a fake copy of ``model`` (tied weights kept), and a fake
     copy of ``batch``, inside FakeTensorMode: what the memory and time estimates run the
     planned step on. Whatever fails inside (the model's own code on fake tensors) comes out
-    as one PlanError naming it. ``plan`` is the local plan: no sharding here."""
+    as one PlanError naming it. ``plan`` is one rank's: no DDP, and FSDP2 only inside a
+    fake process group (Note: [simulating FSDP2])."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from autoscale.runtime import build_result

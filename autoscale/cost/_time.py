@@ -10,12 +10,14 @@ op is priced as
     max(flops / matmul_flops_per_s, bytes / memory_bytes_per_s) + op_overhead_s
 
 (a roofline plus a fixed cost per op), its FLOPs from torch's own formulas
-(``torch.utils.flop_counter``'s registry, the ones FlopCounterMode uses) and its bytes the
+(``torch.utils.flop_counter``'s registry, the ones FlopCounterMode uses; the CPU's fused
+attention kernels, which that registry lacks, by its attention formulas) and its bytes the
 sizes of the tensors it reads and writes (a view moves none); an op that draws random
-numbers (dropout's masks) is priced by the numbers drawn. The rates are this
-machine's (autoscale/cost/_rates.py, Note: [machine rates]). On a CPU a small model is
-overhead-bound: the per-op term, not the FLOPs, is most of its step, and it is what makes
-micro-batching cost time.
+numbers (dropout's masks) is priced by the numbers drawn. The FLOP rate is that of the
+op's kind (matmul, convolution, attention forward or backward), precision and size. The
+rates are this machine's (autoscale/cost/_rates.py, Note: [machine rates]). On a CPU a
+small model is overhead-bound: the per-op term, not the FLOPs, is most of its step, and it
+is what makes micro-batching cost time.
 
 What the fake step does not run is added from counts:
 - The optimizer step (its CPU kernels need real pointers): the bytes it moves per
@@ -39,9 +41,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import flop_registry
 
-from autoscale.cost._rates import CONVOLUTIONS, MachineRates, conv_kind, machine_rates
+from autoscale.cost._rates import MachineRates, kernel_flops, machine_rates, rate_kind
 from autoscale.errors import PlanError
 from autoscale.plan import CompressPlan, Plan, ShardPlan
 from autoscale.runtime._batch import Batch, LossFn
@@ -73,8 +74,9 @@ class OpCounter(TorchDispatchMode):
     fake tensors alike (it only reads shapes). ``ops`` maps (flops, bytes, recompute,
     precision) to how many ops had them; ``recompute`` marks forward ops run inside
     backward with grad enabled (the checkpoint wrappers' recomputation), ``precision`` is
-    "bf16" or "fp16" for an op with FLOPs on such tensors ("conv", "conv-bf16", "conv-fp16"
-    for a convolution: its rates are its own), "rng" for an op that draws
+    "bf16" or "fp16" for an op with FLOPs on such tensors, prefixed "conv-" for a
+    convolution and "attn-" or "attn-bwd-" for fused attention, forward or backward (their
+    rates are their own: ``rate_kind``), "rng" for an op that draws
     random numbers (dropout's masks: its first field is then the numbers drawn, not
     FLOPs), else "". prim ops (a fake tensor's ``.device``) are not ops a real step
     dispatches, and are not counted."""
@@ -89,14 +91,12 @@ class OpCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func.namespace == "prim":
             return out
-        flops, precision = 0, ""
-        formula = flop_registry.get(func._overloadpacket)
+        precision = ""
+        flops, family = kernel_flops(func, args, kwargs, out)
         first = _first_tensor(out)
-        if formula is not None:
-            flops = int(formula(*args, **kwargs, out_val=out))
-            precision = _LOW.get(first.dtype, "") if first is not None else ""
-            if func._overloadpacket in CONVOLUTIONS:
-                precision = conv_kind(precision)
+        if flops:
+            precision = rate_kind(family, _LOW.get(first.dtype, "") if first is not None
+                                  else "")
         elif func._overloadpacket in _RANDOM and first is not None:
             flops, precision = first.numel(), "rng"
         # A view moves no bytes; an in-place op reads its inputs and writes its output.
