@@ -88,6 +88,14 @@ def shard_model(model: nn.Module, *, plan: ShardPlan, graph: ModelGraph | None,
     with unset_fake_temporarily():
         mesh = DeviceMesh.from_group(process_group, device_type)
     options = _fsdp_options(plan, precision)
+    if "mp_policy" in options:  # Note: [batch norm under FSDP2's low precision]
+        norm_options = {**options, "mp_policy": MixedPrecisionPolicy(
+            param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)}
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(
+                    True for _ in module.parameters(recurse=False)):
+                fully_shard(module, mesh=mesh, reshard_after_forward=plan.reshard_after_forward,
+                            **norm_options)
     for fqn in shard_units(model, graph):
         fully_shard(model.get_submodule(fqn), mesh=mesh,
                     reshard_after_forward=plan.reshard_after_forward, **options)
@@ -95,6 +103,16 @@ def shard_model(model: nn.Module, *, plan: ShardPlan, graph: ModelGraph | None,
     # as backward starts, so it is not resharded after forward (FSDP2's own root heuristic).
     fully_shard(model, mesh=mesh, reshard_after_forward=False, **options)
     return model
+
+
+# Note: [batch norm under FSDP2's low precision]
+# FSDP2's param_dtype casts a unit's parameters but not its buffers, and CPU batch_norm
+# refuses bf16 weights beside fp32 running statistics ("expected scalar type BFloat16 but
+# found Float": the CNN example under zero2 bf16). Under autocast alone batch norm runs
+# with fp32 weights on bf16 inputs, which the kernel takes; so each batch-norm layer with
+# parameters becomes its own unit with fp32 parameters (sharded and reduced like any
+# other), the rest of its block stays low precision. Layer and group norm are on
+# autocast's fp32 list and need nothing.
 
 
 # Note: [bf16 under FSDP2]
