@@ -30,8 +30,9 @@ correlation of estimated and measured step time and the median absolute error. G
 
 Then the distributed plans (``--ranks``, default 2; 1 leaves them out): on every model,
 ddp, zero1, zero2, zero3 and FSDP2 with bf16 units, offload, 8-bit state, micro-batches and
-full checkpointing, and compression (int8 under DDP, PowerSGD under FSDP2), each measured
-as a real multi-process gloo job by the tuner's own trial runner (the largest rank's peak),
+full checkpointing, and compression (int8 under DDP and FSDP2, PowerSGD under FSDP2), each
+measured as a real multi-process gloo job by the tuner's own trial runner (the largest
+rank's peak),
 against the estimate made in this process. The same memory goals.
 """
 
@@ -259,7 +260,9 @@ def sharded_plans(graph: Any, batch: int, ranks: int) -> dict[str, Any]:
         "ddp int8": Plan(sections={"shard": shard("ddp"),
                                    "compress": CompressPlan(method="int8")}),
         "zero2 powersgd": Plan(sections={"shard": shard("zero2"),
-                                         "compress": CompressPlan(method="powersgd")})})
+                                         "compress": CompressPlan(method="powersgd")}),
+        "zero3 int8": Plan(sections={"shard": shard("zero3"),
+                                     "compress": CompressPlan(method="int8")})})
     if share >= 2:
         out[f"zero3 micro {share // 2}x2"] = Plan(sections={
             "shard": shard("zero3"),

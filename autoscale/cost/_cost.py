@@ -150,6 +150,8 @@ def simulated_estimate(model: nn.Module, batch: Any, plan: Plan, *, graph: Any,
                          peak_bytes=sim.peak, phase=sim.phase, method="simulated")
     if plan.shard.strategy == "none":
         return est
+    if sim.compressed:
+        return replace(est, residuals=sim.residuals)
     if sim.sharded:
         return _compressed(est, model, graph, plan)
     return _sharded(est, model, graph, plan, weight_copies=sim.weight_copies if low else 0)
