@@ -32,8 +32,7 @@ Then the distributed plans (``--ranks``, default 2; 1 leaves them out): on every
 ddp, zero1, zero2, zero3 and FSDP2 with bf16 units, offload, 8-bit state, micro-batches and
 full checkpointing, and compression (int8 under DDP and FSDP2, PowerSGD under FSDP2), each
 measured as a real multi-process gloo job by the tuner's own trial runner (the largest
-rank's peak),
-against the estimate made in this process. The same memory goals.
+rank's peak), against the estimate made in this process. The same memory goals.
 """
 
 from __future__ import annotations
