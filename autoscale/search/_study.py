@@ -258,6 +258,17 @@ class SearchSpace:
             params[_compress_param(strategy)] = "none"
         return params
 
+    def compressed_params(self) -> dict[str, Any] | None:
+        """The untouched model's plan with the compressor least likely to change training
+        (Note: [the compressed known-good plan]), or None where compression is not searched.
+        """
+        kept = [c for c in _SAFEST_FIRST if c in self.compressors_for(self.strategies[0])]
+        if not self.distributed or not kept:
+            return None
+        params = self.default_params()
+        params[_compress_param(self.strategies[0])] = kept[0]
+        return params
+
     def default_params(self) -> dict[str, Any]:
         """The untouched model's plan (across ranks: plain DDP, nothing compressed)."""
         params: dict[str, Any] = {"micro_batch_size": self.batch_size,
@@ -278,6 +289,18 @@ class SearchSpace:
 _BUDGET_STEP = 0.05
 #: inductor's activation_memory_budget must be > 0: the knob's 0 becomes this.
 _MIN_COMPILE_BUDGET = 0.05
+
+
+# Note: [the compressed known-good plan]
+# Where the link check says compression can pay, the untouched plan with the compressor
+# least likely to change training is queued beside it: int8 with error feedback sends a
+# quarter of the bytes and carries what it rounds off to the next step (the sum of what a
+# rank sent differs from the sum of its gradients by one bounded residual); 16-bit casts
+# halve them with no feedback. PowerSGD and top-k send far less but change the first
+# steps' updates: over 100 Mbit/s on the GPT example the TPE trials found them fastest and
+# the convergence guardrail set both aside (+23% and +31% loss after 24 steps), and int8,
+# never sampled, was not there to take their place (bench/bench_tune_link.py).
+_SAFEST_FIRST = ("int8", "bf16", "fp16")
 
 
 def _compress_param(strategy: str) -> str:
@@ -697,13 +720,16 @@ def fail_orphans(study: optuna.Study) -> list[int]:
 
 def _enqueue_known_good(study: optuna.Study, space: SearchSpace,
                         guesses: Sequence[dict[str, Any]] = ()) -> None:
-    """Queue the default plan, the cost model's ``guesses`` and the frugal plan, in that
-    order, unless the study already tried or queued them (a resumed study whose first
-    trial Ctrl-C stopped queues it again)."""
+    """Queue the default plan, the cost model's ``guesses``, the compressed default plan
+    (where compression is searched) and the frugal plan, in that order, unless the study
+    already tried or queued them (a resumed study whose first trial Ctrl-C stopped queues
+    it again)."""
     done = [t.params for t in study.get_trials(deepcopy=False) if _counts(t)]
     waiting = [t.params for t in study.get_trials(
         deepcopy=False, states=(optuna.trial.TrialState.WAITING,))]
-    for params in (space.default_params(), *guesses, space.frugal_params()):
+    compressed = space.compressed_params()
+    for params in (space.default_params(), *guesses,
+                   *([compressed] if compressed else []), space.frugal_params()):
         if params not in done and params not in waiting:
             study.enqueue_trial(params)
             waiting.append(params)

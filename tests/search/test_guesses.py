@@ -155,3 +155,30 @@ def test_a_model_that_crashes_under_some_plan_costs_the_guesses_not_the_tune() -
     # come first, 2 segfaults; either way the plans priced before it are kept.
     assert len(notes) == 1 and ("stopped: time limit" in notes[0]
                                 or "stopped: crashed: SIGSEGV" in notes[0]), notes
+
+
+def test_where_compression_is_searched_the_untouched_plan_is_queued_with_int8_too() -> None:
+    # Note: [the compressed known-good plan]
+    import optuna
+
+    from autoscale.search._study import _enqueue_known_good
+
+    def space(*compressors: str) -> SearchSpace:
+        return SearchSpace(batch_size=8, block_names=("h.0",), precisions=("fp32",),
+                           world_size=2, compressors=compressors)
+
+    searched = space("none", "powersgd", "topk", "int8", "bf16")
+    params = searched.compressed_params()
+    assert params == {**searched.default_params(), "compress_ddp": "int8"}
+    plan = searched.plan_from(params, Plan())
+    assert (plan.shard.strategy, plan.compress.method) == ("ddp", "int8")
+    assert space("none", "powersgd", "bf16").compressed_params()["compress_ddp"] == "bf16"
+    # nothing safe to queue, compression not searched, or one process: nothing
+    assert space("none", "powersgd", "topk").compressed_params() is None
+    assert space("none").compressed_params() is None
+    assert SearchSpace(batch_size=8, block_names=(), precisions=("fp32",)
+                       ).compressed_params() is None
+    study = optuna.create_study(direction="maximize")
+    _enqueue_known_good(study, searched)
+    queued = [t.system_attrs["fixed_params"] for t in study.get_trials(deepcopy=False)]
+    assert queued == [searched.default_params(), params, searched.frugal_params()]
