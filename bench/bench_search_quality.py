@@ -425,6 +425,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="tuner seeds per sampler")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of the side-by-side re-measurement")
+    parser.add_argument("--samplers", default=",".join(SAMPLERS),
+                        help="comma-separated, of %(default)s (tpe-plain: the tuner without "
+                             "the cost model's guesses)")
     parser.add_argument("--quick", action="store_true",
                         help="mlp and gpt, 1 seed, 2 micro-batch sizes (under ~5 min)")
     args = parser.parse_args(argv)
@@ -436,16 +439,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     names = ["mlp", "gpt"] if args.quick else [m for m in args.models.split(",") if m]
     seeds = range(1 if args.quick else args.seeds)
     micro = 2 if args.quick else 4
+    samplers = [x for x in args.samplers.split(",") if x]
+    if not samplers or set(samplers) - set(SAMPLERS):
+        raise SystemExit(f"--samplers: {args.samplers!r}; choose from {', '.join(SAMPLERS)}.")
     unknown = [n for n in names if n not in _examples()]
     if unknown:
         raise SystemExit(f"--models: {unknown} are not example workloads (a build() in "
                          f"examples/); choose from {', '.join(_examples())}.")
     print(f"machine: {cpu_model()}, torch {torch.__version__}; seeds {list(seeds)}, "
-          f"samplers {', '.join(SAMPLERS)}, {args.rounds} side-by-side rounds")
+          f"samplers {', '.join(samplers)}, {args.rounds} side-by-side rounds")
     start = time.perf_counter()
     cases: list[Case] = []
     for name in names:
-        cases += bench_model(name, seeds=seeds, micro=micro, rounds=args.rounds)
+        cases += bench_model(name, seeds=seeds, micro=micro, rounds=args.rounds,
+                             samplers=samplers)
     print()
     print(table(cases))
     print(verdict(cases))
