@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import optuna
 import torch
@@ -41,6 +41,7 @@ from autoscale.search._guesses import (
     priced_step_times,
 )
 from autoscale.search._study import (
+    OBJECTIVES,
     SAMPLERS,
     LinkCheck,
     PlanEstimates,
@@ -82,6 +83,20 @@ class Report:
     notes: tuple[str, ...] = ()
     """Decisions the tuner took outside the trials, one line each: the link check that
     decided whether compression was searched, a lossy finalist set aside for its exact twin."""
+    objective: str = "throughput"
+    """What the search optimized (Note: [the pareto objective])."""
+
+    @property
+    def front(self) -> tuple[TrialRecord, ...]:
+        """This run's measured trials that fit the budget and that no other such trial
+        beats on both throughput (higher) and peak memory (lower), lowest peak first: the
+        trade-off a user picks from. Each was measured once, during the search."""
+        from autoscale.search._report import pareto_front
+
+        points = [_FrontPoint(r.samples_per_s, r.peak_memory_bytes, r) for r in self.trials
+                  if r.state == "measured" and r.feasible and not r.is_repeat
+                  and r.samples_per_s and r.peak_memory_bytes]
+        return tuple(p.record for p in pareto_front(points))
 
     @property
     def speedup(self) -> float | None:
@@ -96,6 +111,14 @@ class Report:
         if self.baseline is None or self.best is None or not self.baseline.peak_memory_bytes:
             return None
         return self.best.peak_memory_bytes / self.baseline.peak_memory_bytes
+
+
+class _FrontPoint(NamedTuple):
+    """A measured trial as autoscale.search._report.pareto_front reads it."""
+
+    samples_per_s: float
+    peak: int
+    record: TrialRecord
 
 
 def optimize(
@@ -123,6 +146,7 @@ def optimize(
     heartbeat_s: float = 10.0,
     sampler: str = "tpe",
     compile_modes: Sequence[str] | None = None,
+    objective: str = "throughput",
 ) -> Result:
     """Search for the fastest plan whose measured peak memory fits ``memory_budget``.
 
@@ -160,6 +184,11 @@ def optimize(
     ``sampler`` is Optuna's TPE ("tpe", the default, which reads the memory constraint)
     or its random sampler ("random", the baseline the search-quality benchmark uses).
 
+    ``objective`` "throughput" (the default) searches for the fastest plan that fits;
+    "pareto" searches throughput and peak memory together (Optuna's multi-objective TPE,
+    the budget still a constraint: Note: [the pareto objective]). Either way the fastest
+    feasible plan is returned and ``result.report.front`` holds the measured Pareto front.
+
     ``compile_modes`` lets the search put the model under torch.compile (see
     autoscale/plan/_compile.py): "off", "inductor" (with the solver's checkpoint policies)
     and "inductor-budget" (inductor's own activation_memory_budget, set from the same
@@ -179,7 +208,7 @@ def optimize(
                      heartbeat_s=heartbeat_s,
                      trial_timeout=trial_timeout, world_size=world_size,
                      compressors=compressors, sampler=sampler,
-                     compile_modes=compile_modes)
+                     compile_modes=compile_modes, objective=objective)
 
 
 def optimize_script(path: str | os.PathLike[str], **options: Any) -> Result:
@@ -223,7 +252,7 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
               on_trial: Callable[[TrialRecord], None] | None = None,
               network: RankNetwork | None = None, heartbeat_s: float = 10.0,
               sampler: str = "tpe", cost_guesses: bool = True,
-              **knobs: Any) -> Result:  # fmt: skip
+              objective: str = "throughput", **knobs: Any) -> Result:  # fmt: skip
     """optimize()'s body; ``knobs`` are _setup()'s arguments, ``source`` the workers'
     workload (None: serialize the model when isolating), ``network`` where the trial ranks
     run (default loopback; bench/bench_compress.py --tune runs them across a shaped link),
@@ -236,6 +265,10 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
     if sampler not in SAMPLERS:
         raise TunerError(f"sampler={sampler!r} is not one of {list(SAMPLERS)}; use 'tpe' "
                          "(the default) or 'random'.")
+    if objective not in OBJECTIVES:
+        raise TunerError(f"objective={objective!r} is not one of {list(OBJECTIVES)}: "
+                         "'throughput' (the fastest plan that fits) or 'pareto' (throughput "
+                         "and peak memory together).")
     setup = _setup(model, example_inputs, **knobs)
     if setup.world_size > 1 and not isolate:
         raise TunerError(f"world_size={setup.world_size} measures every trial as "
@@ -249,7 +282,7 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
     name = study_name or (f"autoscale-{setup.base.fingerprint_digest()}-"
                           f"{setup.budget or 'nobudget'}")
     study = open_study(storage=storage, study_name=name, seed=seed, heartbeat_s=heartbeat_s,
-                       sampler=sampler)
+                       sampler=sampler, objective=objective)
     study.set_user_attr("memory_budget_bytes", setup.budget)  # autoscale report draws it
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=_rng_devices(setup.device)))
@@ -283,7 +316,8 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
         records = run_search(study, space, setup.base, estimates=estimates,
                              budget=setup.budget, trials=trials,
                              measure=lambda plan: runner.measure(plan, timeout_s=timeout),
-                             on_trial=on_trial, guesses=guesses, step_estimates=priced)
+                             on_trial=on_trial, guesses=guesses, step_estimates=priced,
+                             objective=objective)
         if (step_err := step_time_error(study)) is not None:
             notes = (*notes, f"cost model: step time estimated within a median "
                              f"{step_err[1]:.0%} of {step_err[0]} measured trials (refined "
@@ -302,7 +336,8 @@ def _optimize(model: nn.Module, example_inputs: Batch, *, source: WorkloadSource
     result = _result(plan, model, setup, loss_fn=loss_fn, inplace=inplace)
     result.report = Report(baseline, plan.measured, tuple(records), setup.budget,
                            setup.graph.strategy, name, setup.world_size,
-                           notes=(*notes, *why, *filter(None, [estimates.note])))
+                           notes=(*notes, *why, *filter(None, [estimates.note])),
+                           objective=objective)
     return result
 
 

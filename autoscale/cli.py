@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -79,6 +79,9 @@ def tune(
     seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
     sampler: Annotated[str, typer.Option(
         help="tpe (Optuna's TPE, reads the memory constraint) or random.")] = "tpe",
+    objective: Annotated[str, typer.Option(
+        help="throughput (the fastest plan that fits) or pareto (search throughput and peak "
+             "memory together; the Pareto table lists the trade-off).")] = "throughput",
     trial_timeout: Annotated[float | None, typer.Option(
         help="Seconds a measured trial may take before its worker is killed and the trial "
              "fails; default 10x the baseline's measurement, at least 60.")] = None,
@@ -119,7 +122,8 @@ def tune(
         try:
             result = optimize_script(
                 script, memory_budget=budget, trials=trials, storage=storage,
-                study_name=study_name, seed=seed, sampler=sampler, optimizer=optimizer,
+                study_name=study_name, seed=seed, sampler=sampler, objective=objective,
+                optimizer=optimizer,
                 allowed_optimizers=allow_optimizer,
                 precisions=tuple(precision) if precision else None, on_trial=on_trial,
                 isolate=isolate, trial_timeout=trial_timeout, world_size=nproc,
@@ -229,23 +233,10 @@ def _comparison_table(report, plan) -> Table:
     return table
 
 
-class _FrontPoint(NamedTuple):
-    """A measured trial as autoscale.search._report.pareto_front reads it."""
-
-    samples_per_s: float
-    peak: int
-    record: Any
-
-
 def pareto_rows(report) -> list[Any]:
     """The measured feasible trials (repeats left out) that no other such trial beats on
-    both throughput (higher) and peak memory (lower), lowest peak first."""
-    from autoscale.search._report import pareto_front
-
-    points = [_FrontPoint(r.samples_per_s, r.peak_memory_bytes, r) for r in report.trials
-              if r.state == "measured" and r.feasible and not r.is_repeat
-              and r.samples_per_s and r.peak_memory_bytes]
-    return [p.record for p in pareto_front(points)]
+    both throughput (higher) and peak memory (lower), lowest peak first (Report.front)."""
+    return list(report.front)
 
 
 def _pareto_table(report, plan) -> Table | None:

@@ -30,9 +30,44 @@ def stored(tmp_path_factory):
     folder = tmp_path_factory.mktemp("study")
     model, batch = tiny_gpt(batch_size=8)
     storage = str(folder / "study.db")
+    # The pareto objective (Note: [the pareto objective]): the report's figures must draw a
+    # two-objective study, and the front is checked below.
     result = autoscale.optimize(model, batch, trials=4, storage=storage, isolate=False,
-                                precisions=("fp32",), iters=1)
+                                precisions=("fp32",), iters=1, objective="pareto",
+                                memory_budget="64MiB")
     return storage, result
+
+
+def test_the_pareto_objective_searches_both_and_returns_the_front(stored) -> None:
+    import optuna
+
+    storage, result = stored
+    report = result.report
+    assert report.objective == "pareto"
+    study = optuna.load_study(study_name=report.study_name, storage=f"sqlite:///{storage}")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    measured = [t for t in study.trials if "peak_memory_bytes" in t.user_attrs
+                and "repeat_of" not in t.user_attrs]
+    # Each measured trial reported both objectives: its throughput and its measured peak.
+    assert measured and all(t.values[1] == t.user_attrs["peak_memory_bytes"] for t in measured)
+    front = report.front
+    assert front and all(r.feasible for r in front)
+    points = [r for r in report.trials if r.state == "measured" and r.feasible]
+    for r in front:  # no trial of the run beats a front member on both counts
+        assert not any(q.samples_per_s > r.samples_per_s
+                       and q.peak_memory_bytes < r.peak_memory_bytes for q in points)
+    # The plan applied is the fastest that fits, as under the throughput objective.
+    assert result.plan.measured.peak_memory_bytes <= report.memory_budget
+    # A stored study made for one objective is not resumed for the other.
+    from tests_helpers import tiny_gpt
+
+    model, batch = tiny_gpt(batch_size=8)
+    with pytest.raises(TunerError, match="objective='pareto'"):
+        autoscale.optimize(model, batch, trials=4, storage=storage, isolate=False,
+                           study_name=report.study_name, precisions=("fp32",),
+                           memory_budget="64MiB")
+    with pytest.raises(TunerError, match="objective='fastest' is not one of"):
+        autoscale.optimize(model, batch, trials=1, isolate=False, objective="fastest")
 
 
 def test_a_tuned_study_gives_every_figure_as_png_and_html(stored, tmp_path) -> None:

@@ -50,10 +50,10 @@ def _measured(study: optuna.Study) -> list[_Point]:
     points = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         peak = t.user_attrs.get("peak_memory_bytes")
-        if peak is None or not t.value or "repeat_of" in t.user_attrs:
+        if peak is None or not t.values or not t.values[0] or "repeat_of" in t.user_attrs:
             continue
         plan = json.dumps(t.user_attrs.get("plan", {}), sort_keys=True)
-        points.append(_Point(t.number, float(t.value), int(peak),
+        points.append(_Point(t.number, float(t.values[0]), int(peak),
                              t.user_attrs.get("estimated_bytes"), plan))
     return points
 
@@ -195,11 +195,14 @@ def _optuna_figures(study: optuna.Study) -> dict[str, tuple[Any, Any]]:
     from optuna.visualization import matplotlib as vis_mpl
 
     out: dict[str, tuple[Any, Any]] = {}
+    # A pareto study has two objectives; both plots are drawn for throughput.
+    target: dict[str, Any] = ({} if len(study.directions) == 1 else
+                              {"target": lambda t: t.values[0], "target_name": "samples/s"})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib back end experimental
-        out["history"] = (vis_mpl.plot_optimization_history(study).figure,
-                          vis.plot_optimization_history(study))
+        out["history"] = (vis_mpl.plot_optimization_history(study, **target).figure,
+                          vis.plot_optimization_history(study, **target))
         with contextlib.suppress(ValueError, RuntimeError, ZeroDivisionError):
-            out["importance"] = (vis_mpl.plot_param_importances(study).figure,
-                                 vis.plot_param_importances(study))
+            out["importance"] = (vis_mpl.plot_param_importances(study, **target).figure,
+                                 vis.plot_param_importances(study, **target))
     return out

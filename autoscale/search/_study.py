@@ -408,9 +408,12 @@ SAMPLERS = ("tpe", "random")
 
 
 def open_study(*, storage: str | None, study_name: str, seed: int,
-               heartbeat_s: float | None = 10.0, sampler: str = "tpe") -> optuna.Study:
+               heartbeat_s: float | None = 10.0, sampler: str = "tpe",
+               objective: str = "throughput") -> optuna.Study:
     """Create the study, or resume the one stored under ``study_name``, sampled by
-    ``sampler`` (one of SAMPLERS), seeded with ``seed``.
+    ``sampler`` (one of SAMPLERS), seeded with ``seed``, for ``objective`` (one of
+    OBJECTIVES: Note: [the pareto objective]). A stored study made for the other objective
+    is refused with TunerError.
 
     Note: [many workers, one study]
     Any number of ``autoscale tune`` processes, on one machine or many, may run one study
@@ -428,6 +431,9 @@ def open_study(*, storage: str | None, study_name: str, seed: int,
     if sampler not in SAMPLERS:
         raise TunerError(f"sampler={sampler!r} is not one of {list(SAMPLERS)}; use 'tpe' "
                          "(the default) or 'random'.")
+    if objective not in OBJECTIVES:
+        raise TunerError(f"objective={objective!r} is not one of {list(OBJECTIVES)}.")
+    directions = OBJECTIVES[objective]
     # Constraints come from trial.set_constraint (Optuna >= 5), which TPE reads itself.
     chosen: optuna.samplers.BaseSampler = (
         optuna.samplers.TPESampler(seed=seed, n_startup_trials=4) if sampler == "tpe"
@@ -442,14 +448,37 @@ def open_study(*, storage: str | None, study_name: str, seed: int,
                     url, heartbeat_interval=max(1, round(heartbeat_s)),
                     grace_period=max(3, round(3 * heartbeat_s)),
                     heartbeat_stale_trial_callback=_retry_once())
-        return optuna.create_study(storage=backend, study_name=study_name,
-                                   direction="maximize", sampler=chosen, load_if_exists=True)
+        study = optuna.create_study(
+            storage=backend, study_name=study_name, sampler=chosen, load_if_exists=True,
+            directions=[optuna.study.StudyDirection[d.upper()] for d in directions])
     except (ImportError, ValueError, RuntimeError) as err:
         raise TunerError(f"could not open the Optuna storage {storage!r}: {err}. Check the "
                          "URL and that its database driver is installed.") from err
+    stored = tuple(d.name.lower() for d in study.directions)
+    if stored != directions:
+        other = next(k for k, v in OBJECTIVES.items() if v == stored)
+        raise TunerError(f"the stored study {study_name!r} was made for objective={other!r}, "
+                         f"not {objective!r}: resume it with objective={other!r}, or give "
+                         "this run another study name.")
+    return study
 
 
 Measure = Callable[[Plan], Any]
+
+#: What the search optimizes, as Optuna's study directions. Note: [the pareto objective]
+#: "throughput": samples per second, under the memory budget (a constraint). "pareto":
+#: samples per second and the measured peak memory at once (under the same constraint):
+#: TPE's multi-objective mode (MOTPE) then samples towards the whole trade-off, not only
+#: the fastest plan that fits, and the tune returns the feasible Pareto front of what it
+#: measured (Report.front) beside the fastest plan, which it still applies.
+OBJECTIVES: dict[str, tuple[str, ...]] = {"throughput": ("maximize",),
+                                          "pareto": ("maximize", "minimize")}
+
+
+def throughput(trial: optuna.trial.FrozenTrial) -> float:
+    """A finished trial's samples per second, whatever the study's objective."""
+    values = trial.values
+    return float(values[0]) if values else 0.0
 
 
 def _retry_once() -> Any:
@@ -522,7 +551,8 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
                estimates: PlanEstimates, budget: int | None, trials: int,
                measure: Measure, on_trial: Callable[[TrialRecord], None] | None = None,
                guesses: Sequence[Any] = (),
-               step_estimates: Mapping[str, float] | None = None) -> list[TrialRecord]:
+               step_estimates: Mapping[str, float] | None = None,
+               objective: str = "throughput") -> list[TrialRecord]:
     """Run trials until the study holds ``trials`` counted ones; returns this run's records.
 
     A resumed study (same storage and name) runs only the missing trials, and a plan
@@ -549,7 +579,10 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
                   for g in guesses}
     step_guess.update(step_estimates or {})
 
-    def objective(trial: optuna.Trial) -> float:
+    def scored(samples_per_s: float, peak: float) -> float | tuple[float, float]:
+        return (samples_per_s, peak) if objective == "pareto" else samples_per_s
+
+    def evaluate(trial: optuna.Trial) -> float | tuple[float, float]:
         try:
             plan = space.suggest(trial, base)
         except PlanError as err:  # a combination of knobs the plan rules refuse
@@ -576,7 +609,7 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
             trial.set_constraint(_CONSTRAINT, float(est - budget))
             _record(records, on_trial, TrialRecord(trial.number, plan, "pruned by cost model",
                                                    None, None, est, False), trial.study)
-            return 0.0
+            return scored(0.0, float(est))
         try:
             m = measure(plan)
         except TrialFailed as err:  # isolation: this trial fails, the search goes on
@@ -598,10 +631,10 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
         _record(records, on_trial, TrialRecord(trial.number, plan, "measured", m.samples_per_s,
                                                m.peak_memory_bytes, est, over <= 0,
                                                compile_time_s=compile_s), trial.study)
-        return float(m.samples_per_s)
+        return scored(float(m.samples_per_s), float(m.peak_memory_bytes))
 
     def _repeat(trial: optuna.Trial, prior: optuna.trial.FrozenTrial, plan: Plan,
-                est: int) -> float:  # fmt: skip
+                est: int) -> float | tuple[float, float]:  # fmt: skip
         # The sampler proposed a plan already tried: reuse its figures instead of spending
         # a measurement (a small discrete space makes TPE propose repeats often).
         peak = prior.user_attrs.get("peak_memory_bytes")
@@ -621,10 +654,10 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
         else:
             over = 0.0 if budget is None else float(peak - budget)
             trial.set_constraint(_CONSTRAINT, over)
-            value, fits = float(prior.value or 0.0), over <= 0
+            value, fits = throughput(prior), over <= 0
         _record(records, on_trial, TrialRecord(trial.number, plan, state, value or None, peak,
                                                est, fits), trial.study)
-        return value
+        return scored(value, float(peak if peak is not None else est))
 
     # Optuna logs each FAIL trial as a warning with a traceback; the report shows the
     # reason in one line instead.
@@ -634,9 +667,9 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
     missing = trials - counted_trials(study)
     attempts = 0
     while counted_trials(study) < trials and attempts < 3 * max(missing, 0):
-        study.optimize(objective, n_trials=1, gc_after_trial=False, catch=(_FailedTrial,))
+        study.optimize(evaluate, n_trials=1, gc_after_trial=False, catch=(_FailedTrial,))
         attempts += 1
-    _settle(study, lambda: study.optimize(objective, n_trials=1, gc_after_trial=False,
+    _settle(study, lambda: study.optimize(evaluate, n_trials=1, gc_after_trial=False,
                                           catch=(_FailedTrial,)))
     return records
 
@@ -778,11 +811,11 @@ def top_feasible(study: optuna.Study, budget: int | None, k: int
     budget is judged by the budget of this run.
     """
     done = [t for t in study.trials
-            if t.state == optuna.trial.TrialState.COMPLETE and t.value and t.value > 0
+            if t.state == optuna.trial.TrialState.COMPLETE and throughput(t) > 0
             and "peak_memory_bytes" in t.user_attrs
             and (budget is None or t.user_attrs["peak_memory_bytes"] <= budget)]
     out, seen = [], set()
-    for t in sorted(done, key=lambda t: t.value or 0.0, reverse=True):
+    for t in sorted(done, key=throughput, reverse=True):
         key = json.dumps(t.user_attrs.get("plan"), sort_keys=True)
         if key not in seen:
             seen.add(key)
