@@ -405,7 +405,7 @@ def _price_in_child(space: SearchSpace, model: nn.Module, setup: _Setup, *,
                 reference = estimate_step_time(
                     model, setup.batch, setup.reference, loss_fn=loss_fn, graph=setup.graph,
                     rates=rates, link_bytes_per_s=link_rate)
-                at = refine(rates, reference, baseline.step_time_s)
+                at = refine(rates, reference, _quietest_step(baseline))
         except PlanError as err:
             emit(("error", f"step time not estimable: {err}"))
             return
@@ -414,6 +414,13 @@ def _price_in_child(space: SearchSpace, model: nn.Module, setup: _Setup, *,
                          emit=emit, time_limit_s=_MAX_GUESS_S)
 
     return ChildStream(produce)
+
+
+def _quietest_step(measured: Measurement) -> float:
+    """The fastest of a measurement's timed steps: what the step-time estimate is scaled
+    onto. Other work on the machine only slows a step down (the cost model's own pricing
+    runs beside the baseline's measurement: its first steps measured up to 15x the last)."""
+    return min(measured.step_times_s) if measured.step_times_s else measured.step_time_s
 
 
 def _collect_guesses(pricing: ChildStream | str | None, baseline: Measurement, *, k: int,
@@ -428,7 +435,7 @@ def _collect_guesses(pricing: ChildStream | str | None, baseline: Measurement, *
         return [], pricing, {}
     events, why, took = pricing.collect(time.monotonic() + spend_s)
     reference = next((e[1] for e in events if e[0] == "reference"), None)
-    scale = baseline.step_time_s / reference if reference else 1.0
+    scale = _quietest_step(baseline) / reference if reference else 1.0
     if not any(e[0] == "guess" for e in events):
         return [], (f"cost model: no best guesses (pricing the plans, which runs the model "
                     f"on fake tensors: {why or 'none fits the budget'}); the sampler "
