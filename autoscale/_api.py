@@ -91,12 +91,7 @@ class Report:
         """This run's measured trials that fit the budget and that no other such trial
         beats on both throughput (higher) and peak memory (lower), lowest peak first: the
         trade-off a user picks from. Each was measured once, during the search."""
-        from autoscale.search._report import pareto_front
-
-        points = [_FrontPoint(r.samples_per_s, r.peak_memory_bytes, r) for r in self.trials
-                  if r.state == "measured" and r.feasible and not r.is_repeat
-                  and r.samples_per_s and r.peak_memory_bytes]
-        return tuple(p.record for p in pareto_front(points))
+        return pareto_records(self.trials)
 
     @property
     def speedup(self) -> float | None:
@@ -119,6 +114,17 @@ class _FrontPoint(NamedTuple):
     samples_per_s: float
     peak: int
     record: TrialRecord
+
+
+def pareto_records(trials: Sequence[TrialRecord]) -> tuple[TrialRecord, ...]:
+    """The measured trials that fit the budget (repeats left out) and that no other such
+    trial beats on both throughput (higher) and peak memory (lower), lowest peak first."""
+    from autoscale.search._report import pareto_front
+
+    points = [_FrontPoint(r.samples_per_s, r.peak_memory_bytes, r) for r in trials
+              if r.state == "measured" and r.feasible and not r.is_repeat
+              and r.samples_per_s and r.peak_memory_bytes]
+    return tuple(p.record for p in pareto_front(points))
 
 
 def optimize(

@@ -236,7 +236,9 @@ def _comparison_table(report, plan) -> Table:
 def pareto_rows(report) -> list[Any]:
     """The measured feasible trials (repeats left out) that no other such trial beats on
     both throughput (higher) and peak memory (lower), lowest peak first (Report.front)."""
-    return list(report.front)
+    from autoscale._api import pareto_records
+
+    return list(pareto_records(report.trials))
 
 
 def _pareto_table(report, plan) -> Table | None:
