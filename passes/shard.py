@@ -92,8 +92,7 @@ def shard_model(model: nn.Module, *, plan: ShardPlan, graph: ModelGraph | None,
         norm_options = {**options, "mp_policy": MixedPrecisionPolicy(
             param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)}
         for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(
-                    True for _ in module.parameters(recurse=False)):
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
                 fully_shard(module, mesh=mesh, reshard_after_forward=plan.reshard_after_forward,
                             **norm_options)
     for fqn in shard_units(model, graph):

@@ -162,14 +162,19 @@ def _compressed(est: MemoryEstimate, model: nn.Module, graph: Any, plan: Plan
     """``est`` (one rank's step with its FSDP2 units simulated: Note: [simulating FSDP2])
     with the compress pass's residual and working copy (passes/compress.py), held through
     the whole step."""
+    residual, working = _compression_terms(model, graph, plan)
+    return replace(est, temporaries=est.temporaries + working, residuals=residual,
+                   peak_bytes=est.total + residual + working)
+
+
+def _compression_terms(model: nn.Module, graph: Any, plan: Plan) -> tuple[int, int]:
+    """(error-feedback residual, codec working copy) bytes the compress pass reports for
+    ``plan``: its graph estimate against the same plan uncompressed."""
     from autoscale.plan import CompressPlan
 
     whole = estimate_graph(model, graph, plan)
     exact = estimate_graph(model, graph, plan.replace(compress=CompressPlan()))
-    residual = whole.gradients - exact.gradients
-    working = whole.temporaries - exact.temporaries
-    return replace(est, temporaries=est.temporaries + working, residuals=residual,
-                   peak_bytes=est.total + residual + working)
+    return whole.gradients - exact.gradients, whole.temporaries - exact.temporaries
 
 
 def _sharded(est: MemoryEstimate, model: nn.Module, graph: Any, plan: Plan, *,
@@ -190,7 +195,6 @@ def _sharded(est: MemoryEstimate, model: nn.Module, graph: Any, plan: Plan, *,
     local = plan.replace(shard=ShardPlan(), compress=CompressPlan(),
                          batch=BatchPlan(micro_batch_size=micro,
                                          grad_accum_steps=plan.batch.grad_accum_steps))
-    whole = estimate_graph(model, graph, plan)
     exact = estimate_graph(model, graph, plan.replace(compress=CompressPlan()))
     alone = estimate_graph(model, graph, local)
     d_params = exact.parameters - alone.parameters
@@ -206,8 +210,7 @@ def _sharded(est: MemoryEstimate, model: nn.Module, graph: Any, plan: Plan, *,
     # with two units in flight.
     if plan.shard.strategy == "zero2":
         comm = 0
-    residual = whole.gradients - exact.gradients
-    working = whole.temporaries - exact.temporaries
+    residual, working = _compression_terms(model, graph, plan)
     hook_peak = 0
     if plan.shard.uses_ddp and plan.compress.method in _PROBED_CODECS:
         # Note: [a DDP comm hook's peak]

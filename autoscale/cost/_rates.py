@@ -65,7 +65,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 
 from autoscale.errors import PlanError
 
-__all__ = ["CONVOLUTIONS", "MachineRates", "cache_path", "conv_kind", "kernel_flops",
+__all__ = ["CONVOLUTIONS", "MachineRates", "cache_path", "kernel_flops",
            "machine_rates", "measure_rates", "rate_kind"]
 
 
@@ -143,11 +143,6 @@ def rate_kind(family: str, precision: str) -> str:
     """The curve's name for a kernel of ``family`` ("" a matmul, "conv", "attn",
     "attn-bwd") in ``precision`` ("", "bf16", "fp16")."""
     return "-".join(part for part in (family, precision) if part)
-
-
-def conv_kind(precision: str) -> str:
-    """The curve's name for a convolution in ``precision`` ("", "bf16", "fp16")."""
-    return rate_kind("conv", precision)
 
 
 def cpu_model() -> str:

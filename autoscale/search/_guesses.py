@@ -128,7 +128,7 @@ def price_candidates(space: Any, base: Plan, *, memory: Callable[[Plan], int],
         except Exception:  # a combination the plan rules refuse
             emit(("failed",))
             continue
-        key = json.dumps(plan.to_dict(), sort_keys=True)
+        key = plan_key(plan)
         if key in seen:
             continue
         seen.add(key)

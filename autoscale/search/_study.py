@@ -41,6 +41,7 @@ from autoscale.plan import (
     PrecisionPlan,
     ShardPlan,
 )
+from autoscale.search._guesses import plan_key
 
 __all__ = ["LinkCheck", "PlanEstimates", "SearchSpace", "TrialRecord", "open_study",
            "run_search"]
@@ -89,7 +90,7 @@ class PlanEstimates:
 
     def bytes(self, plan: Plan) -> int:
         """The estimated per-rank peak of ``plan``."""
-        key = json.dumps(plan.to_dict(), sort_keys=True)
+        key = plan_key(plan)
         if key not in self._cache:
             self._cache[key] = self._estimate(plan)
         return self._cache[key][0]
@@ -575,8 +576,7 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
     records: list[TrialRecord] = []
     fail_orphans(study)
     _enqueue_known_good(study, space, [g.params for g in guesses])
-    step_guess = {json.dumps(g.plan.to_dict(), sort_keys=True): g.estimated_step_s
-                  for g in guesses}
+    step_guess = {plan_key(g.plan): g.estimated_step_s for g in guesses}
     step_guess.update(step_estimates or {})
 
     def scored(samples_per_s: float, peak: float) -> float | tuple[float, float]:
@@ -593,7 +593,7 @@ def run_search(study: optuna.Study, space: SearchSpace, base: Plan, *,
         est = estimates.bytes(plan)
         trial.set_user_attr("plan", plan.to_dict())
         trial.set_user_attr("estimated_bytes", est)
-        guessed = step_guess.get(json.dumps(plan.to_dict(), sort_keys=True))
+        guessed = step_guess.get(plan_key(plan))
         if guessed is not None:
             trial.set_user_attr(_STEP_PRICED, guessed)
             trial.set_user_attr("estimated_step_s", guessed * step_time_scale(trial.study))
