@@ -144,11 +144,14 @@ def test_per_rank_peak_falls_from_ddp_to_zero3_and_matches_the_estimate(results:
         assert 0.90 <= simulated <= 1.10, (strategy, simulated)
         # Where the estimating process has no process group (the tuner, `autoscale
         # estimate`), zero2/zero3 run their FSDP2 units in the simulation (Note:
-        # [simulating FSDP2]): measured exact here; the profiler's reading of a rank's
-        # peak is an upper bound off by a block at times (shard_worker's Note).
+        # [simulating FSDP2]): measured exact on most runs. The profiler's reading of a
+        # rank's peak is an upper bound, high by up to a 1 MiB block of these ~16 at times
+        # (shard_worker's Note: seen 16.37 MiB on one rank, 15.86 on the other and in the
+        # estimate), so the estimate may sit up to one block under the largest reading,
+        # never over it.
         estimate = autoscale.estimate(*_memory_model(), Plan.from_dict(r["plan"])).total
         if strategy in ("zero2", "zero3"):
-            assert 0.98 <= estimate / r["measured"] <= 1.0, (strategy, estimate, r)
+            assert 0.93 <= estimate / r["measured"] <= 1.0, (strategy, estimate, r)
 
 
 def _memory_model() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
