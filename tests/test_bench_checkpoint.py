@@ -18,8 +18,8 @@ def test_quick_bench_structure_and_memory_invariants() -> None:
     report = bench_checkpoint.run(("gpt",), (1.0, 0.5), repeats=2, compile_rows=False,
                                   quick=True)
     rows = report["gpt"]
-    assert [r.label for r in rows] == ["no ckpt", "autoscale 100%", "autoscale 50%",
-                                       "full ckpt"]
+    assert [r.label for r in rows] == ["no ckpt", "no ckpt again", "autoscale 100%",
+                                       "autoscale 50%", "full ckpt"]
     base, ours = rows[0], [r for r in rows if r.kind == "autoscale"]
     assert base.act_bytes > 0 and math.isclose(base.time_ratio, 1.0)
     # Each checkpointed block's recompute saves the CPU RNG state (torch.utils.checkpoint
@@ -35,10 +35,13 @@ def test_quick_bench_structure_and_memory_invariants() -> None:
         assert row.step_s > 0 and row.peak_bytes >= row.act_bytes
     assert ours[0].act_bytes == base.act_bytes  # 100%: nothing to recompute
     full = rows[-1]
-    assert full.act_bytes < ours[-1].act_bytes
+    assert full.act_bytes <= ours[-1].act_bytes
+    assert rows[1].act_bytes == base.act_bytes  # the baseline again: only its time differs
     lines = bench_checkpoint.goals(rows)
-    assert len(lines) == 4 and all("met" in line or "missed" in line or "monotone" in line
-                                   for line in lines)
+    assert lines[0].startswith("noise: ")
+    assert len(lines) == 5 and all(
+        any(word in line for word in ("met", "missed", "tie within noise", "monotone"))
+        for line in lines[1:]), lines
 
 
 @pytest.mark.slow

@@ -14,10 +14,12 @@ import autoscale
 from autoscale import BlockPolicy, InfeasibleError, Plan
 from autoscale.cost._checkpoint_solver import (
     BlockOption,
+    CheckpointBudgets,
     measure_block_options,
     sac_op_overhead_s,
     solve_checkpoint,
     solve_checkpoint_plan,
+    time_block_options,
 )
 from autoscale.cost._rates import MachineRates
 
@@ -126,7 +128,7 @@ def test_measured_activations_fall_with_the_budget_and_fit_it() -> None:
         assert previous is None or kept <= previous, (fraction, kept, previous)
         previous = kept
     assert section == solve_checkpoint_plan(model, batch, graph, budget, rates=_RATES,
-                                            sac_op_overhead=0.0)
+                                            sac_op_overhead=0.0, timed=False)
     with pytest.raises(InfeasibleError, match="smallest feasible budget is"):
         solve_checkpoint_plan(model, batch, graph, measured.outside_bytes, rates=_RATES)
 
@@ -218,3 +220,77 @@ def test_a_distributed_plan_is_measured_on_one_rank_share() -> None:
         return o.kept_bytes - (rng if o.policy.policy != "none" else 0)
 
     assert [scaled(o) for o in two.blocks[0]] == [scaled(o) // 2 for o in one.blocks[0]]
+
+
+def test_timing_scales_each_options_prices_by_its_measured_ratio() -> None:
+    model, batch = tiny_gpt(dropout=0.1)
+    graph = autoscale.capture(model, batch)
+    priced = measure_block_options(model, batch, graph, rates=_RATES, sac_op_overhead=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    timed = time_block_options(model, batch, graph, priced)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert timed.ratios is not None and len(timed.ratios) == len(priced.blocks[0])
+    assert timed.byte_ratios is None  # eager: the simulated bytes stand
+    for opts, old in zip(timed.blocks, priced.blocks, strict=True):
+        for j, (o, p) in enumerate(zip(opts, old, strict=True)):
+            assert o.policy == p.policy and o.kept_bytes == p.kept_bytes
+            assert o.recompute_s == pytest.approx(p.recompute_s * timed.ratios[j])
+        assert opts[0].recompute_s == 0.0
+        assert opts[1].recompute_s > 0.0  # full: the block's forward runs again
+
+
+def test_the_tuners_knob_times_once_and_reuses_the_ratios(monkeypatch) -> None:
+    import autoscale.cost._checkpoint_solver as solver
+    from autoscale import BatchPlan, PrecisionPlan
+
+    calls = []
+    real = solver.time_block_options
+
+    def counted(*args, **kwargs):  # the real timing, counted
+        calls.append(kwargs.get("compiled", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(solver, "time_block_options", counted)
+    model, batch = tiny_gpt(dropout=0.1)
+    graph = autoscale.capture(model, batch)
+    budgets = CheckpointBudgets(model, batch, graph)
+    budgets.bounds(Plan())
+    budgets.section(Plan(sections={"precision": PrecisionPlan(mode="bf16")}), 0.5)
+    budgets.section(Plan(sections={"batch": BatchPlan(micro_batch_size=2,
+                                                      grad_accum_steps=2)}), 0.5)
+    assert calls == [False]
+    options = budgets._options[next(iter(budgets._options))][0]
+    assert all(o.ratios == options.ratios for o, *_ in budgets._options.values())
+
+
+@pytest.mark.slow
+def test_compiled_options_are_measured_under_inductor_and_their_plans_fit() -> None:
+    from autoscale.measure._allocator import AllocatorPeakTracker
+    from autoscale.plan import CompilePlan
+    from autoscale.runtime import build_result
+    from autoscale.runtime._batch import call_model, compute_loss
+
+    model, batch = tiny_gpt(dropout=0.1)
+    graph = autoscale.capture(model, batch)
+    inductor = Plan(sections={"compile": CompilePlan(mode="inductor")})
+    priced = measure_block_options(model, batch, graph, plan=inductor)
+    options = time_block_options(model, batch, graph, priced, plan=inductor, compiled=True)
+    assert options.byte_ratios is not None and options.ratios is not None
+    none = autoscale.estimate(model, batch, Plan(), graph=graph).activations
+    previous = None
+    for fraction in (0.75, 0.5, 0.25):
+        budget = int(none * fraction)
+        section = solve_checkpoint_plan(model, batch, graph, budget, plan=inductor,
+                                        options=options)
+        result = build_result(inductor.replace(checkpoint=section), model, graph=graph)
+        result.step(batch)  # compiles
+        with AllocatorPeakTracker(roots=(result.model, result.optimizer, batch)) as tracker:
+            loss = compute_loss(result.loss_fn, call_model(result.model, batch), batch)
+        kept = tracker.end_bytes - tracker.baseline_bytes
+        loss.backward()
+        # Within the budget, up to the CPU RNG state each checkpointed block keeps (made
+        # outside the allocator's sight of the solver's bytes: see the eager test above).
+        assert kept <= budget + len(section.blocks) * torch.get_rng_state().numel(), (
+            fraction, kept, budget)
+        assert previous is None or kept <= previous
+        previous = kept
