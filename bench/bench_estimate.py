@@ -87,6 +87,17 @@ def models(quick: bool) -> dict[str, Any]:
     return out
 
 
+def _chosen(available: dict[str, Any], names: str | None) -> dict[str, Any]:
+    if names is None:
+        return available
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in available]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(available)}")
+    return {n: available[n] for n in wanted}
+
+
 def plans(graph: Any, batch: int) -> dict[str, Any]:
     from autoscale import BatchPlan, CheckpointPlan, Plan, PrecisionPlan
     from autoscale.runtime._optimizers import optimizer_plan
@@ -168,6 +179,8 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two models only")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated models to run (default: all, or --quick's)")
     parser.add_argument("--rounds", type=int, default=8,
                         help="interleaved timing rounds per plan (the fastest is kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
@@ -193,7 +206,9 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     rows: dict[str, list[dict[str, float]]] = {}
-    for name, build in models(args.quick).items():
+    chosen = _chosen(models(args.quick and args.models is None),
+                     args.models)
+    for name, build in chosen.items():
         rows[name] = _bench_model(name, build, rates, args.rounds)
     _summary(rows)
     if args.ranks > 1:
@@ -201,7 +216,7 @@ def main() -> None:
         print(f"{'model':9s} {'plan':17s} {'measured':>11s} {'estimate':>11s} {'error':>7s} "
               f"{'est. s':>6s}")
         sharded = {name: _bench_sharded(name, build, args.ranks)
-                   for name, build in models(args.quick).items()}
+                   for name, build in chosen.items()}
         _sharded_summary(sharded, args.ranks)
 
 

@@ -147,6 +147,25 @@ def test_more_micro_batches_and_checkpointing_predict_more(stack) -> None:
     assert ckpt.total_s > whole.total_s and ckpt.ops > whole.ops
 
 
+def test_each_checkpointed_block_call_is_priced_once_a_micro_batch(stack) -> None:
+    import dataclasses
+
+    model, batch = stack
+    calls = dataclasses.replace(RATES, checkpoint_call_s=1e-3)
+    section = CheckpointPlan(blocks=("blocks.0", "blocks.1"))
+    for k in (1, 4):
+        plan = _plan(checkpoint=section, batch=BatchPlan(micro_batch_size=B // k,
+                                                         grad_accum_steps=k))
+        free = estimate_step_time(model, batch, plan, rates=RATES)
+        paid = estimate_step_time(model, batch, plan, rates=calls)
+        assert paid.checkpoint_calls == free.checkpoint_calls == 2 * k
+        assert paid.recompute_s - free.recompute_s == pytest.approx(2 * k * 1e-3)
+        assert paid.total_s - free.total_s == pytest.approx(2 * k * 1e-3)
+    # refine scales it with the other per-call costs
+    assert calls.scaled(2.0).checkpoint_call_s == pytest.approx(0.5e-3)
+    assert 0.0 <= machine_rates().checkpoint_call_s < 0.01  # measured here: ~0.3 ms
+
+
 def test_refine_scales_the_estimate_onto_a_measurement(stack) -> None:
     model, batch = stack
     est = estimate_step_time(model, batch, _plan(), rates=RATES)

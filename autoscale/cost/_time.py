@@ -20,6 +20,8 @@ small model is overhead-bound: the per-op term, not the FLOPs, is most of its st
 is what makes micro-batching cost time.
 
 What the fake step does not run is added from counts:
+- Each checkpointed block call's own cost beyond its recomputed ops (blocks times
+  micro-batches, at ``checkpoint_call_s``: Note: [machine rates]).
 - The optimizer step (its CPU kernels need real pointers): the bytes it moves per
   parameter element for the plan's optimizer (``OPTIMIZER_BYTES``), one op per tensor.
 - A distributed plan's communication: one rank's share of the batch is simulated on the
@@ -162,11 +164,14 @@ class StepTimeEstimate:
     """(bytes, ops) of the optimizer step."""
     comm_bytes: int = 0
     """All-reduce-equivalent payload bytes this rank sends per step."""
+    checkpoint_calls: int = 0
+    """Checkpointed block calls in the step (blocks times micro-batches), each priced at
+    ``rates.checkpoint_call_s`` in ``recompute_s`` beside the ops it recomputes."""
 
     def retimed(self, rates: MachineRates) -> StepTimeEstimate:
         """The same ops priced at ``rates`` (e.g. what ``refine`` returns)."""
         return _priced(self.counted, self.optimizer_counts, self.comm_bytes, rates,
-                       self.link_bytes_per_s)
+                       self.link_bytes_per_s, self.checkpoint_calls)
 
 
 def _op_seconds(flops: int, nbytes: int, precision: str, rates: MachineRates) -> float:
@@ -178,8 +183,9 @@ def _op_seconds(flops: int, nbytes: int, precision: str, rates: MachineRates) ->
 
 
 def _priced(counted: tuple[tuple[int, int, bool, str, int], ...], optimizer: tuple[int, int],
-            comm_bytes: int, rates: MachineRates, link: float | None) -> StepTimeEstimate:
-    compute = recompute = 0.0
+            comm_bytes: int, rates: MachineRates, link: float | None,
+            checkpoint_calls: int = 0) -> StepTimeEstimate:
+    compute, recompute = 0.0, checkpoint_calls * rates.checkpoint_call_s
     for flops, nbytes, is_recompute, precision, n in counted:
         seconds = n * _op_seconds(flops, nbytes, precision, rates)
         if is_recompute:
@@ -195,7 +201,7 @@ def _priced(counted: tuple[tuple[int, int, bool, str, int], ...], optimizer: tup
         flops=sum(c[0] * c[4] for c in counted if c[3] != "rng"),
         bytes=sum(c[1] * c[4] for c in counted) + opt_bytes, rates=rates,
         link_bytes_per_s=link, counted=counted, optimizer_counts=optimizer,
-        comm_bytes=comm_bytes)
+        comm_bytes=comm_bytes, checkpoint_calls=checkpoint_calls)
 
 
 def estimate_step_time(model: nn.Module, batch: Batch, plan: Plan, *,
@@ -228,8 +234,11 @@ def estimate_step_time(model: nn.Module, batch: Batch, plan: Plan, *,
     counted = tuple((*key, n) for key, n in sorted(counter.ops.items()))
     opt = optimizer_bytes(params, plan)
     comm = communication_bytes(params, plan) if distributed else 0
+    micro_batches = (plan.batch.grad_accum_steps if plan.batch.micro_batch_size is not None
+                     else 1)
     return _priced(counted, opt, comm, rates or machine_rates(),
-                   link_bytes_per_s if distributed else None)
+                   link_bytes_per_s if distributed else None,
+                   len(plan.checkpoint.names) * micro_batches)
 
 
 def _count_step(model: nn.Module, batch: Batch, plan: Plan, *, loss_fn: LossFn | None,
