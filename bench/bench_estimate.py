@@ -126,20 +126,27 @@ def measured(plans: dict[str, Any], model: torch.nn.Module, batch: Any, graph: A
     """Per plan: (measured peak, measured step seconds): the peak from ``measure``, the
     step the fastest over ``rounds`` interleaved rounds (the order rotated each round) of
     the median of 3 timed steps (1 for a plan whose step takes over half a second: the
-    fp16 plans, emulated on this CPU, take seconds)."""
+    fp16 plans, emulated on this CPU, take seconds). Each round builds every plan afresh
+    and steps it once untimed: two builds of one plan timed 5-7% apart for all 3 rounds
+    here (where their tensors landed in memory), a bias a fresh build each round averages
+    out of the fastest round."""
     from autoscale.measure import measure
     from autoscale.runtime import build_result
 
-    results = {label: build_result(plan, model, graph=graph, loss_fn=loss_fn)
-               for label, plan in plans.items()}
-    peaks = {label: measure(result, batch, warmup=1, iters=1).peak_memory_bytes
-             for label, result in results.items()}
+    def build(plan: Any) -> Any:
+        return build_result(plan, model, graph=graph, loss_fn=loss_fn)
+
+    peaks = {label: measure(build(plan), batch, warmup=1, iters=1).peak_memory_bytes
+             for label, plan in plans.items()}
     steps: dict[str, list[float]] = {label: [] for label in plans}
-    labels = list(results)
+    labels = list(plans)
     for r in range(rounds):
         for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+            result = build(plans[label])
+            result.step(batch)  # the optimizer's state is made at the first step
             slow = bool(steps[label]) and min(steps[label]) > 0.5
-            steps[label].append(_step_seconds(results[label], batch, iters=1 if slow else 3))
+            steps[label].append(_step_seconds(result, batch, iters=1 if slow else 3))
+            del result
     return {label: (peaks[label], min(steps[label])) for label in plans}
 
 
