@@ -98,6 +98,11 @@ def tune(
     compress: Annotated[list[str] | None, typer.Option(
         help="Gradient compression the search may try with --nproc > 1 (repeatable): none, "
              "bf16, fp16, int8, topk, powersgd; default all but fp16.")] = None,
+    compile_modes: Annotated[list[str] | None, typer.Option(
+        "--compile", help="torch.compile modes the search may try (repeatable): off, "
+        "inductor (the checkpoint solver's policies compiled), inductor-budget (inductor's "
+        "own activation budget at the checkpoint knob); default off only. Compile time is "
+        "reported apart from step time.")] = None,
 ) -> None:
     """Search for the fastest plan that fits the budget and write it to OUT.
 
@@ -127,7 +132,8 @@ def tune(
                 allowed_optimizers=allow_optimizer,
                 precisions=tuple(precision) if precision else None, on_trial=on_trial,
                 isolate=isolate, trial_timeout=trial_timeout, world_size=nproc,
-                compressors=tuple(compress) if compress else None, heartbeat_s=heartbeat)
+                compressors=tuple(compress) if compress else None, heartbeat_s=heartbeat,
+                compile_modes=tuple(compile_modes) if compile_modes else None)
         except KeyboardInterrupt:
             progress.stop()
             again = ("run the same command to resume it" if storage else

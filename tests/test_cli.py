@@ -58,6 +58,13 @@ def test_script_without_build_is_refused(tmp_path) -> None:
     assert tuned.returncode == 1 and "defines no build()" in tuned.stdout
 
 
+def test_the_compile_flag_reaches_the_search_and_a_typo_is_refused(tmp_path) -> None:
+    tuned = run("tune", str(EXAMPLES / "mlp.py"), "--trials", "1", "--compile", "off",
+                "--compile", "max-autotune", cwd=tmp_path)
+    assert tuned.returncode == 1, tuned.stdout + tuned.stderr
+    assert "compile_modes=['off', 'max-autotune']" in tuned.stdout, tuned.stdout
+
+
 def _finished_trials(db: Path) -> int:
     """COMPLETE trials in Optuna's SQLite schema, read directly: optuna.load_study takes
     about a second, as long as a trial of this workload."""
