@@ -330,8 +330,8 @@ def time_block_options(model: nn.Module, batch: Any, graph: Any, options: BlockO
     from autoscale.plan import CompilePlan
     from autoscale.runtime import build_result
 
-    # Eager around the block: the inputs are recorded by a hook that stops the forward
-    # (inside a compiled forward Dynamo would trace the hook); the block compiles below.
+    # Eager: the inputs are recorded by a hook that stops the forward (inside a compiled
+    # forward Dynamo would trace the hook and the exception).
     result = build_result(plan.replace(checkpoint=CheckpointPlan(), compile=CompilePlan()),
                           copy.deepcopy(model), loss_fn=loss_fn, inplace=True)
     block = result.model.get_submodule(first)
@@ -491,10 +491,12 @@ def scaled_options(options: BlockOptions, ratios: tuple[float, ...],
 # +9.5 to +10.7 ms selective, where the prices said 3.2 ms and 2.8 to 3.8 ms. Dropout's
 # random numbers (recomputed by every option: 20% of the step here) and the selective
 # policy's Python dispatch on real ops (2.75 ms a block in the profile, against the
-# 0.3 ms the tiny-op probe predicts) make selective slower than full, so the solver chose
-# selective blocks costing 1.33x at 75% of the activations where one full block costs
-# 1.11x. Timing the first block alone under each option (a few ms each) gives the real
-# ratios; each option's per-block prices are scaled by its measured/priced ratio, so
+# 0.3 ms the tiny-op probe predicts) make selective slower than full, yet the priced
+# solver chose selective blocks (at 50% of the activations two selective and one full:
+# 1.51x the uncheckpointed step in one run; three full blocks, its answer now, measured
+# 1.30-1.42x in three). Timing the first block alone under each option (a few ms each)
+# gives the real ratios; each option's per-block prices are scaled by its measured/priced
+# ratio, so
 # blocks of other sizes keep their priced proportions. The tuner times once, before any
 # trial runs (no trial shares the CPU with it).
 
