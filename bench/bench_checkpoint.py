@@ -18,8 +18,8 @@ torch.export with strict=False). Rows per model:
   recompute seconds timed on the model (``time_block_options``), built by
   ``build_result``.
 - "autoscale f% ind" (not with --quick): the plan autoscale runs with compile.mode
-  'inductor': the solver's policies under torch.compile, solved on options timed and
-  measured under inductor (``time_block_options(..., compiled=True)``).
+  'inductor': the solver's policies under torch.compile, solved on options
+  timed under inductor (``time_block_options(..., compiled=True)``).
 - "autoscale f% ind-budget" (not with --quick): the tuner's third reading of the knob,
   compile.mode 'inductor-budget' at f: inductor's own min-cut partitioner, compiled by
   autoscale's compile pass in this process. It is the same technique as the "compile f"

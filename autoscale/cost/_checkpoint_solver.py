@@ -244,9 +244,6 @@ class BlockOptions:
     ratios: tuple[float, ...] | None = None
     """Per option (in block order), the measured/priced ratio its recompute seconds were
     scaled by (:func:`time_block_options`); None: as priced."""
-    byte_ratios: tuple[float, ...] | None = None
-    """Per option, what its compiled forward kept over the eager simulation's bytes
-    (:func:`time_block_options` with ``compiled``); None: eager bytes."""
 
 
 def measure_block_options(model: nn.Module, batch: Any, graph: Any, *,
@@ -307,14 +304,11 @@ def time_block_options(model: nn.Module, batch: Any, graph: Any, options: BlockO
     changed (a copy is timed). A block whose forward cannot be replayed alone leaves
     ``options`` as priced.
 
-    ``compiled``: timed under inductor as a plan with compile.mode 'inductor' runs, and
-    the kept bytes refined too (Note: [options under inductor]): each option applied to
-    every block and the whole model compiled (one compile per option), its cost the step's
-    forward and backward over the unchecked compiled model's, spread over the blocks by
-    their prices; its bytes, what the compiled forward left live less the eager bytes
-    outside the blocks, spread by the eager bytes. The bytes outside stay the eager ones
-    (an upper bound: inductor's partition saves at most what eager does at its default
-    budget).
+    ``compiled``: timed under inductor as a plan with compile.mode 'inductor' runs
+    (Note: [options under inductor]): each option applied to every block and the whole
+    model compiled (one compile per option), its cost the step's forward and backward over
+    the unchecked compiled model's, spread over the blocks by their prices. The kept bytes
+    stay the simulated eager ones, an upper bound on what inductor keeps.
     """
     import copy
 
@@ -404,7 +398,6 @@ def _time_compiled(model: nn.Module, batch: Any, graph: Any, options: BlockOptio
                    plan: Plan, loss_fn: Any, rounds: int) -> BlockOptions:
     """:func:`time_block_options` under inductor: each option on every block, the whole
     model compiled (Note: [options under inductor])."""
-    from autoscale.measure._allocator import AllocatorPeakTracker
     from autoscale.plan import CompilePlan
     from autoscale.runtime import build_result
     from autoscale.runtime._batch import call_model, compute_loss, split_batch
@@ -435,40 +428,21 @@ def _time_compiled(model: nn.Module, batch: Any, graph: Any, options: BlockOptio
             order = list(results)
             for j in order[r % len(order):] + order[: r % len(order)]:
                 best[j] = min(best[j], once(j))
-        live = {}
-        for j, result in results.items():
-            with AllocatorPeakTracker(roots=(result.model, micro), device="cpu") as tracker:
-                loss = loss_of(j)
-            live[j] = max(tracker.end_bytes - tracker.baseline_bytes, 0)
-            loss.backward()
-            result.model.zero_grad(set_to_none=True)
     except Exception:  # the priced figures stand; timing is a refinement
         return options
     none = next(j for j, o in enumerate(options.blocks[0]) if o.policy.policy == "none")
     priced = [sum(opts[j].recompute_s for opts in options.blocks) for j in results]
-    kept = [sum(opts[j].kept_bytes for opts in options.blocks) for j in results]
-    return scaled_options(
-        options,
-        tuple(max(best[j] - best[none], 0.0) / priced[j] if priced[j] > 0 else 1.0
-              for j in results),
-        # What the blocks keep under inductor: the compiled forward's live bytes less the
-        # eager bytes outside the blocks (an upper bound on inductor's there).
-        tuple(max(live[j] - options.outside_bytes, 0) / kept[j] if kept[j] > 0 else 1.0
-              for j in results))
+    return scaled_options(options, tuple(
+        max(best[j] - best[none], 0.0) / priced[j] if priced[j] > 0 else 1.0
+        for j in results))
 
 
-def scaled_options(options: BlockOptions, ratios: tuple[float, ...],
-                   byte_ratios: tuple[float, ...] | None = None) -> BlockOptions:
-    """``options`` with option j's recompute seconds times ``ratios[j]`` (and its kept
-    bytes times ``byte_ratios[j]``, rounded up) in every block: the options come in the
-    same order in every block."""
-    def scaled(o: BlockOption, j: int) -> BlockOption:
-        kept = o.kept_bytes if byte_ratios is None else math.ceil(o.kept_bytes * byte_ratios[j])
-        return dataclasses.replace(o, recompute_s=o.recompute_s * ratios[j], kept_bytes=kept)
-
-    return dataclasses.replace(options, blocks=tuple(
-        tuple(scaled(o, j) for j, o in enumerate(opts)) for opts in options.blocks),
-        ratios=ratios, byte_ratios=byte_ratios)
+def scaled_options(options: BlockOptions, ratios: tuple[float, ...]) -> BlockOptions:
+    """``options`` with option j's recompute seconds times ``ratios[j]`` in every block
+    (the options come in the same order in every block)."""
+    return dataclasses.replace(options, ratios=ratios, blocks=tuple(
+        tuple(dataclasses.replace(o, recompute_s=o.recompute_s * ratios[j])
+              for j, o in enumerate(opts)) for opts in options.blocks))
 
 
 # Note: [options under inductor]
@@ -477,8 +451,12 @@ def scaled_options(options: BlockOptions, ratios: tuple[float, ...],
 # dispatch of the selective policy is gone. Measured on the GPT example, 2 threads, every
 # block under one option: full +2.65 ms a block (eager +8.8), selective saving matmuls and
 # attention -1.3 ms, saving the matmuls +0.7, saving attention +1.0 with 9.2 MiB kept in
-# all where eager keeps 14. So a compiled plan's policies are solved on options timed (and
-# their bytes read from the allocator) under inductor. On the whole model, not one block:
+# all where eager keeps 14. So a compiled plan's policies are solved on options timed under
+# inductor, on the simulated eager bytes: scaling each option's bytes by what it kept
+# compiled on every block was tried and gave plans over their budget (GPT at 25%: 13.2 MiB
+# for 12.5; mixed options do not add up under inductor's partitioner), where the eager
+# bytes are an upper bound (its default partition keeps at most what eager keeps). On the
+# whole model, not one block:
 # timed on the first block alone, compiled, full checkpointing cost 0.1 ms where it costs
 # 2.65 in the whole compiled model, and ranked the options in another order. One compile
 # per option (a few seconds each here); the tuner pays it once per tune, and only where
@@ -639,9 +617,8 @@ def solve_checkpoint_plan(model: nn.Module, batch: Any, graph: Any, budget_bytes
     budget when none fits. ``options``: the blocks' options already measured for ``plan``
     (what :func:`measure_block_options` returns), reused instead of measured again;
     otherwise they are measured and, with ``timed``, their recompute seconds refined by
-    timing the first block for real (:func:`time_block_options`; ``compiled``: under
-    inductor, for a plan with compile.mode 'inductor', whose kept bytes are then the
-    compiled block's, and the solved plan is not re-simulated: the simulation is eager).
+    timing the first block for real (:func:`time_block_options`; ``compiled``: timed
+    under inductor, for a plan with compile.mode 'inductor').
     """
     plan = plan or Plan()
     measured = options
@@ -653,8 +630,6 @@ def solve_checkpoint_plan(model: nn.Module, batch: Any, graph: Any, budget_bytes
             measured = time_block_options(model, batch, graph, measured, plan=plan,
                                           loss_fn=loss_fn, compiled=compiled)
     fqns = [b.fqn for b in graph.blocks]
-    if measured.byte_ratios is not None:
-        return solve_checkpoint(measured.blocks, budget_bytes - measured.outside_bytes).plan()
 
     def simulated(section: CheckpointPlan) -> int:
         local, share = _one_rank(plan.replace(checkpoint=section), batch)
@@ -749,7 +724,7 @@ class CheckpointBudgets:
             first = self._ratios.get(compiled)
             if first is not None:
                 if first.ratios is not None:
-                    options = scaled_options(options, first.ratios, first.byte_ratios)
+                    options = scaled_options(options, first.ratios)
             elif self._timed or compiled:
                 options = time_block_options(self._model, self._batch, self._graph, options,
                                              plan=plan, loss_fn=self._loss_fn,
