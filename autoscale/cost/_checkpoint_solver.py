@@ -464,19 +464,19 @@ def scaled_options(options: BlockOptions, ratios: tuple[float, ...]) -> BlockOpt
 
 # Note: [timing the options on one block]
 # The priced recompute seconds (FLOPs and bytes at the calibrated rates, a per-op dispatch
-# cost for selective options) rank the options wrongly here: on the GPT example, 2 threads,
-# every block's options timed in whole steps cost +8.8 ms a block fully checkpointed and
-# +9.5 to +10.7 ms selective, where the prices said 3.2 ms and 2.8 to 3.8 ms. Dropout's
-# random numbers (recomputed by every option: 20% of the step here) and the selective
-# policy's Python dispatch on real ops (2.75 ms a block in the profile, against the
-# 0.3 ms the tiny-op probe predicts) make selective slower than full, yet the priced
+# cost for selective options) rank the options wrongly here: on the GPT example, 2
+# threads, every block's options timed in whole steps cost +8.8 ms a block fully
+# checkpointed and +9.5 to +10.7 ms selective, where the prices said 3.2 ms and 2.8 to 3.8
+# ms. Dropout's random numbers (recomputed by every option: 20% of the step here) and the
+# selective policy's Python dispatch on real ops (2.75 ms a block in the profile, against
+# the 0.3 ms the tiny-op probe predicts) make selective slower than full, yet the priced
 # solver chose selective blocks (at 50% of the activations two selective and one full:
-# 1.51x the uncheckpointed step in one run; three full blocks, its answer now, measured
-# 1.30-1.42x in three). Timing the first block alone under each option (a few ms each)
-# gives the real ratios; each option's per-block prices are scaled by its measured/priced
-# ratio, so
-# blocks of other sizes keep their priced proportions. The tuner times once, before any
-# trial runs (no trial shares the CPU with it).
+# 1.51x the uncheckpointed step in one run; its timed answers, three full blocks or one
+# selective and two full as the timing's noise falls, measured 1.30-1.42x in four). Timing
+# the first block alone under each option (a few ms each) gives the real ratios; each
+# option's per-block prices are scaled by its measured/priced ratio, so blocks of other
+# sizes keep their priced proportions. The tuner times once, before any trial runs (no
+# trial shares the CPU with it).
 
 
 def _one_rank(plan: Plan, batch: Any) -> tuple[Plan, Any]:
