@@ -280,14 +280,32 @@ class _DDPCompressor:
         packed = self.codec.encode(buf, residual)
         out = torch.empty(self.world * packed.numel(), dtype=torch.uint8, device=buf.device)
         self.stats.record(packed.nbytes, buf.nbytes)
-        fut = dist.all_gather_single(out, packed, group=self.group,
-                                     async_op=True).get_future()
+        work = dist.all_gather_single(out, packed, group=self.group, async_op=True)
 
-        def reduce(_: torch.futures.Future[Any]) -> torch.Tensor:
+        def reduce(_: Any = None) -> torch.Tensor:
             total = self.codec.decode_sum(out.view(self.world, -1), buf.numel())
             return buf.copy_(total.div_(self.world))
 
-        return fut.then(reduce)
+        if buf.device.type == "cpu":
+            # Note: [decode on the autograd thread]
+            work.wait()
+            del packed
+            done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+            done.set_result(reduce())
+            return done
+        return work.get_future().then(reduce)
+
+
+# Note: [decode on the autograd thread]
+# A future's callback runs on gloo's threads, and the CPU allocator reports to torch's
+# profiler per thread: a 100 MB tensor made inside the decode there did not move the
+# measured peak, so every compressed DDP plan's measured peak read its decode's working
+# memory (about 2.6x the bucket: the sum, a padded fp32 copy of each row's codes, the
+# product) short, and a plan could be judged to fit that does not. On CPU the hook waits
+# for its all-gather and decodes on the thread that runs backward, where the measurement
+# sees it; the overlap it gives up is small there (gloo's threads and the backward share
+# the same cores). On CUDA, where the device allocator's own statistics see every
+# thread, the decode stays a callback.
 
 
 def _cast_hook(state: _DDPCompressor,
