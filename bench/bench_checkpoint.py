@@ -188,9 +188,10 @@ def eager_rows(name: str, fractions: tuple[float, ...], repeats: int, *,
     configs: dict[str, tuple[str, float | None, Any, str]] = {
         "no ckpt": ("none", None, Plan(), "none"),
         "no ckpt again": ("noise", None, Plan(), "none")}
-    eager = time_block_options(model, batch, graph, measure_block_options(model, batch, graph))
+    priced = measure_block_options(model, batch, graph)
+    eager = time_block_options(model, batch, graph, priced)
     inductor = (None if quick else time_block_options(
-        model, batch, graph, measure_block_options(model, batch, graph),
+        model, batch, graph, priced,
         plan=Plan(sections={"compile": CompilePlan(mode="inductor")}), compiled=True))
     for f in fractions:
         section = solve_checkpoint_plan(model, batch, graph, int(none_est * f), options=eager)

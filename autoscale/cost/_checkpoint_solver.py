@@ -378,11 +378,7 @@ def time_block_options(model: nn.Module, batch: Any, graph: Any, options: BlockO
         return time.perf_counter() - start
 
     try:
-        best = {i: min(once(f) for _ in range(2)) for i, f in forwards.items()}  # warm-up
-        for r in range(rounds):
-            order = list(forwards)
-            for i in order[r % len(order):] + order[: r % len(order)]:
-                best[i] = min(best[i], once(forwards[i]))
+        best = _fastest({i: functools.partial(once, f) for i, f in forwards.items()}, rounds)
     except Exception:  # as above
         return options
     base = next((best[i] for i, o in enumerate(options.blocks[0])
@@ -423,11 +419,7 @@ def _time_compiled(model: nn.Module, batch: Any, graph: Any, options: BlockOptio
         return took
 
     try:
-        best = {j: min(once(j) for _ in range(2)) for j in results}  # the first compiles
-        for r in range(rounds):
-            order = list(results)
-            for j in order[r % len(order):] + order[: r % len(order)]:
-                best[j] = min(best[j], once(j))
+        best = _fastest({j: functools.partial(once, j) for j in results}, rounds)
     except Exception:  # the priced figures stand; timing is a refinement
         return options
     none = next(j for j, o in enumerate(options.blocks[0]) if o.policy.policy == "none")
@@ -435,6 +427,17 @@ def _time_compiled(model: nn.Module, batch: Any, graph: Any, options: BlockOptio
     return scaled_options(options, tuple(
         max(best[j] - best[none], 0.0) / priced[j] if priced[j] > 0 else 1.0
         for j in results))
+
+
+def _fastest(runs: Mapping[int, Any], rounds: int) -> dict[int, float]:
+    """Each run's least seconds over two calls in turn (a compiled run compiles in its
+    first), then ``rounds`` rounds in an order rotated each round."""
+    best = {k: min(run() for _ in range(2)) for k, run in runs.items()}
+    order = list(runs)
+    for r in range(rounds):
+        for k in order[r % len(order):] + order[: r % len(order)]:
+            best[k] = min(best[k], runs[k]())
+    return best
 
 
 def scaled_options(options: BlockOptions, ratios: tuple[float, ...]) -> BlockOptions:
@@ -682,7 +685,7 @@ class CheckpointBudgets:
                  timed: bool = True) -> None:
         self._model, self._batch, self._graph, self._loss_fn = model, batch, graph, loss_fn
         self._timed = timed
-        self._ratios: dict[bool, BlockOptions] = {}
+        self._ratios: dict[bool, tuple[float, ...] | None] = {}
         self._options: dict[str, tuple[BlockOptions, int, int]] = {}
         self._sections: dict[tuple[str, float], CheckpointPlan] = {}
 
@@ -721,15 +724,15 @@ class CheckpointBudgets:
             # tuner's untouched plan, before any trial runs); later ones reuse its ratios
             # rather than time beside a trial.
             compiled = plan.compile.mode == "inductor"
-            first = self._ratios.get(compiled)
-            if first is not None:
-                if first.ratios is not None:
-                    options = scaled_options(options, first.ratios)
+            if compiled in self._ratios:
+                ratios = self._ratios[compiled]
+                if ratios is not None:
+                    options = scaled_options(options, ratios)
             elif self._timed or compiled:
                 options = time_block_options(self._model, self._batch, self._graph, options,
                                              plan=plan, loss_fn=self._loss_fn,
                                              compiled=compiled)
-                self._ratios[compiled] = options
+                self._ratios[compiled] = options.ratios
             inside = [(opts[0].kept_bytes, min(o.kept_bytes for o in opts))
                       for opts in options.blocks]
             self._options[key] = (options,
