@@ -18,18 +18,19 @@ torch.export with strict=False). Rows per model:
   recompute seconds timed on the model (``time_block_options``), built by
   ``build_result``.
 - "autoscale f% ind" (not with --quick): the plan autoscale runs with compile.mode
-  'inductor': the solver's policies under torch.compile, solved on options
-  timed under inductor (``time_block_options(..., compiled=True)``).
-- "autoscale f% ind-budget" (not with --quick): the tuner's third reading of the knob,
-  compile.mode 'inductor-budget' at f: inductor's own min-cut partitioner, compiled by
-  autoscale's compile pass in this process. It is the same technique as the "compile f"
-  alternative below, which runs as a user would run it (plain torch.compile, its own
-  process); the tuner measures all three readings and keeps the fastest that fits.
+  'inductor': the solver's policies under torch.compile, solved on options timed under
+  inductor (``time_block_options(..., compiled=True)``), in its own process (below).
 - "full ckpt": every block fully checkpointed.
 - "compile f": ``torch.compile`` with ``torch._functorch.config.activation_memory_budget
-  = f``, each in its own process (compiled graphs are cached across configs within one
-  process) with its own eager baseline timed beside it; compile time (the first step) is
-  reported apart, and warm-up steps run until three in a row agree within 10%.
+  = f``, as a user runs it.
+
+Every compiled config ("autoscale f% ind", "compile f") runs in its own process (compiled
+graphs are cached across configs within one process) with its own eager no-ckpt baseline
+timed beside it, and its time is the ratio over that baseline: so autoscale's compiled
+plans and torch.compile's are measured alike (a config compiled in this process, beside
+many others, had timed 5-10% faster relative to the baseline than the same config in a
+process of its own). Compile time (the first step) is reported apart, and warm-up steps
+run until three in a row agree within 10%. The eager configs run together in this process.
 
 Activation memory (the column the budgets are judged on) is what the forward keeps for the
 backward: live bytes when the loss is computed minus the live state before the step
@@ -44,19 +45,20 @@ order rotated each round) on os.cpu_count() torch threads, wall clock. The machi
 compare rows within one run.
 
 Goals (per budget): the solver's plan within the budget and at least as fast as the
-fastest alternative (full ckpt, or compile at any fraction, in its own process or
-compiled in this one) whose activation memory fits the same budget; at 50% under 5%
+fastest alternative (full ckpt, or compile at any fraction) whose activation memory fits
+the same budget; at 50% under 5%
 step-time overhead; the solver's activation memory non-increasing as the budget falls
 (reported for compile's too). "fits" is strict, in bytes. The solver's figure at a budget
 is the fastest of its plans there (eager, under inductor) that fits; times compare as
 ratios over each process's own no-ckpt step. A verdict slower by less than the run's noise
 line says "tie within noise". The tuner's pick (its fastest fitting reading, inductor's
-own partitioner included) is named beside each verdict.
+own partitioner at the same fraction included) is named beside each verdict.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -169,9 +171,11 @@ def _describe(section: Any) -> str:
     return " ".join(f"{p}x{policies.count(p)}" for p in dict.fromkeys(policies))
 
 
-def eager_rows(name: str, fractions: tuple[float, ...], repeats: int, *,
-               quick: bool = False) -> list[Row]:
-    """The no-ckpt, autoscale and full-checkpointing rows of one model, timed together."""
+def solver_configs(name: str, fractions: tuple[float, ...], *, quick: bool = False
+                   ) -> tuple[dict[str, tuple[str, float | None, Any, str]], Any, Any, Any]:
+    """Every config of one model (label -> kind, fraction, Plan, policies): the baseline
+    twice, the solver's plans (eager, and under inductor unless quick) and full ckpt; with
+    the model, its batch and its graph."""
     import autoscale
     from autoscale import CheckpointPlan, Plan
     from autoscale.cost._checkpoint_solver import (
@@ -180,7 +184,6 @@ def eager_rows(name: str, fractions: tuple[float, ...], repeats: int, *,
         time_block_options,
     )
     from autoscale.plan import CompilePlan
-    from autoscale.runtime import build_result
 
     model, batch = build_model(name, quick=quick)
     graph = autoscale.capture(model, batch)
@@ -204,92 +207,96 @@ def eager_rows(name: str, fractions: tuple[float, ...], repeats: int, *,
                 "autoscale", f, Plan(sections={"checkpoint": section,
                                                "compile": CompilePlan(mode="inductor")}),
                 _describe(section) + " +inductor")
-            # The tuner's third reading of the same knob: inductor's own partitioner at the
-            # fraction (Note: [compile's own budget] in autoscale/search/_study.py).
-            configs[f"autoscale {f:.0%} ind-budget"] = (
-                "autoscale", f, Plan(sections={"compile": CompilePlan(
-                    mode="inductor-budget", activation_memory_budget=f)}),
-                f"inductor-budget {f:g}")
     blocks = tuple(b.fqn for b in graph.blocks)
     configs["full ckpt"] = ("full", None,
                             Plan(sections={"checkpoint": CheckpointPlan(blocks=blocks)}),
                             f"fullx{len(blocks)}")
-    from autoscale.errors import PassError
+    return configs, model, batch, graph
 
+
+def eager_rows(configs: dict[str, tuple[str, float | None, Any, str]], model: Any,
+               batch: Any, graph: Any, repeats: int) -> list[Row]:
+    """The eager configs (no compile section) of one model, timed together in this
+    process over the same baseline."""
+    from autoscale.runtime import build_result
+
+    configs = {label: c for label, c in configs.items() if not c[2].compile.active}
     results = {label: build_result(c[2], model, graph=graph) for label, c in configs.items()}
-    compile_s, failed = {}, {}
-    for label, result in list(results.items()):
-        start = time.perf_counter()
-        try:
-            result.step(batch)  # a compiled plan compiles here
-        except PassError as err:  # a compile failure fails its row alone
-            failed[label] = str(err)
-            del results[label]
-            continue
-        compile_s[label] = time.perf_counter() - start
+    for result in results.values():
+        result.step(batch)
         settle(result, batch)
     acts = {label: activation_bytes(r, batch) for label, r in results.items()}
     peaks = {label: peak_bytes(r, batch) for label, r in results.items()}
     steps = interleaved(results, batch, repeats)
     return [Row(label, c[0], c[1], acts[label], peaks[label], steps[label],
-                steps[label] / steps["no ckpt"], policies=c[3],
-                compile_s=compile_s[label] if c[2].compile.active else None)
-            if label in results else
-            Row(label, c[0], c[1], 0, 0, math.nan, math.nan, policies=c[3],
-                error=failed[label])
+                steps[label] / steps["no ckpt"], policies=c[3])
             for label, c in configs.items()]
 
 
-def compile_worker(name: str, fraction: float, repeats: int) -> dict[str, Any]:
-    """In a fresh process: the compiled model at ``fraction`` and an eager baseline."""
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """In a fresh process: one compiled config and an eager baseline timed beside it.
+
+    ``spec``: model, label, kind, fraction, policies, and either ``plan`` (a Plan's dict:
+    autoscale's plan, compiled by its compile pass) or ``budget`` (plain ``torch.compile``
+    with ``activation_memory_budget`` at that value, as a user runs it)."""
     import torch._functorch.config as functorch_config
 
     from autoscale import Plan
     from autoscale.runtime import build_result
 
-    functorch_config.activation_memory_budget = fraction
-    model, batch = build_model(name)
+    model, batch = build_model(spec["model"])
     base = build_result(Plan(), model)
-    compiled = build_result(Plan(), model)
-    compiled.model = torch.compile(compiled.model)  # type: ignore[assignment]
+    if spec.get("plan") is not None:
+        compiled = build_result(Plan.from_dict(spec["plan"]), model)
+    else:
+        functorch_config.activation_memory_budget = spec["budget"]
+        compiled = build_result(Plan(), model)
+        compiled.model = torch.compile(compiled.model)  # type: ignore[assignment]
     start = time.perf_counter()
-    compiled.step(batch)
+    compiled.step(batch)  # compiles here; a failure fails this row alone
     compile_s = time.perf_counter() - start
     settle(compiled, batch)
     settle(base, batch)
     act = activation_bytes(compiled, batch)
     peak = peak_bytes(compiled, batch)
-    steps = interleaved({"base": base, "compiled": compiled}, batch, repeats)
-    return asdict(Row(f"compile {fraction:g}", "compile", fraction, act, peak,
+    steps = interleaved({"base": base, "compiled": compiled}, batch, repeats=spec["repeats"])
+    return asdict(Row(spec["label"], spec["kind"], spec["fraction"], act, peak,
                       steps["compiled"], steps["compiled"] / steps["base"],
-                      compile_s=compile_s))
+                      compile_s=compile_s, policies=spec["policies"]))
 
 
-def compile_row(name: str, fraction: float, repeats: int, *, timeout: float = 900) -> Row:
-    """:func:`compile_worker` in its own process; a failure is a row with its error."""
-    cmd = [sys.executable, __file__, "--compile-worker", name, str(fraction),
-           "--repeats", str(repeats)]
+def worker_row(spec: dict[str, Any], *, timeout: float = 900) -> Row:
+    """:func:`worker` in its own process; a failure is a row with its error."""
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
     env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
+    failed = Row(spec["label"], spec["kind"], spec["fraction"], 0, 0, math.nan, math.nan,
+                 policies=spec["policies"])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return Row(f"compile {fraction:g}", "compile", fraction, 0, 0, float("nan"),
-                   float("nan"), error=f"timed out after {timeout:.0f} s")
+        return dataclasses.replace(failed, error=f"timed out after {timeout:.0f} s")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        return Row(f"compile {fraction:g}", "compile", fraction, 0, 0, float("nan"),
-                   float("nan"), error=(proc.stderr.strip().splitlines() or ["?"])[-1])
+        return dataclasses.replace(
+            failed, error=(proc.stderr.strip().splitlines() or ["?"])[-1])
     return Row(**json.loads(lines[-1]))
 
 
 def run(models: tuple[str, ...], fractions: tuple[float, ...], repeats: int, *,
         compile_rows: bool, quick: bool = False) -> dict[str, list[Row]]:
-    """Every model's rows: eager ones in this process, compile ones each in its own."""
+    """Every model's rows: eager ones in this process, each compiled one in its own
+    (autoscale's plans under inductor, and torch.compile's own budget)."""
     out = {}
     for name in models:
-        rows = eager_rows(name, fractions, repeats, quick=quick)
+        configs, model, batch, graph = solver_configs(name, fractions, quick=quick)
+        rows = eager_rows(configs, model, batch, graph, repeats)
+        specs = [dict(model=name, label=label, kind=c[0], fraction=c[1], policies=c[3],
+                      plan=c[2].to_dict(), repeats=repeats)
+                 for label, c in configs.items() if c[2].compile.active]
         if compile_rows:
-            rows += [compile_row(name, f, repeats) for f in fractions]
+            specs += [dict(model=name, label=f"compile {f:g}", kind="compile", fraction=f,
+                           policies="", budget=f, repeats=repeats) for f in fractions]
+        rows += [worker_row(spec) for spec in specs]
         out[name] = rows
     return out
 
@@ -314,30 +321,28 @@ def goals(rows: list[Row]) -> list[str]:
     process. Noise: how far the second no-ckpt row's time lay from the first's.
 
     The solver's plans (eager, and under inductor where measured) are judged against every
-    alternative that fits the budget: full checkpointing, torch.compile's own budget as a
-    user runs it (its own process), and the same compiled in this process (the
-    "ind-budget" rows: compile.mode 'inductor-budget', the tuner's third reading of the
-    knob), so a win is the solver's, not another process's timing. The tuner's pick at the
-    budget (the fastest fitting of all autoscale rows) is printed beside it."""
+    alternative that fits the budget: full checkpointing and torch.compile's own budget at
+    any fraction. The tuner's pick at the budget is printed beside it: the fastest fitting
+    of its three readings of the knob, the solver eager, the solver under inductor, and
+    inductor's own budget (compile.mode 'inductor-budget', the technique of the "compile f"
+    rows, which stand for it here)."""
     base = rows[0]
     again = next((r for r in rows if r.kind == "noise"), None)
     noise = abs(again.time_ratio - 1) if again is not None else 0.0
-    budget_reading = [r for r in rows if r.kind == "autoscale" and r.error is None
-                      and r.label.endswith("ind-budget")]
     alts = [r for r in rows if r.kind in ("full", "compile") and r.error is None]
-    alts += budget_reading
     lines = [f"noise: two identical no-ckpt configs differed by {noise:.1%}"]
     fractions = sorted({r.fraction for r in rows if r.kind == "autoscale"}, reverse=True)
     for f in fractions:
         budget = f * base.act_bytes  # type: ignore[operator]
         mine = [r for r in rows if r.kind == "autoscale" and r.fraction == f
                 and r.error is None]
-        solver = [r for r in mine if r not in budget_reading and r.act_bytes <= budget]
-        picked = min((r for r in mine if r.act_bytes <= budget), key=lambda r: r.time_ratio,
-                     default=None)
+        solver = [r for r in mine if r.act_bytes <= budget]
+        readings = solver + [r for r in alts if r.kind == "compile" and r.fraction == f
+                             and r.act_bytes <= budget]
+        picked = min(readings, key=lambda r: r.time_ratio, default=None)
         head = f"budget {f:.0%} ({budget / MIB:.2f} MiB)"
         if not solver:
-            over = min((r for r in mine if r not in budget_reading), key=lambda r: r.act_bytes)
+            over = min(mine, key=lambda r: r.act_bytes)
             lines.append(f"{head}: missed: the solver's plans over the budget (least "
                          f"{over.act_bytes / MIB:.2f} MiB)")
             continue
@@ -360,8 +365,7 @@ def goals(rows: list[Row]) -> list[str]:
     ours = [r for r in rows if r.kind == "autoscale" and r.error is None]
     groups = [(label, [r for r in ours if r.label.split()[-1] == suffix
                        or (suffix == "" and r.label.endswith("%"))])
-              for label, suffix in (("autoscale", ""), ("autoscale +inductor", "ind"),
-                                    ("autoscale inductor-budget", "ind-budget"))]
+              for label, suffix in (("autoscale", ""), ("autoscale +inductor", "ind"))]
     for kind, group in (*groups, ("compile", [a for a in alts if a.kind == "compile"])):
         if len(group) > 1:
             group = sorted(group, key=lambda r: -(r.fraction or 0))
@@ -399,14 +403,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="gpt only, budgets 100%% and 50%%, no compile rows")
     parser.add_argument("--no-compile", action="store_true", help="skip the compile rows")
-    parser.add_argument("--compile-worker", nargs=2, metavar=("MODEL", "FRACTION"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(os.cpu_count() or 1)
-    if args.compile_worker:
-        name, fraction = args.compile_worker
-        print(json.dumps(compile_worker(name, float(fraction), args.repeats)))
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
         return
     from autoscale.cost._rates import cpu_model
 

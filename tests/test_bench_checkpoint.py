@@ -46,8 +46,23 @@ def test_quick_bench_structure_and_memory_invariants() -> None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_one_compile_row_in_its_own_process() -> None:
-    row = bench_checkpoint.compile_row("gpt", 0.5, repeats=2, timeout=600)
-    assert row.error is None, row.error
-    assert row.compile_s is not None and row.compile_s > 0
-    assert 0 < row.act_bytes <= row.peak_bytes
+def test_compiled_configs_each_in_their_own_process() -> None:
+    from autoscale import CheckpointPlan, Plan
+    from autoscale.plan import CompilePlan
+
+    plan = Plan(sections={"checkpoint": CheckpointPlan(blocks=("h.0",)),
+                          "compile": CompilePlan(mode="inductor")})
+    specs = [dict(model="gpt", label="compile 0.5", kind="compile", fraction=0.5,
+                  policies="", budget=0.5, repeats=2),
+             dict(model="gpt", label="autoscale 50% ind", kind="autoscale", fraction=0.5,
+                  policies="fullx1 +inductor", plan=plan.to_dict(), repeats=2)]
+    rows = [bench_checkpoint.worker_row(spec, timeout=600) for spec in specs]
+    for spec, row in zip(specs, rows, strict=True):
+        assert row.error is None, row.error
+        assert (row.label, row.policies) == (spec["label"], spec["policies"])
+        assert row.compile_s is not None and row.compile_s > 0
+        assert 0 < row.act_bytes <= row.peak_bytes and row.time_ratio > 0
+    # One block checkpointed keeps less for the backward than none does under inductor.
+    assert rows[1].act_bytes < bench_checkpoint.worker_row(
+        dict(specs[1], plan=Plan(sections={"compile": CompilePlan(mode="inductor")}
+                                 ).to_dict()), timeout=600).act_bytes
