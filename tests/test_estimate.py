@@ -152,3 +152,31 @@ def test_8bit_adamw_state_is_counted_byte_for_byte(stack) -> None:
     # Two 1-byte moments per element, one fp32 scale per 256 elements for each, and the
     # fp32 step count. (Against the measured peak: the GPT case, -m slow.)
     assert est.optimizer_state == 2 * L * (2 * n + 2 * (n // 256) * F32 + F32)
+
+
+@pytest.mark.distributed
+def test_a_compressed_ddp_plans_peak_is_the_measured_one_at_two_ranks(tmp_path) -> None:
+    # The mlp example under ddp int8, measured as the tuner measures it (two gloo worker
+    # processes, one warm-up step: the step in which DDP rebuilds its bucket and the hook
+    # replaces its residual). Measured 83.00 MB against the estimate's 74.44 while the
+    # measurement kept the replaced residual live (Note: [the tracker does not keep its
+    # roots alive]); 74.51 since.
+    import mlp
+
+    from autoscale import CompressPlan, ShardPlan
+    from autoscale.plan import Fingerprint
+    from autoscale.search._workers import WorkerRunner, pickle_workload
+
+    model, batch, loss_fn = mlp.build(batch_size=64)
+    graph = autoscale.capture(model, batch)
+    plan = Plan(sections={"shard": ShardPlan(strategy="ddp", world_size=2),
+                          "compress": CompressPlan(method="int8")},
+                fingerprint=Fingerprint.of(model, graph.structure_hash()))
+    est = autoscale.estimate(model, batch, plan, graph=graph, loss_fn=loss_fn).total
+    with WorkerRunner(pickle_workload(model, batch, loss_fn, tmp_path),
+                      device=torch.device("cpu"), fingerprint=plan.fingerprint_digest(),
+                      warmup=1, iters=1, world_size=2) as runner:
+        peak = runner.measure(plan).peak_memory_bytes
+    # The codec's working memory is probed on one process, the step measured on another:
+    # within 0.5% (measured -0.09%); the replaced residual alone was 11% of the peak.
+    assert abs(est / peak - 1) < 0.005, (est, peak)

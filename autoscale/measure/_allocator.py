@@ -213,7 +213,8 @@ class AllocatorPeakTracker:
         """
         Args:
             roots: what is live at the start (modules, optimizers, tensors, nested
-                containers); their CPU storages form the baseline.
+                containers); their CPU storages form the baseline. Held only until the
+                region starts: Note: [the tracker does not keep its roots alive].
             device: must be CPU (or None); other devices have their own trackers.
         """
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -240,6 +241,7 @@ class AllocatorPeakTracker:
                 callback = functools.partial(_mark_root_free, st.nbytes())
                 self._refs[id(st)] = weakref.ref(st, callback)
                 self.baseline_bytes += st.nbytes()
+        self._roots = ()  # Note: [the tracker does not keep its roots alive]
         self._trace = _AllocatorTrace()
         self._trace.start()
         return self
