@@ -276,6 +276,10 @@ def test_compiled_options_are_timed_under_inductor_and_their_plans_fit() -> None
     options = time_block_options(model, batch, graph, priced, plan=inductor, compiled=True)
     assert options.ratios is not None and len(options.ratios) == len(priced.blocks[0])
     assert [o.kept_bytes for o in options.blocks[0]] == [o.kept_bytes for o in priced.blocks[0]]
+    # What each option keeps compiled was measured: under inductor no option keeps more
+    # than a little over eager (the RNG states), and selective keeps less.
+    assert options.kept_scales is not None and len(options.kept_scales) == len(options.ratios)
+    assert all(0 <= scale < 1.2 for scale in options.kept_scales), options.kept_scales
     none = autoscale.estimate(model, batch, Plan(), graph=graph).activations
     previous = None
     for fraction in (0.75, 0.5, 0.25):
@@ -288,9 +292,8 @@ def test_compiled_options_are_timed_under_inductor_and_their_plans_fit() -> None
             loss = compute_loss(result.loss_fn, call_model(result.model, batch), batch)
         kept = tracker.end_bytes - tracker.baseline_bytes
         loss.backward()
-        # Within the budget, up to the CPU RNG state each checkpointed block keeps (made
-        # outside the allocator's sight of the solver's bytes: see the eager test above).
-        assert kept <= budget + len(section.blocks) * torch.get_rng_state().numel(), (
-            fraction, kept, budget)
+        # Each answer was measured compiled by the solver (Note: [kept bytes under
+        # inductor]): within the budget as the allocator counts it.
+        assert kept <= budget, (fraction, kept, budget)
         assert previous is None or kept <= previous
         previous = kept
