@@ -153,16 +153,20 @@ def simulated_estimate(model: nn.Module, batch: Any, plan: Plan, *, graph: Any,
     if sim.compressed:
         return replace(est, residuals=sim.residuals)
     if sim.sharded:
-        return _compressed(est, model, graph, plan)
+        return _compressed(est, model, graph, plan, codec_working=sim.codec_working)
     return _sharded(est, model, graph, plan, weight_copies=sim.weight_copies if low else 0)
 
 
-def _compressed(est: MemoryEstimate, model: nn.Module, graph: Any, plan: Plan
-                ) -> MemoryEstimate:  # fmt: skip
+def _compressed(est: MemoryEstimate, model: nn.Module, graph: Any, plan: Plan, *,
+                codec_working: bool = False) -> MemoryEstimate:
     """``est`` (one rank's step with its FSDP2 units simulated: Note: [simulating FSDP2])
-    with the compress pass's residual and working copy (passes/compress.py), held through
-    the whole step."""
+    with the compress pass's residual, held through the whole step, and its working copy:
+    with ``codec_working`` already in the simulated peak at each reduce-scatter (Note: [a
+    compressed reduce-scatter's working memory] in autoscale/cost/_simulate.py), else
+    added to the whole step as the pass reports it (passes/compress.py)."""
     residual, working = _compression_terms(model, graph, plan)
+    if codec_working:  # already in the simulated peak, where it happens
+        return replace(est, residuals=residual, peak_bytes=est.total + residual)
     return replace(est, temporaries=est.temporaries + working, residuals=residual,
                    peak_bytes=est.total + residual + working)
 
@@ -284,6 +288,42 @@ def _codec_working(plan: Plan, n: int) -> int:
         roots=(bucket, residual), device="cpu")
     with tracker:
         hook()
+    _HOOK_WORKING_CACHE[key] = extra = tracker.peak_bytes - tracker.baseline_bytes
+    return extra
+
+
+def reduce_scatter_working(plan: Plan, n: int) -> int:
+    """Bytes the compress pass's int8 or top-k FSDP2 reduce-scatter allocates beyond its
+    input, output and residual on a (world_size, ``n``) input under ``plan``: the packed
+    rows, the rows all_to_all_single returns, the decode (passes/compress.py,
+    ``_CompressedReduceScatter``), probed on real zeros and cached per size. Where a torch
+    profiler already runs in this process (the user's), 0: nothing is probed."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from autoscale.measure._allocator import AllocatorPeakTracker, profiler_is_free
+    from autoscale.passes.compress import _codec
+
+    c, world = plan.compress, plan.shard.world_size
+    key = ("reduce_scatter", c.method, c.int8_block, c.topk_ratio, c.keeps_residual, n,
+           world)
+    if key in _HOOK_WORKING_CACHE:
+        return _HOOK_WORKING_CACHE[key]
+    with _disable_current_modes():  # called from inside the fake step
+        if not profiler_is_free():
+            return 0
+        codec = _codec(c)
+        rows, out = torch.zeros(world, n), torch.zeros(n)
+        residual = torch.zeros(world, n) if c.keeps_residual else None
+
+        def reduce_scatter() -> None:
+            packed = torch.stack([codec.encode(rows[j], None if residual is None
+                                               else residual[j]) for j in range(world)])
+            received = packed.clone()  # all_to_all_single's output: valid codes to decode
+            out.copy_(codec.decode_sum(received, n))
+
+        reduce_scatter()  # the kernel dispatcher times its paths on first use
+        with AllocatorPeakTracker(roots=(rows, out, residual), device="cpu") as tracker:
+            reduce_scatter()
     _HOOK_WORKING_CACHE[key] = extra = tracker.peak_bytes - tracker.baseline_bytes
     return extra
 

@@ -42,7 +42,9 @@ What the simulation cannot run, it adds from exact counts:
   compression keeps per rank (error-feedback residuals, a codec's working memory) and,
   inside a torchrun job, what sharding changes comes from those passes' own
   ``Pass.memory`` reports (passes/base.py), as a difference between the plan and its
-  unsharded twin.
+  unsharded twin; the int8 and top-k codecs' working memory is probed instead (the DDP
+  hook's in autoscale/cost/_cost.py, Note: [a DDP comm hook's peak]; FSDP2's on CPU at
+  each simulated reduce-scatter, Note: [a compressed reduce-scatter's working memory]).
 """
 
 from __future__ import annotations
@@ -93,6 +95,10 @@ class SimulatedStep:
     compressed: bool = False
     """Their compressed reduce-scatters ran too: the residuals and the codec's working
     memory are in the peak (``residuals`` holds the former)."""
+    codec_working: bool = False
+    """The units ran uncompressed, each reduce-scatter holding the int8 or top-k codec's
+    probed working memory (Note: [a compressed reduce-scatter's working memory]): in the
+    peak, the residuals not."""
     residuals: int = 0
     weight_copies: int = 0
     """Autocast's low-precision copies of the parameters made by one forward (among the
@@ -156,7 +162,11 @@ def _simulate(model: nn.Module, batch: Batch, plan: Plan, *, loss_fn: LossFn | N
         local = plan.replace(shard=ShardPlan(), compress=CompressPlan())
         if sharded:
             local = plan if compressed else plan.replace(compress=CompressPlan())
-    group = (_fake_process_group(plan.shard.world_size, gloo=_on_cpu(model)) if sharded
+    gloo = _on_cpu(model)
+    # Note: [a compressed reduce-scatter's working memory]
+    probed = sharded and not compressed and gloo and plan.compress.method in _PROBED
+    group = (_fake_process_group(plan.shard.world_size, gloo=gloo,
+                                 codec=plan if probed else None) if sharded
              else contextlib.nullcontext())
     with group, fake_step(model, batch, local, loss_fn=loss_fn, graph=graph) as (
             result, fake_batch):
@@ -192,7 +202,8 @@ def _simulate(model: nn.Module, batch: Batch, plan: Plan, *, loss_fn: LossFn | N
                          batch=batch_bytes, activations=activations,
                          forward_backward_peak=peak_fb, step_peak=baseline + grads - held,
                          held_gradients=held, weight_copies=copies, sharded=sharded,
-                         compressed=compressed, residuals=residuals)
+                         compressed=compressed, residuals=residuals,
+                         codec_working=probed)
 
 
 def simulates_sharding(plan: Plan) -> bool:
@@ -204,6 +215,19 @@ def simulates_sharding(plan: Plan) -> bool:
 
     return (plan.shard.uses_fsdp and dist.is_available() and not dist.is_initialized()
             and plan.shard.world_size > 1)
+
+
+# Note: [a compressed reduce-scatter's working memory]
+# The int8 and top-k codecs do not run on fake tensors (Note: [simulating FSDP2] above), so
+# a zero2/zero3 plan with them simulates its units uncompressed, and each reduce-scatter,
+# instead of gloo's copy of its input (the compressed one exchanges packed rows with
+# all_to_all_single), holds for its call what the codec allocates on that unit's (ws, C)
+# input: the packed rows, the exchanged ones, the decode's sum and temporaries, probed on
+# real zeros once per size (autoscale/cost/_cost.py, ``reduce_scatter_working``). It lives
+# only while a unit is reduced; added to the whole step's peak instead (the largest
+# block's gradient on every moment of the step), the estimate of zero3 int8 read 0.6-3.8%
+# high on six models at 2 ranks. The residuals are held through the step and added after.
+_PROBED = frozenset({"int8", "topk"})
 
 
 # Note: [simulating FSDP2]
@@ -230,13 +254,17 @@ def _on_cpu(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _fake_process_group(world_size: int, *, gloo: bool) -> Iterator[None]:
+def _fake_process_group(world_size: int, *, gloo: bool,
+                        codec: Plan | None = None) -> Iterator[None]:
     """A default process group of ``world_size`` ranks on torch's fake backend, this
     process rank 0, for the length of the block. ``gloo``: the job's backend is gloo,
     whose reduce-scatter holds a copy of its whole input while it runs (measured: the mlp
     example under zero2 bf16 at 2 ranks peaked one block's fp32 gradient, 1.05 MiB, over
     the simulation without it, which now matches it to the byte); FSDP2's default
-    reduce-scatter is made to hold one too."""
+    reduce-scatter is made to hold one too. ``codec``: a plan whose int8 or top-k
+    compressed reduce-scatter replaces gloo's (Note: [a compressed reduce-scatter's
+    working memory]); each reduce-scatter holds that codec's probed working bytes instead
+    of gloo's copy."""
     import torch.distributed as dist
     import torch.distributed.fsdp._fully_shard._fsdp_collectives as collectives
 
@@ -248,8 +276,16 @@ def _fake_process_group(world_size: int, *, gloo: bool) -> Iterator[None]:
 
     def gloo_like(self: Any, *args: Any, **kwargs: Any) -> Any:
         source = kwargs["input_tensor"] if "input_tensor" in kwargs else args[1]
-        held = torch.empty_like(source)  # noqa: F841 (live for the call, as gloo's copy)
-        return real(self, *args, **kwargs)
+        if codec is None:  # live for the call, as gloo's copy
+            held = torch.empty_like(source)
+        else:  # live for the call, as the codec's packed rows and decode
+            from autoscale.cost._cost import reduce_scatter_working
+
+            working = reduce_scatter_working(codec, source.numel() // world_size)
+            held = torch.empty(working, dtype=torch.uint8, device=source.device)
+        out = real(self, *args, **kwargs)
+        del held
+        return out
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     if gloo:
