@@ -35,12 +35,15 @@ three rates are measured once per machine by a short run (well under 3 s):
   the estimate priced fully checkpointed steps 5-9% under their measured time without it.
 
 Note: [timing a busy machine]
-Other processes only ever slow a call down, so each rate takes the fastest of a few calls,
-and each call's time is the lesser of its wall-clock time and the CPU time this process
-spent divided by torch's thread count: on a machine shared with other jobs the wall clock
-counts the time the scheduler gave to them, the CPU time does not. (With one thread the
-CPU time is exact; with more it assumes the threads were busy together, as torch's
-parallel regions keep them.)
+Other processes only ever slow a call down, so each rate takes the fastest of a few calls.
+With one torch thread each call's time is also the lesser of its wall-clock time and the
+CPU time this process spent: on a machine shared with other jobs the wall clock counts the
+time the scheduler gave to them, the CPU time does not. With more threads only the wall
+clock is used: CPU time over the thread count assumes every thread busy throughout, and the
+serial parts of a call (the per-op dispatch, ops below torch's parallel grain) keep one
+thread busy. That assumption made rates measured at 2 threads 2-3x too fast (op overhead
+1.23 us against 2.49 measured at 1 thread; matmul 252 GFLOP/s against 83), and the GPT
+example's step was priced at 29 ms where it ran in 89.
 
 They are cached as JSON under ``~/.cache/autoscale/`` (``$XDG_CACHE_HOME`` if set), keyed
 by the CPU model, torch version and thread count, the three things that change them, and by
@@ -145,7 +148,7 @@ class MachineRates:
 
 
 # Part of the cache key: a change to what is measured, or how, measures again.
-_VERSION = 8
+_VERSION = 9
 
 
 def rate_kind(family: str, precision: str) -> str:
@@ -219,9 +222,14 @@ def _best_seconds(fn: Callable[[], Any], *, reps: int, budget_s: float) -> float
         start, cpu = time.perf_counter(), time.process_time()
         fn()
         took = time.perf_counter() - start
-        times.append(min(took, (time.process_time() - cpu) / threads))
+        times.append(_call_seconds(took, time.process_time() - cpu, threads))
         spent += took
     return min(times)
+
+
+def _call_seconds(wall: float, cpu: float, threads: int) -> float:
+    """One call's seconds: Note: [timing a busy machine]."""
+    return min(wall, cpu) if threads == 1 else wall
 
 
 def measure_rates() -> MachineRates:
@@ -281,8 +289,8 @@ class _MatmulTimer(TorchDispatchMode):
             return func(*args, **kwargs)
         start, cpu = time.perf_counter(), time.process_time()
         out = func(*args, **kwargs)
-        wall = time.perf_counter() - start
-        seconds = min(wall, (time.process_time() - cpu) / torch.get_num_threads())
+        seconds = _call_seconds(time.perf_counter() - start, time.process_time() - cpu,
+                                torch.get_num_threads())
         flops, family = kernel_flops(func, args, kwargs, out)
         self.seconds += seconds
         self.flops += flops
