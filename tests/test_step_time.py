@@ -4,6 +4,7 @@ knobs, and the per-machine calibration cache. No measured time is asserted."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -304,3 +305,47 @@ def test_the_calibration_measures_fused_attention() -> None:
     _timed(_attention_step(torch.float32, 32, 16), curve)
     assert {family for family, _ in curve} == {"attn", "attn-bwd"}
     assert all(rate > 0 for rate in curve.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_pointwise_op_that_computes_is_priced_at_its_measured_element_rate(dtype) -> None:
+    """Note: [ops that compute more than they move]: gelu's backward at 1000 elements a
+    second takes its elements / 1000 s, in either dtype, where its bytes (half as many in
+    bf16) would say far less."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Linear(H, 1)).to(dtype)
+
+    def loss_fn(out: torch.Tensor, batch: object) -> torch.Tensor:
+        return out.float().square().mean()
+
+    batch = torch.randn(B, D, dtype=dtype)
+    est = estimate_step_time(model, batch, _plan(), rates=RATES, loss_fn=loss_fn)
+    name = str(dtype).removeprefix("torch.")
+    kinds = {kind: f * n for f, _, _, kind, n in est.counted if kind.startswith("ew ")}
+    assert kinds[f"ew aten.gelu {name}"] == B * H
+    assert kinds[f"ew aten.gelu_backward {name}"] == B * H
+    slow = dataclasses.replace(RATES, elementwise=(
+        ("aten.gelu_backward", name, 1e3), ("aten.gelu", "float16", 1.0)))
+    # Only gelu's backward in this dtype is slowed (the fp16 entry matches nothing here).
+    assert est.retimed(slow).compute_s - est.compute_s == pytest.approx(
+        B * H / 1e3, rel=1e-2)
+    # Unmeasured: the bytes decide, as before.
+    assert est.flops == estimate_step_time(model, batch, _plan(), rates=RATES,
+                                           loss_fn=loss_fn).flops
+
+
+def test_the_calibration_measures_element_rates_and_they_scale_and_round_trip() -> None:
+    from autoscale.cost._rates import ELEMENTWISE_OPS, _elementwise_rates
+
+    measured = _elementwise_rates(1e-6)
+    seen = {(op, dtype) for op, dtype, _ in measured}
+    for op in ("aten.gelu_backward", "aten._softmax", "aten.native_layer_norm_backward"):
+        assert op in ELEMENTWISE_OPS
+        assert {(op, "float32"), (op, "bfloat16")} <= seen
+    assert all(rate > 0 for _, _, rate in measured)
+    rates = dataclasses.replace(RATES, elementwise=measured)
+    again = MachineRates(**json.loads(json.dumps(dataclasses.asdict(rates))))
+    assert again == rates
+    assert rates.scaled(2.0).elements_per_s("aten.gelu", "float32") == pytest.approx(
+        2 * rates.elements_per_s("aten.gelu", "float32"))
+    assert rates.elements_per_s("aten.gelu", "float64") is None

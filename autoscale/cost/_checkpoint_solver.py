@@ -51,7 +51,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
 from autoscale.cost._rates import MachineRates, machine_rates
 from autoscale.errors import InfeasibleError, PlanError
@@ -628,20 +627,14 @@ class _OpPrices(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
-        from autoscale.cost._time import _LOW, _RANDOM, _first_tensor, _op_seconds, _tensor_bytes
+        from autoscale.cost._time import _op_seconds, _tensor_bytes, price_key
 
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if not self.enabled or self.block is None or func.namespace == "prim":
             return out
-        packet, first = func._overloadpacket, _first_tensor(out)
-        flops, precision = 0, ""
-        formula = flop_registry.get(packet)
-        if formula is not None:
-            flops = int(formula(*args, **kwargs, out_val=out))
-            precision = _LOW.get(first.dtype, "") if first is not None else ""
-        elif packet in _RANDOM and first is not None:
-            flops, precision = first.numel(), "rng"
+        packet = func._overloadpacket
+        flops, precision = price_key(func, args, kwargs, out)
         nbytes = 0 if func.is_view else _tensor_bytes((args, kwargs)) + _tensor_bytes(out)
         self.ops[self.block].append((packet, _op_seconds(flops, nbytes, precision, self.rates)))
         return out

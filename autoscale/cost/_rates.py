@@ -73,7 +73,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 
 from autoscale.errors import PlanError
 
-__all__ = ["CONVOLUTIONS", "MachineRates", "cache_path", "kernel_flops",
+__all__ = ["CONVOLUTIONS", "ELEMENTWISE_OPS", "MachineRates", "cache_path", "kernel_flops",
            "machine_rates", "measure_rates", "rate_kind"]
 
 
@@ -100,11 +100,17 @@ class MachineRates:
     checkpoint_call_s: float = 0.0
     """Seconds one checkpointed block call costs beyond its recomputed ops (the RNG state
     saved and replayed, the saved-tensor hooks, the recompute's Python)."""
+    elementwise: tuple[tuple[str, str, float], ...] = ()
+    """Measured (aten op, dtype, elements per second) of the pointwise and normalization
+    ops that compute more than they move (Note: [ops that compute more than they move]);
+    empty: every such op at ``memory_bytes_per_s``."""
 
     def __post_init__(self) -> None:
         # JSON hands the points back as lists.
         object.__setattr__(self, "matmul_curve", tuple(
             (str(p), float(f), float(r)) for p, f, r in self.matmul_curve))
+        object.__setattr__(self, "elementwise", tuple(
+            (str(op), str(d), float(r)) for op, d, r in self.elementwise))
         for name in ("matmul_flops_per_s", "memory_bytes_per_s", "op_overhead_s",
                      "bf16_flops_per_s", "fp16_flops_per_s", "random_numbers_per_s"):
             value = getattr(self, name)
@@ -130,6 +136,14 @@ class MachineRates:
                 return r0 + (r1 - r0) * math.log(flops / f0) / math.log(f1 / f0)
         return points[-1][1]
 
+    def elements_per_s(self, op: str, dtype: str) -> float | None:
+        """Elements per second of aten ``op`` (its packet name) on ``dtype`` tensors
+        ("float32", "bfloat16", "float16"); None where not measured."""
+        for name, d, rate in self.elementwise:
+            if name == op and d == dtype:
+                return rate
+        return None
+
     def random_per_s(self) -> float:
         """Random numbers drawn per second."""
         return self.random_numbers_per_s or self.memory_bytes_per_s / 4
@@ -144,11 +158,12 @@ class MachineRates:
                             times(self.bf16_flops_per_s), times(self.fp16_flops_per_s),
                             times(self.random_numbers_per_s),
                             tuple((p, f, r * factor) for p, f, r in self.matmul_curve),
-                            self.checkpoint_call_s / factor)
+                            self.checkpoint_call_s / factor,
+                            tuple((op, d, r * factor) for op, d, r in self.elementwise))
 
 
 # Part of the cache key: a change to what is measured, or how, measures again.
-_VERSION = 9
+_VERSION = 10
 
 
 def rate_kind(family: str, precision: str) -> str:
@@ -267,7 +282,82 @@ def measure_rates() -> MachineRates:
                         memory_bytes_per_s=bandwidth, op_overhead_s=overhead,
                         bf16_flops_per_s=bf16, fp16_flops_per_s=fp16,
                         random_numbers_per_s=random, matmul_curve=curve,
-                        checkpoint_call_s=_checkpoint_call(overhead))
+                        checkpoint_call_s=_checkpoint_call(overhead),
+                        elementwise=_elementwise_rates(overhead))
+
+
+# Note: [ops that compute more than they move]
+# A pointwise op with a transcendental function, a softmax or a normalization runs below
+# the memory bandwidth on a CPU: measured here at 2 threads on 512 Ki elements, gelu's
+# backward 2.5 G elements/s fp32 (12 bytes an element: 30 GB/s, near the bandwidth) but
+# softmax 2.6 G/s in bf16 (6 bytes an element, priced 2.5x faster than it ran) and the
+# tanh-approximated gelu's backward of the GPT example 6.5 ms where its bytes said 0.6.
+# Low precision is where the bytes mislead most: bf16 halves the bytes, while the CPU
+# converts every element to fp32 and back, so such ops run no faster than in fp32 (the
+# HF ViT bf16 plan measured slower than fp32 and was priced 10% faster). Each op in
+# ``ELEMENTWISE_OPS`` is timed on 512 Ki elements in fp32, bf16 and fp16, less the per-op
+# overhead (priced apart), and an op of the model is priced at
+# ``max(elements / its rate, bytes / memory_bytes_per_s)``, its elements the largest
+# tensor it reads or writes. Ops not in the table keep the bandwidth price.
+_ROWS, _COLS = 1024, 512
+
+
+def _elementwise_calls(x: torch.Tensor, g: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """Each measured op, called on x and g of (1024, 512) (g positive, of x's shape: a
+    gradient, a divisor)."""
+    aten = torch.ops.aten
+    w, b = torch.ones(_COLS, dtype=x.dtype), torch.zeros(_COLS, dtype=x.dtype)
+    _, mean, rstd = aten.native_layer_norm(x, [_COLS], w, b, 1e-5)
+    return {
+        "aten.gelu": lambda: aten.gelu(x),
+        "aten.gelu_backward": lambda: aten.gelu_backward(g, x),
+        "aten.silu": lambda: aten.silu(x),
+        "aten.silu_backward": lambda: aten.silu_backward(g, x),
+        "aten.tanh": lambda: aten.tanh(x),
+        "aten.tanh_backward": lambda: aten.tanh_backward(g, x),
+        "aten.sigmoid": lambda: aten.sigmoid(x),
+        "aten.exp": lambda: aten.exp(x),
+        "aten.rsqrt": lambda: aten.rsqrt(g),
+        "aten.pow": lambda: aten.pow(x, 2),
+        "aten.div": lambda: aten.div(x, g),
+        "aten.mul": lambda: aten.mul(x, g),
+        "aten.add": lambda: aten.add(x, g),
+        "aten._softmax": lambda: aten._softmax(x, -1, False),
+        "aten._safe_softmax": lambda: aten._safe_softmax(x, -1),
+        "aten._softmax_backward_data": lambda: aten._softmax_backward_data(g, x, -1, x.dtype),
+        "aten._log_softmax": lambda: aten._log_softmax(x, -1, False),
+        "aten._log_softmax_backward_data": lambda: aten._log_softmax_backward_data(
+            g, x, -1, x.dtype),
+        "aten.native_layer_norm": lambda: aten.native_layer_norm(x, [_COLS], w, b, 1e-5),
+        "aten.native_layer_norm_backward": lambda: aten.native_layer_norm_backward(
+            g, x, [_COLS], mean, rstd, w, b, [True, True, True]),
+        "aten.sum": lambda: aten.sum(x, [-1]),
+        "aten.mean": lambda: aten.mean(x, [-1]),
+    }
+
+
+ELEMENTWISE_OPS = frozenset(_elementwise_calls(torch.ones(1, _COLS), torch.ones(1, _COLS)))
+"""The aten ops (packet names) whose element rates are measured."""
+
+
+def _elementwise_rates(overhead: float) -> tuple[tuple[str, str, float], ...]:
+    out = []
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(_ROWS, _COLS).to(dtype)
+            g = (torch.rand(_ROWS, _COLS) + 0.5).to(dtype)
+            name = str(dtype).removeprefix("torch.")
+            try:
+                calls = _elementwise_calls(x, g)
+            except (RuntimeError, NotImplementedError):  # no layer norm for this dtype
+                continue
+            for op, call in calls.items():
+                try:
+                    seconds = _best_seconds(call, reps=5, budget_s=0.05)
+                except (RuntimeError, NotImplementedError):  # no kernel for this dtype
+                    continue
+                out.append((op, name, x.numel() / max(seconds - overhead, overhead)))
+    return tuple(out)
 
 
 class _MatmulTimer(TorchDispatchMode):

@@ -44,7 +44,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from autoscale.cost._rates import MachineRates, kernel_flops, machine_rates, rate_kind
+from autoscale.cost._rates import (
+    ELEMENTWISE_OPS,
+    MachineRates,
+    kernel_flops,
+    machine_rates,
+    rate_kind,
+)
 from autoscale.errors import PlanError
 from autoscale.plan import CompressPlan, Plan, ShardPlan
 from autoscale.runtime._batch import Batch, LossFn
@@ -93,14 +99,7 @@ class OpCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func.namespace == "prim":
             return out
-        precision = ""
-        flops, family = kernel_flops(func, args, kwargs, out)
-        first = _first_tensor(out)
-        if flops:
-            precision = rate_kind(family, _LOW.get(first.dtype, "") if first is not None
-                                  else "")
-        elif func._overloadpacket in _RANDOM and first is not None:
-            flops, precision = first.numel(), "rng"
+        flops, precision = price_key(func, args, kwargs, out)
         # A view moves no bytes; an in-place op reads its inputs and writes its output.
         nbytes = 0 if func.is_view else _tensor_bytes((args, kwargs)) + _tensor_bytes(out)
         # Backward runs with grad disabled, except where a checkpoint wrapper recomputes.
@@ -114,6 +113,28 @@ class OpCounter(TorchDispatchMode):
 
 
 _LOW = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def price_key(func: Any, args: Any, kwargs: Any, out: Any) -> tuple[int, str]:
+    """(work, kind) of one aten op, as ``OpCounter`` records them: FLOPs and their rate
+    kind for a matmul, convolution or attention kernel; numbers drawn and "rng" for a
+    random op; for an op with a measured element rate (``ELEMENTWISE_OPS``: Note: [ops
+    that compute more than they move]) its largest tensor's elements and "ew <op>
+    <dtype>"; else (0, "")."""
+    flops, family = kernel_flops(func, args, kwargs, out)
+    first = _first_tensor(out)
+    if flops:
+        return flops, rate_kind(family, _LOW.get(first.dtype, "") if first is not None
+                                else "")
+    if func._overloadpacket in _RANDOM and first is not None:
+        return first.numel(), "rng"
+    name = str(func._overloadpacket)
+    if name in ELEMENTWISE_OPS:
+        tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        if tensors:
+            largest = max(tensors, key=lambda t: t.numel())
+            return largest.numel(), f"ew {name} {str(largest.dtype).removeprefix('torch.')}"
+    return 0, ""
 
 
 # Drawing random numbers is its own cost on a CPU (a generator per element: dropout's
@@ -177,6 +198,10 @@ class StepTimeEstimate:
 def _op_seconds(flops: int, nbytes: int, precision: str, rates: MachineRates) -> float:
     if precision == "rng":
         compute = flops / rates.random_per_s()
+    elif precision.startswith("ew "):
+        _, op, dtype = precision.split(" ")
+        rate = rates.elements_per_s(op, dtype)
+        compute = flops / rate if rate else 0.0
     else:
         compute = flops / rates.flops_per_s(precision, flops) if flops else 0.0
     return max(compute, nbytes / rates.memory_bytes_per_s) + rates.op_overhead_s
@@ -198,7 +223,7 @@ def _priced(counted: tuple[tuple[int, int, bool, str, int], ...], optimizer: tup
     return StepTimeEstimate(
         total_s=compute + recompute + opt + comm, compute_s=compute, recompute_s=recompute,
         optimizer_s=opt, communication_s=comm, ops=sum(c[4] for c in counted) + opt_ops,
-        flops=sum(c[0] * c[4] for c in counted if c[3] != "rng"),
+        flops=sum(c[0] * c[4] for c in counted if c[3] != "rng" and not c[3].startswith("ew ")),
         bytes=sum(c[1] * c[4] for c in counted) + opt_bytes, rates=rates,
         link_bytes_per_s=link, counted=counted, optimizer_counts=optimizer,
         comm_bytes=comm_bytes, checkpoint_calls=checkpoint_calls)
