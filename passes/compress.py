@@ -34,6 +34,7 @@ under DDP grows with the world size; past ~8 ranks a two-phase exchange would be
 """
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +57,7 @@ from autoscale.plan import CompressPlan
 # this is the one place it is imported (tests/passes/test_compress.py fails if it moves).
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter  # isort: skip
 
-__all__ = ["CommStats", "CompressPass", "comm_stats", "compress_model"]
+__all__ = ["CommStats", "CompressPass", "comm_stats", "compress_model", "warmup_steps"]
 
 _STATS_ATTR = "_autoscale_comm_stats"
 # torch's minimum with error feedback and warm start: DDP rebuilds its buckets after the
@@ -92,8 +93,9 @@ class CommStats:
     """The hooks and reduce-scatters that hold the residuals and factors (``held()``)."""
 
     def held_tensors(self) -> list[torch.Tensor]:
-        """The residual and factor tensors this model's compression keeps between steps:
-        live memory that neither the model nor the optimizer reaches, which the peak
+        """The residual and factor tensors this model's compression keeps between steps
+        (and, under DDP PowerSGD, DDP's buckets: Note: [DDP's buckets as roots]): live
+        memory that neither the model nor the optimizer reaches, which the peak
         measurement counts among its roots (autoscale.measure)."""
         return [t for holder in self.holders for t in holder.held()]
 
@@ -110,6 +112,20 @@ class CommStats:
     def ratio(self) -> float:
         """bytes_uncompressed / bytes_sent (0 before anything was sent)."""
         return self.bytes_uncompressed / self.bytes_sent if self.bytes_sent else 0.0
+
+
+def warmup_steps(plan: CompressPlan, *, strategy: str) -> int:
+    """Training steps before ``plan``'s compression runs as it will from then on: a
+    measurement must warm up at least this many steps for its measured step to be one.
+
+    torch's PowerSGD hook under DDP (ddp, zero1) all-reduces the whole bucket while its
+    iteration is below ``start_powerSGD_iter`` and creates its residuals and factors in
+    the first step that compresses, so the first steady step is ``start_powerSGD_iter +
+    1``. Every other compressor (and PowerSGD under FSDP2) compresses from the first step.
+    """
+    if plan.method == "powersgd" and strategy in ("ddp", "zero1"):
+        return _POWERSGD_START + 1
+    return 0
 
 
 def comm_stats(model: nn.Module) -> CommStats | None:
@@ -326,18 +342,25 @@ class _PowerSGD:
         self.state = torch_powersgd.PowerSGDState(
             process_group=group, matrix_approximation_rank=plan.powersgd_rank,
             start_powerSGD_iter=_POWERSGD_START, use_error_feedback=True, warm_start=True)
+        # bucket index -> DDP's bucket storage, weakly: Note: [DDP's buckets as roots].
+        self.buckets: dict[int, weakref.ref[torch.UntypedStorage]] = {}
         stats.holders.append(self)
 
     def held(self) -> list[torch.Tensor]:
         s = self.state
-        return [t for d in (s.error_dict, s.p_memory_dict, s.q_memory_dict)
-                for t in d.values()]
+        buckets = [st for ref in self.buckets.values() if (st := ref()) is not None]
+        return [*(t for d in (s.error_dict, s.p_memory_dict, s.q_memory_dict)
+                  for t in d.values()),
+                *(torch.empty(0, dtype=torch.uint8, device=st.device).set_(st)
+                  for st in buckets)]
 
     def __call__(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         s, buf = self.state, bucket.buffer()
+        self.buckets[bucket.index()] = weakref.ref(buf.untyped_storage())
         vanilla = s.iter < s.start_powerSGD_iter
         before = s.total_numel_after_compression
-        fut = torch_powersgd.powerSGD_hook(s, bucket)
+        hook = _powersgd_on_this_thread if buf.device.type == "cpu" else _torch_powersgd_hook
+        fut = hook(s, bucket)
         # The hook counts, per compressed matrix, its P and Q elements ((n + m) * rank) and
         # every other tensor whole: exactly what its three all-reduces are handed.
         sent = buf.numel() if vanilla else s.total_numel_after_compression - before
@@ -350,6 +373,65 @@ class _PowerSGD:
         self.stats.state_bytes = sum(t.nbytes for d in (s.p_memory_dict, s.q_memory_dict)
                                      for t in d.values())
         return fut.value()
+
+
+# Note: [PowerSGD on the autograd thread]
+# torch's hook chains its work as future callbacks: the Ps all-reduce and the Qs, the
+# orthogonalizations, and the decompress that writes P Q^T into the bucket and makes the
+# new error-feedback tensor (a bucket-size copy) run on gloo's threads as each all-reduce
+# finishes, where the CPU measurement does not see them (Note: [decode on the autograd
+# thread]). On CPU the hook runs with its ``dist`` bound to a module whose ``all_reduce``
+# waits and returns finished work: a finished future runs each ``then`` callback at once,
+# on the calling thread, so the whole hook runs on the thread that runs backward. The
+# hook's own code is used unchanged, under a copy of its globals; torch's module is not
+# touched. tests/passes/test_compress.py fails if the hook stops reaching ``all_reduce``
+# through its ``dist`` global.
+
+
+class _WaitedWork:
+    """A collective's Work that has already finished: its future holds ``[tensor]``."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._fut: torch.futures.Future[list[torch.Tensor]] = torch.futures.Future()
+        self._fut.set_result([tensor])
+
+    def get_future(self) -> torch.futures.Future[list[torch.Tensor]]:
+        return self._fut
+
+    def wait(self, timeout: Any = None) -> bool:
+        return True
+
+
+class _WaitingDist:
+    """``torch.distributed`` whose ``all_reduce`` waits for its collective."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(dist, name)
+
+    @staticmethod
+    def all_reduce(tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM, group: Any = None,
+                   async_op: bool = False) -> _WaitedWork:
+        dist.all_reduce(tensor, op=op, group=group)
+        return _WaitedWork(tensor)
+
+
+_torch_powersgd_hook = torch_powersgd.powerSGD_hook
+_powersgd_on_this_thread = type(_torch_powersgd_hook)(
+    _torch_powersgd_hook.__code__,
+    {**_torch_powersgd_hook.__globals__, "dist": _WaitingDist()},
+    _torch_powersgd_hook.__name__, _torch_powersgd_hook.__defaults__,
+    _torch_powersgd_hook.__closure__)
+
+
+# Note: [DDP's buckets as roots]
+# With gradient_as_bucket_view the gradients are views of DDP's buckets, and the reducer
+# keeps the buckets between steps: once zero_grad(set_to_none) dropped the views, nothing
+# the peak measurement's roots reach holds them, and a step measured after DDP's rebuild
+# (PowerSGD's, measured once it compresses: warmup_steps) would read its whole gradient
+# short (the mlp example at 2 ranks: 51.12 MB of a 59.61 MB step).
+# The hook sees each bucket, so its ``held()`` names their storages among the roots. It
+# refers to them weakly: the first step's buckets, replaced by the rebuild, are freed where
+# DDP drops them, not kept to the hook's next call.
 
 
 def _powersgd_hook(state: _PowerSGD,

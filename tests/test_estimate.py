@@ -162,7 +162,10 @@ def test_compressed_ddp_plans_peaks_are_the_measured_ones_at_two_ranks(tmp_path)
     # estimate's 74.44 while the measurement kept the replaced residual live (Note: [the
     # tracker does not keep its roots alive]); 74.51 since. bf16 measured 46.80 MB against
     # 38.62 while its hook's fp32 copy of the bucket was guessed as the largest block
-    # (Note: [a DDP comm hook's peak]); the estimate reads 46.73 since.
+    # (Note: [a DDP comm hook's peak]); the estimate reads 46.73 since. powersgd, measured
+    # once torch's hook compresses (the runner warms it up 3 steps), measured 59.61 MB
+    # against 47.16 while the hook's two bucket copies were guessed as the largest block;
+    # the estimate reads 59.55 since.
     import mlp
 
     from autoscale import CompressPlan, ShardPlan
@@ -174,7 +177,7 @@ def test_compressed_ddp_plans_peaks_are_the_measured_ones_at_two_ranks(tmp_path)
     fingerprint = Fingerprint.of(model, graph.structure_hash())
     plans = {m: Plan(sections={"shard": ShardPlan(strategy="ddp", world_size=2),
                                "compress": CompressPlan(method=m)}, fingerprint=fingerprint)
-             for m in ("int8", "bf16")}
+             for m in ("int8", "bf16", "powersgd")}
     with WorkerRunner(pickle_workload(model, batch, loss_fn, tmp_path),
                       device=torch.device("cpu"),
                       fingerprint=plans["int8"].fingerprint_digest(), warmup=1, iters=1,
@@ -183,8 +186,8 @@ def test_compressed_ddp_plans_peaks_are_the_measured_ones_at_two_ranks(tmp_path)
             est = autoscale.estimate(model, batch, plan, graph=graph, loss_fn=loss_fn).total
             peak = runner.measure(plan).peak_memory_bytes
             # The codec's working memory is probed in this process, the step measured in
-            # another: within 0.5% (measured -0.09% and -0.14%); what was missed was 10%
-            # and 17% of the peak.
+            # another: within 0.5% (measured -0.09%, -0.14%, -0.11%); what was missed was
+            # 10%, 17% and 21% of the peak.
             assert abs(est / peak - 1) < 0.005, (method, est, peak)
 
 

@@ -216,12 +216,14 @@ def _sharded(est: MemoryEstimate, model: nn.Module, graph: Any, plan: Plan, *,
         comm = 0
     residual, working = _compression_terms(model, graph, plan)
     hook_peak = 0
-    if plan.shard.uses_ddp and plan.compress.method in _PROBED_CODECS:
+    if plan.shard.uses_ddp and plan.compress.method in (*_PROBED_CODECS, "powersgd"):
         # Note: [a DDP comm hook's peak]
         working = 0
+        hook_working = (_powersgd_hook_working(model, plan)
+                        if plan.compress.method == "powersgd"
+                        else _ddp_hook_working(model, plan))
         hook_peak = (est.parameters + d_params + est.optimizer_state + d_state + est.batch
-                     + est.gradients + d_grads + residual
-                     + _ddp_hook_working(model, plan))
+                     + est.gradients + d_grads + residual + hook_working)
     # Held through the whole step, so they move the peak wherever it falls; the sharded
     # gradients too (the backward peak holds all but the last unit's).
     moved = d_params + d_state + d_grads + comm + residual + working
@@ -243,7 +245,10 @@ def _sharded(est: MemoryEstimate, model: nn.Module, graph: Any, plan: Plan, *,
 # size. Measured at 2 ranks, mlp example, ddp int8: a "largest block" guess was 24% under
 # (an 8 MiB bucket's codec holds about twice its size). The 16-bit casts are probed alike
 # (the hook's fp32 bucket / world_size, then its 16-bit copy: 1.5x the bucket; the guess
-# read the mlp's ddp bf16 17% under). PowerSGD (torch's own hook) keeps the guess.
+# read the mlp's ddp bf16 17% under). torch's PowerSGD hook, measured once it compresses
+# (passes/compress.py's warmup_steps), holds two copies of its bucket beside the old error
+# tensor: the gradient with the error added (kept to take the new error from) and the new
+# error itself, made before the old one is dropped (_powersgd_hook_working).
 # Since the decode runs on the backward's thread (Note: [decode on the autograd thread] in
 # passes/compress.py) the measurement sees it: the mlp's ddp int8 step measures 74.51 MB
 # against this estimate's 74.44 (-0.09%). The hook's residual is counted once: in the
@@ -264,6 +269,25 @@ def _ddp_hook_working(model: nn.Module, plan: Plan) -> int:
     if not params:
         return 0
     return _codec_working(plan, sum(p.numel() for p in params))
+
+
+def _powersgd_hook_working(model: nn.Module, plan: Plan) -> int:
+    """Bytes torch's PowerSGD DDP hook allocates on the largest bucket: its copy of the
+    bucket with the error added and the new error (2x the bucket, fp32), and the
+    concatenated tensors it sends whole (the 1-D ones: biases, norms). The buckets are
+    DDP's rebuilt ones (PowerSGD starts after the rebuild): parameters in reverse order,
+    a bucket closed once it reaches ``bucket_cap_mb`` MiB."""
+    params = [p for p in _unique_params(model) if p.requires_grad]
+    cap = plan.shard.bucket_cap_mb * 1024 * 1024
+    largest = size = whole = largest_whole = 0
+    for p in reversed(params):
+        size += p.numel() * 4
+        whole += p.numel() * 4 if p.dim() <= 1 else 0
+        if size >= cap:
+            largest, largest_whole = max(largest, size), max(largest_whole, whole)
+            size = whole = 0
+    largest, largest_whole = max(largest, size), max(largest_whole, whole)
+    return 2 * largest + largest_whole
 
 
 def _codec_working(plan: Plan, n: int) -> int:

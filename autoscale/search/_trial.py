@@ -12,7 +12,7 @@ import dataclasses
 import gc
 import statistics
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -39,22 +39,46 @@ def measure_plan(plan: Plan, model: nn.Module, batch: Batch, *, loss_fn: LossFn 
                  graph: object, warmup: int, iters: int,
                  device: torch.device | str | None = None) -> Measurement:
     """Build ``plan`` on a copy of ``model`` (moved to ``device`` if given) and measure it."""
-    from autoscale.passes.compress import comm_stats
+    from autoscale.passes.compress import comm_stats, warmup_steps
 
+    # A compressor that starts late (DDP PowerSGD) is warmed up until it compresses, so
+    # the measured step's memory and time are the compressed step's.
+    warmup = max(warmup, warmup_steps(plan.compress, strategy=plan.shard.strategy))
     result = build_result(plan, model, loss_fn=loss_fn, graph=graph, device=device)
     try:
-        out = measure(result, to_device(batch, result.device), warmup=warmup, iters=iters)
         stats = comm_stats(result.model)
+        steps = _StatsZeroedAfterWarmup(result, stats, warmup)
+        out = measure(steps, to_device(batch, result.device), warmup=warmup, iters=iters)
         if stats is not None and stats.calls:
-            # Every step measure() ran (warm-up, tracked, timed) sent the same collectives.
-            steps = warmup + 1 + iters
-            return dataclasses.replace(out, comm_bytes_per_step=stats.bytes_sent // steps)
+            # The counters ran over the tracked and timed steps only, which all send the
+            # same collectives.
+            per_step = stats.bytes_sent // (1 + iters)
+            return dataclasses.replace(out, comm_bytes_per_step=per_step)
         if plan.shard.strategy != "none":
             return dataclasses.replace(out, comm_bytes_per_step=_gradient_bytes(model))
         return out
     finally:
         del result
         free_memory()
+
+
+class _StatsZeroedAfterWarmup:
+    """``result`` as :func:`measure` takes it, with its comm counters zeroed before the
+    step after the ``warmup`` first: they count the steady steps only."""
+
+    def __init__(self, result: Any, stats: Any, warmup: int) -> None:
+        self._result, self._stats, self._left = result, stats, warmup
+        self.model, self.optimizer = result.model, result.optimizer
+
+    @property
+    def held_state(self) -> list[torch.Tensor]:
+        return self._result.held_state
+
+    def step(self, batch: Batch) -> float:
+        if self._left == 0 and self._stats is not None:
+            self._stats.reset()
+        self._left -= 1
+        return self._result.step(batch)
 
 
 def measure_baseline(model: nn.Module, batch: Batch, *, loss_fn: LossFn | None,

@@ -15,7 +15,7 @@ import torch
 from tests_helpers import child_pids
 
 import autoscale
-from autoscale import OptimizerPlan, Plan, PlanMismatchError, ShardPlan, TunerError
+from autoscale import CompressPlan, OptimizerPlan, Plan, PlanMismatchError, ShardPlan, TunerError
 from autoscale._api import _check_world_size, optimize_script
 from autoscale.capture import capture
 from autoscale.plan import BatchPlan, Fingerprint
@@ -66,6 +66,24 @@ def test_two_rank_trials_report_the_jobs_figures_and_survive_a_dead_rank() -> No
         assert 0 < runner.all_reduce_seconds(1 << 20, timeout_s=60) < 60
         assert runner.started == 2
     assert worker_pids() == []
+
+
+@pytest.mark.distributed
+def test_a_ddp_powersgd_trial_measures_steps_that_compress() -> None:
+    # torch's PowerSGD hook all-reduces the whole bucket for its first 2 steps; with the
+    # runner's one warm-up step the tracked step would be one of them, and the per-step
+    # bytes the mean of whole and compressed steps (over half the gradient).
+    from autoscale.search._workload import load_workload
+
+    runner, base = _runner()
+    plan = base.replace(shard=ShardPlan(strategy="ddp", world_size=2),
+                        compress=CompressPlan(method="powersgd"))
+    grad_bytes = sum(p.nbytes for p in load_workload(RANKED).model.parameters())
+    with runner:
+        out = runner.measure(plan, timeout_s=120)
+    assert out.comm_bytes_per_step is not None
+    # Rank 1 sends each weight matrix as its P and Q (a (64, 32) one as 96 numbers).
+    assert 0 < out.comm_bytes_per_step < grad_bytes / 4
 
 
 def test_bad_world_sizes_are_refused_with_the_fix() -> None:
