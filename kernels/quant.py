@@ -291,6 +291,9 @@ def _codes_agree(impl: Callable[[Lists], None], reference: Callable[[Lists], Non
                                                   or close(r_got, r_want, atol=1e-5))
 
 
+_LARGE = 1 << 16  # elements: Note: [the quantize path is chosen per size class]
+
+
 def quantize_with_feedback(
     grad: torch.Tensor,
     residual: torch.Tensor | None,
@@ -331,6 +334,15 @@ def quantize_with_feedback(
         op, lists = "quantize", [[flat], [q], [s]]
     else:
         op, lists = "quantize_with_feedback", [[flat], [residual.view(-1)], [q], [s]]
+    # Note: [the quantize path is chosen per size class]
+    # Which path is fastest depends on the size (on a few thousand elements eager torch's
+    # passes beat the compiled loop's call overhead; on a bucket of millions the compiled
+    # loop wins), and the paths hold different temporaries. One choice per process, made on
+    # whatever size came first, let a process that first quantized small tensors run a
+    # gradient bucket on the eager path, and the cost model's probe of the codec's memory
+    # (autoscale/cost/_cost.py) measure another path than the training job ran (87.19 MB
+    # against 74.51 on the mlp's 2-rank ddp int8). So small and large inputs choose apart.
+    op += "/large" if n >= _LARGE else "/small"
     _dispatch.run(op, kernel, impls, lists, kernels=KERNELS,
                   agrees=partial(_codes_agree, **bind),
                   why_not=why)

@@ -129,3 +129,19 @@ def test_overflowed_blocks_send_nan_and_keep_their_residual(kernel, feedback, re
         assert (sent[part] - want).abs().max() <= s[b] / 2 + 1e-6
         if feedback:
             torch.testing.assert_close(residual[part], want - sent[part], rtol=0, atol=1e-6)
+
+
+def test_small_and_large_inputs_choose_their_path_apart() -> None:
+    """Note: [the quantize path is chosen per size class]: a choice made on small tensors
+    is not the one a gradient bucket runs."""
+    from autoscale.kernels import _dispatch
+
+    _dispatch.clear_cache()
+    cpu = torch.device("cpu")
+    small = torch.randn(1000)
+    quant.quantize_with_feedback(small, torch.zeros_like(small))
+    assert _dispatch.cached_choice("quantize_with_feedback/small", cpu, torch.float32)
+    assert _dispatch.cached_choice("quantize_with_feedback/large", cpu, torch.float32) is None
+    large = torch.randn(1 << 16)
+    quant.quantize_with_feedback(large, torch.zeros_like(large))
+    assert _dispatch.cached_choice("quantize_with_feedback/large", cpu, torch.float32)
