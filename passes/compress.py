@@ -34,6 +34,7 @@ under DDP grows with the world size; past ~8 ranks a two-phase exchange would be
 """
 
 import math
+import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -416,7 +417,7 @@ class _WaitingDist:
 
 
 _torch_powersgd_hook = torch_powersgd.powerSGD_hook
-_powersgd_on_this_thread = type(_torch_powersgd_hook)(
+_powersgd_on_this_thread = types.FunctionType(
     _torch_powersgd_hook.__code__,
     {**_torch_powersgd_hook.__globals__, "dist": _WaitingDist()},
     _torch_powersgd_hook.__name__, _torch_powersgd_hook.__defaults__,
