@@ -669,7 +669,8 @@ def solve_checkpoint_plan(model: nn.Module, batch: Any, graph: Any, budget_bytes
     each answer is compiled and its kept bytes measured for real, solved again on a budget
     lowered by any excess (at most three times; Note: [kept bytes under inductor]); if none
     fits, the eager bytes, an upper bound under inductor, decide as above. Invariant then:
-    the returned plan's measured compiled forward keeps at most ``budget_bytes``.
+    the returned plan's compiled forward keeps at most ``budget_bytes``, as measured (or,
+    on that fallback, as the eager simulation bounds it).
     """
     plan = plan or Plan()
     measured = options
