@@ -646,8 +646,7 @@ def solve_checkpoint_plan(model: nn.Module, batch: Any, graph: Any, budget_bytes
                           loss_fn: Any = None, rates: MachineRates | None = None,
                           sac_op_overhead: float | None = None,
                           options: BlockOptions | None = None,
-                          timed: bool = True, compiled: bool = False,
-                          check_compiled: bool = True) -> CheckpointPlan:
+                          timed: bool = True, compiled: bool = False) -> CheckpointPlan:
     """The checkpoint section that keeps the forward's activations (as
     ``autoscale.estimate(...).activations`` counts them: inside blocks and out) within
     ``budget_bytes`` at the least recompute time: :func:`measure_block_options`, then
@@ -665,10 +664,10 @@ def solve_checkpoint_plan(model: nn.Module, batch: Any, graph: Any, budget_bytes
     under inductor, for a plan with compile.mode 'inductor').
 
     Options timed under inductor come with what each keeps compiled (``kept_scales``):
-    then, unless ``check_compiled`` is False, the blocks are solved on those bytes and
-    each answer is compiled and its kept bytes measured for real, solved again on a budget
-    lowered by any excess (at most three times; Note: [kept bytes under inductor]); if none
-    fits, the eager bytes, an upper bound under inductor, decide as above. Invariant then:
+    then the blocks are solved on those bytes, and each answer is compiled and its kept
+    bytes measured for real, solved again on a budget lowered by any excess (at most three
+    times; Note: [kept bytes under inductor]); if none fits, the eager bytes, an upper
+    bound under inductor, decide as above. Invariant then:
     the returned plan's compiled forward keeps at most ``budget_bytes``, as measured (or,
     on that fallback, as the eager simulation bounds it).
     """
@@ -682,7 +681,7 @@ def solve_checkpoint_plan(model: nn.Module, batch: Any, graph: Any, budget_bytes
             measured = time_block_options(model, batch, graph, measured, plan=plan,
                                           loss_fn=loss_fn, compiled=compiled)
     fqns = [b.fqn for b in graph.blocks]
-    if measured.kept_scales is not None and check_compiled:
+    if measured.kept_scales is not None:
         section = _solve_compiled(model, batch, budget_bytes, plan, measured, loss_fn)
         if section is not None:
             return section

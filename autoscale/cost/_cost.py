@@ -15,6 +15,7 @@ estimates with a margin: the estimate only prunes, the measurement decides.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -290,9 +291,26 @@ def _powersgd_hook_working(model: nn.Module, plan: Plan) -> int:
     return 2 * largest + largest_whole
 
 
-def _codec_working(plan: Plan, n: int) -> int:
+def _probe(key: tuple[Any, ...], run: Callable[[], None], roots: tuple[Any, ...]) -> int:
+    """Bytes ``run`` allocates beyond ``roots`` at its peak, cached by ``key``: run once
+    untracked first (the kernel dispatcher times its paths on first use, which is not the
+    codec's memory), then under the allocator's trace where the profiler is free, else
+    the dispatch ledger."""
     from autoscale.measure._allocator import AllocatorPeakTracker, profiler_is_free
     from autoscale.measure._memory import PeakMemoryTracker
+
+    if key in _HOOK_WORKING_CACHE:
+        return _HOOK_WORKING_CACHE[key]
+    run()
+    tracker = (AllocatorPeakTracker if profiler_is_free() else PeakMemoryTracker)(
+        roots=roots, device="cpu")
+    with tracker:
+        run()
+    _HOOK_WORKING_CACHE[key] = extra = tracker.peak_bytes - tracker.baseline_bytes
+    return extra
+
+
+def _codec_working(plan: Plan, n: int) -> int:
     from autoscale.passes.compress import _Cast, _codec
 
     c = plan.compress
@@ -311,13 +329,7 @@ def _codec_working(plan: Plan, n: int) -> int:
         gathered = packed.repeat(world)  # every rank's packing, as the hook gathers them
         codec.decode_sum(gathered.view(world, -1), n)
 
-    hook()  # the kernel dispatcher times its paths on first use: not the hook's memory
-    tracker = (AllocatorPeakTracker if profiler_is_free() else PeakMemoryTracker)(
-        roots=(bucket, residual), device="cpu")
-    with tracker:
-        hook()
-    _HOOK_WORKING_CACHE[key] = extra = tracker.peak_bytes - tracker.baseline_bytes
-    return extra
+    return _probe(key, hook, (bucket, residual))
 
 
 def reduce_scatter_working(plan: Plan, n: int) -> int:
@@ -328,7 +340,7 @@ def reduce_scatter_working(plan: Plan, n: int) -> int:
     profiler already runs in this process (the user's), 0: nothing is probed."""
     from torch.utils._python_dispatch import _disable_current_modes
 
-    from autoscale.measure._allocator import AllocatorPeakTracker, profiler_is_free
+    from autoscale.measure._allocator import profiler_is_free
     from autoscale.passes.compress import _codec
 
     c, world = plan.compress, plan.shard.world_size
@@ -349,11 +361,7 @@ def reduce_scatter_working(plan: Plan, n: int) -> int:
             received = packed.clone()  # all_to_all_single's output: valid codes to decode
             out.copy_(codec.decode_sum(received, n))
 
-        reduce_scatter()  # the kernel dispatcher times its paths on first use
-        with AllocatorPeakTracker(roots=(rows, out, residual), device="cpu") as tracker:
-            reduce_scatter()
-    _HOOK_WORKING_CACHE[key] = extra = tracker.peak_bytes - tracker.baseline_bytes
-    return extra
+        return _probe(key, reduce_scatter, (rows, out, residual))
 
 
 def estimate_graph(model: nn.Module, graph: Any, plan: Plan, *,
