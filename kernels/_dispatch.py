@@ -16,10 +16,11 @@ The winner is cached for the life of the process.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -31,8 +32,8 @@ from ._dtensor import any_dtensor, local
 from ._triton_util import require_triton, triton_usable
 
 __all__ = [
-    "KERNELS", "TIMINGS", "cached_choice", "choose", "clear_cache", "passes_check", "run",
-    "scratch_prefix",
+    "KERNELS", "TIMINGS", "cached_choice", "choose", "clear_cache", "isolated_choices",
+    "passes_check", "run", "scratch_prefix",
 ]  # fmt: skip
 
 #: Every kernel name some op has; "auto" chooses. Each op's module has its own ``KERNELS``
@@ -54,6 +55,23 @@ def clear_cache() -> None:
     _CHOICES.clear()
     _BY_OFFER.clear()
     TIMINGS.clear()
+
+
+@contextlib.contextmanager
+def isolated_choices() -> Iterator[None]:
+    """Choose afresh inside (no cached choice applies), and forget what was chosen there on
+    exit, the choices from before back in place: a calibration that steps made-up tensors
+    (autoscale/cost/_rates.py) must not choose the paths of the job in the same process,
+    which are chosen on the job's own tensors."""
+    saved = dict(_CHOICES), dict(_BY_OFFER), dict(TIMINGS)
+    clear_cache()
+    try:
+        yield
+    finally:
+        clear_cache()
+        _CHOICES.update(saved[0])
+        _BY_OFFER.update(saved[1])
+        TIMINGS.update(saved[2])
 
 
 def cached_choice(op: str, device: torch.device, dtype: torch.dtype) -> str | None:

@@ -18,6 +18,7 @@ from autoscale.cost._time import (
     communication_bytes,
     estimate_step_time,
     optimizer_bytes,
+    optimizer_work,
     refine,
 )
 from autoscale.plan import CompressPlan
@@ -102,6 +103,59 @@ def test_optimizer_bytes_per_kernel_by_hand(stack) -> None:
     assert OPTIMIZER_BYTES["adamw"] == 28
     zero2 = _plan(shard=ShardPlan(strategy="zero2", world_size=2))
     assert optimizer_bytes(params, zero2)[0] == n * 28 // 2
+
+
+def test_a_timed_optimizer_is_priced_per_tensor_and_element(stack) -> None:
+    """Where the rates time the plan's optimizer (Note: [the optimizer step's price]), its
+    step costs tensors x per-tensor + elements x per-element, divided among zero ranks;
+    an optimizer the rates did not time keeps the bytes price."""
+    model, batch = stack
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    timed = dataclasses.replace(RATES, optimizers=(("adamw", 2e-9, 5e-6),
+                                                   ("sgd-plain", 1e-9, 3e-6)))
+    for kind, kwargs, key in (("adamw", None, "adamw"), ("sgd", {"lr": 0.1}, "sgd-plain")):
+        plan = _plan(optimizer=optimizer_plan(kind, kwargs))
+        assert optimizer_work(params, plan) == (key, n, len(params), 0, 0)
+        element_s, tensor_s = timed.optimizer_seconds(key)
+        est = estimate_step_time(model, batch, plan, rates=timed)
+        assert est.optimizer_s == pytest.approx(n * element_s + len(params) * tensor_s)
+        # the bytes price where not timed, and the same counts retimed
+        untimed = estimate_step_time(model, batch, plan, rates=RATES)
+        moved, ops = optimizer_bytes(params, plan)
+        assert untimed.optimizer_s == pytest.approx(moved / 1e10 + ops * 1e-5)
+        assert untimed.retimed(timed).optimizer_s == pytest.approx(est.optimizer_s)
+    # momentum SGD and a non-default kernel are other keys, not measured here
+    sgd = _plan(optimizer=optimizer_plan("sgd", {"lr": 0.1, "momentum": 0.9}))
+    assert optimizer_work(params, sgd)[0] == "sgd"
+    torch_adamw = _plan(optimizer=optimizer_plan("adamw", None, kernel="torch"))
+    assert optimizer_work(params, torch_adamw)[0] == ""
+    assert estimate_step_time(model, batch, sgd, rates=timed).optimizer_s == pytest.approx(
+        estimate_step_time(model, batch, sgd, rates=RATES).optimizer_s)
+    zero2 = _plan(shard=ShardPlan(strategy="zero2", world_size=2))
+    assert optimizer_work(params, zero2) == ("adamw", n / 2, (len(params) + 1) // 2, 0, 0)
+    # refine's scale reaches the timed rates like every other per-op cost
+    assert timed.scaled(2.0).optimizer_seconds("adamw") == pytest.approx((1e-9, 2.5e-6))
+
+
+def test_the_optimizer_calibration_times_every_key_and_keeps_the_jobs_choices() -> None:
+    """Every default optimizer is timed, with positive per-element and per-tensor costs,
+    and the kernel paths the calibration chose on its made-up tensors are forgotten: the
+    job in the same process chooses its own (Note: [choosing the CPU path by measurement])."""
+    from autoscale.cost._rates import _optimizer_calibration, _optimizer_rates
+    from autoscale.kernels import _dispatch
+
+    saved = dict(_dispatch._CHOICES)
+    _dispatch._CHOICES[("adamw", "cpu", torch.float32)] = "reference"  # as a job's choice
+    before = dict(_dispatch._CHOICES)
+    try:
+        rates = _optimizer_rates()
+        assert dict(_dispatch._CHOICES) == before
+    finally:
+        _dispatch._CHOICES.clear()
+        _dispatch._CHOICES.update(saved)
+    assert [k for k, _, _ in rates] == list(_optimizer_calibration())
+    assert all(element_s > 0 and tensor_s >= 0 for _, element_s, tensor_s in rates)
 
 
 def test_communication_bytes_follow_the_compressor(stack) -> None:

@@ -33,6 +33,8 @@ three rates are measured once per machine by a short run (well under 3 s):
   recompute's Python): 16 tiny blocks trained checkpointed and not, less the counted extra
   ops. About 0.3 ms here, per checkpointed block and micro-batch: on the HuggingFace models
   the estimate priced fully checkpointed steps 5-9% under their measured time without it.
+- ``optimizers``: each optimizer's step, per element and per tensor (Note: [the optimizer
+  step's price]).
 
 Note: [timing a busy machine]
 Other processes only ever slow a call down, so each rate takes the fastest of a few calls.
@@ -74,7 +76,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 from autoscale.errors import PlanError
 
 __all__ = ["CONVOLUTIONS", "ELEMENTWISE_OPS", "MachineRates", "cache_path", "kernel_flops",
-           "machine_rates", "measure_rates", "rate_kind"]
+           "machine_rates", "measure_rates", "optimizer_key", "rate_kind"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +107,19 @@ class MachineRates:
     ops that compute more than they move (Note: [ops that compute more than they move]);
     empty: every such op at ``memory_bytes_per_s``."""
 
+    optimizers: tuple[tuple[str, float, float], ...] = ()
+    """Measured (optimizer key, seconds per parameter element, seconds per parameter
+    tensor) of ``optimizer_key``'s optimizers, their ``step()`` as a job calls it (Note:
+    [the optimizer step's price]); empty: priced by the bytes they move."""
+
     def __post_init__(self) -> None:
         # JSON hands the points back as lists.
         object.__setattr__(self, "matmul_curve", tuple(
             (str(p), float(f), float(r)) for p, f, r in self.matmul_curve))
         object.__setattr__(self, "elementwise", tuple(
             (str(op), str(d), float(r)) for op, d, r in self.elementwise))
+        object.__setattr__(self, "optimizers", tuple(
+            (str(k), float(e), float(t)) for k, e, t in self.optimizers))
         for name in ("matmul_flops_per_s", "memory_bytes_per_s", "op_overhead_s",
                      "bf16_flops_per_s", "fp16_flops_per_s", "random_numbers_per_s"):
             value = getattr(self, name)
@@ -144,6 +153,14 @@ class MachineRates:
                 return rate
         return None
 
+    def optimizer_seconds(self, key: str) -> tuple[float, float] | None:
+        """(seconds per parameter element, seconds per parameter tensor) of the optimizer
+        ``optimizer_key`` names; None where not measured."""
+        for name, element_s, tensor_s in self.optimizers:
+            if name == key:
+                return element_s, tensor_s
+        return None
+
     def random_per_s(self) -> float:
         """Random numbers drawn per second."""
         return self.random_numbers_per_s or self.memory_bytes_per_s / 4
@@ -159,11 +176,12 @@ class MachineRates:
                             times(self.random_numbers_per_s),
                             tuple((p, f, r * factor) for p, f, r in self.matmul_curve),
                             self.checkpoint_call_s / factor,
-                            tuple((op, d, r * factor) for op, d, r in self.elementwise))
+                            tuple((op, d, r * factor) for op, d, r in self.elementwise),
+                            tuple((k, e / factor, t / factor) for k, e, t in self.optimizers))
 
 
 # Part of the cache key: a change to what is measured, or how, measures again.
-_VERSION = 10
+_VERSION = 11
 
 
 def rate_kind(family: str, precision: str) -> str:
@@ -283,7 +301,90 @@ def measure_rates() -> MachineRates:
                         bf16_flops_per_s=bf16, fp16_flops_per_s=fp16,
                         random_numbers_per_s=random, matmul_curve=curve,
                         checkpoint_call_s=_checkpoint_call(overhead),
-                        elementwise=_elementwise_rates(overhead))
+                        elementwise=_elementwise_rates(overhead),
+                        optimizers=_optimizer_rates())
+
+
+# Note: [the optimizer step's price]
+# Pricing the optimizer step by the bytes its kernels move (28 per element for AdamW) left
+# out what the step costs around them: autoscale.optim's step() gathers each group's
+# tensors, checks them and hands them to the kernel dispatcher, some microseconds per
+# parameter tensor. Timed here on the example models (step() alone, gradients in place),
+# AdamW's step took 0.74 ms on the CNN (28 tensors, 75 K elements) where its bytes said
+# 0.14, and 1.5 ms on HF ViT where they said 0.96. It also put 8-bit AdamW below SGD with
+# momentum on every model (its codes are 1 byte), where its step ran 10-20% slower. So each
+# optimizer's ``step()`` is timed as a job calls it, over one mix of many small tensors and
+# one of a few large ones (``_OPTIMIZER_MIXES``, each choosing its kernel path as a job's
+# first step does), and the two timings give a cost per tensor and per element; a model's
+# step is priced at its tensor count and elements. The kernel paths chosen here are
+# forgotten afterwards (``isolated_choices``): the job in this process chooses its own.
+_OPTIMIZER_MIXES = ((64, 256), (16, 1 << 16))
+"""(tensors, elements each) of the two timed parameter mixes."""
+
+
+def optimizer_key(kind: str, kernel: str, kwargs: Any) -> str | None:
+    """The ``MachineRates.optimizers`` key of an optimizer plan's (kind, kernel, kwargs):
+    its kind, "sgd-plain" for SGD without momentum; None for a kernel other than the
+    default one of its kind ('auto'; 'torch' for 'adam'), which is not measured."""
+    if kernel != ("torch" if kind == "adam" else "auto"):
+        return None
+    if kind == "sgd" and not dict(kwargs or {}).get("momentum"):
+        return "sgd-plain"
+    return kind
+
+
+def _cold_seconds(fn: Callable[[], Any], grads: list[torch.Tensor], *, reps: int,
+                  budget_s: float) -> float:
+    """``_best_seconds`` of ``fn`` called as a job's optimizer step runs, after its
+    backward: before each call (untimed) 64 MiB are read and written, then ``grads``, which
+    backward leaves in the caches."""
+    flush = torch.zeros(1 << 24)
+    fn()
+    threads = torch.get_num_threads()
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < reps and spent < budget_s:
+        flush.add_(1.0)
+        torch._foreach_mul_(grads, 1.0)
+        start, cpu = time.perf_counter(), time.process_time()
+        fn()
+        took = time.perf_counter() - start
+        times.append(_call_seconds(took, time.process_time() - cpu, threads))
+        spent += took
+    return min(times)
+
+
+def _optimizer_calibration() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Key -> (kind, kwargs) of each optimizer whose step is timed."""
+    return {"adamw": ("adamw", {}), "adam": ("adam", {}), "sgd": ("sgd", {"momentum": 0.9}),
+            "sgd-plain": ("sgd", {}), "lamb": ("lamb", {}), "lars": ("lars", {}),
+            "adamw8bit": ("adamw8bit", {})}
+
+
+def _optimizer_rates() -> tuple[tuple[str, float, float], ...]:
+    from autoscale.kernels._dispatch import isolated_choices
+    from autoscale.runtime._optimizers import build_optimizer, optimizer_plan
+
+    out = []
+    (n_small, small), (n_large, large) = _OPTIMIZER_MIXES
+    for key, (kind, kwargs) in _optimizer_calibration().items():
+        plan = optimizer_plan(kind, kwargs)
+        assert optimizer_key(plan.kind, plan.kernel, plan.kwargs) == key
+        times = []
+        for count, size in _OPTIMIZER_MIXES:
+            params = [nn.Parameter(torch.randn(size)) for _ in range(count)]
+            grads = [torch.randn(size) * 1e-3 for _ in params]
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            with isolated_choices():
+                optimizer = build_optimizer(plan, params)
+                times.append(_cold_seconds(optimizer.step, grads, reps=7, budget_s=0.15))
+        # times[i] = count_i * tensor_s + count_i * size_i * element_s
+        per_small, per_large = times[0] / n_small, times[1] / n_large
+        element_s = max((per_large - per_small) / (large - small), 1e-12)
+        tensor_s = max(per_small - small * element_s, 0.0)
+        out.append((key, element_s, tensor_s))
+    return tuple(out)
 
 
 # Note: [ops that compute more than they move]

@@ -22,8 +22,10 @@ is what makes micro-batching cost time.
 What the fake step does not run is added from counts:
 - Each checkpointed block call's own cost beyond its recomputed ops (blocks times
   micro-batches, at ``checkpoint_call_s``: Note: [machine rates]).
-- The optimizer step (its CPU kernels need real pointers): the bytes it moves per
-  parameter element for the plan's optimizer (``OPTIMIZER_BYTES``), one op per tensor.
+- The optimizer step (its CPU kernels need real pointers): its parameter tensors and
+  elements at the rates its ``step()`` was timed at (Note: [the optimizer step's price]);
+  for an optimizer not timed, the bytes it moves per parameter element
+  (``OPTIMIZER_BYTES``), one op per tensor.
 - A distributed plan's communication: one rank's share of the batch is simulated on the
   local plan (as the memory estimate does), and the gradient bytes it sends (after the
   compressor, by passes/compress.py's own payload formulas) and FSDP2's parameter
@@ -49,6 +51,7 @@ from autoscale.cost._rates import (
     MachineRates,
     kernel_flops,
     machine_rates,
+    optimizer_key,
     rate_kind,
 )
 from autoscale.errors import PlanError
@@ -56,7 +59,7 @@ from autoscale.plan import CompressPlan, Plan, ShardPlan
 from autoscale.runtime._batch import Batch, LossFn
 
 __all__ = ["OPTIMIZER_BYTES", "OpCounter", "StepTimeEstimate", "communication_bytes",
-           "estimate_step_time", "optimizer_bytes", "refine"]
+           "estimate_step_time", "optimizer_bytes", "optimizer_work", "refine"]
 
 #: Bytes each optimizer kind's step moves per parameter element, read plus written, for
 #: fp32 parameters and gradients and its state (one pass unless said).
@@ -182,7 +185,10 @@ class StepTimeEstimate:
     """(flops, bytes, recompute, precision, how many ops) of forward and backward (see
     ``OpCounter``)."""
     optimizer_counts: tuple[int, int] = (0, 0)
-    """(bytes, ops) of the optimizer step."""
+    """(bytes, ops) of the optimizer step (its price where its optimizer was not timed)."""
+    optimizer_work: tuple[str, float, int, int, int] = ("", 0.0, 0, 0, 0)
+    """(``optimizer_key``, fp32 parameter elements, parameter tensors, fp16 loss scaling's
+    bytes and ops) of this rank's optimizer step: see ``optimizer_work``."""
     comm_bytes: int = 0
     """All-reduce-equivalent payload bytes this rank sends per step."""
     checkpoint_calls: int = 0
@@ -192,7 +198,7 @@ class StepTimeEstimate:
     def retimed(self, rates: MachineRates) -> StepTimeEstimate:
         """The same ops priced at ``rates`` (e.g. what ``refine`` returns)."""
         return _priced(self.counted, self.optimizer_counts, self.comm_bytes, rates,
-                       self.link_bytes_per_s, self.checkpoint_calls)
+                       self.link_bytes_per_s, self.checkpoint_calls, self.optimizer_work)
 
 
 def _op_seconds(flops: int, nbytes: int, precision: str, rates: MachineRates) -> float:
@@ -209,7 +215,8 @@ def _op_seconds(flops: int, nbytes: int, precision: str, rates: MachineRates) ->
 
 def _priced(counted: tuple[tuple[int, int, bool, str, int], ...], optimizer: tuple[int, int],
             comm_bytes: int, rates: MachineRates, link: float | None,
-            checkpoint_calls: int = 0) -> StepTimeEstimate:
+            checkpoint_calls: int = 0,
+            work: tuple[str, float, int, int, int] = ("", 0.0, 0, 0, 0)) -> StepTimeEstimate:
     compute, recompute = 0.0, checkpoint_calls * rates.checkpoint_call_s
     for flops, nbytes, is_recompute, precision, n in counted:
         seconds = n * _op_seconds(flops, nbytes, precision, rates)
@@ -218,7 +225,13 @@ def _priced(counted: tuple[tuple[int, int, bool, str, int], ...], optimizer: tup
         else:
             compute += seconds
     opt_bytes, opt_ops = optimizer
-    opt = opt_bytes / rates.memory_bytes_per_s + opt_ops * rates.op_overhead_s
+    key, elements, tensors, extra_bytes, extra_ops = work
+    timed = rates.optimizer_seconds(key) if key else None
+    if timed is None:
+        opt = opt_bytes / rates.memory_bytes_per_s + opt_ops * rates.op_overhead_s
+    else:
+        opt = (elements * timed[0] + tensors * timed[1]
+               + extra_bytes / rates.memory_bytes_per_s + extra_ops * rates.op_overhead_s)
     comm = comm_bytes / link if comm_bytes and link else 0.0
     return StepTimeEstimate(
         total_s=compute + recompute + opt + comm, compute_s=compute, recompute_s=recompute,
@@ -226,7 +239,7 @@ def _priced(counted: tuple[tuple[int, int, bool, str, int], ...], optimizer: tup
         flops=sum(c[0] * c[4] for c in counted if c[3] != "rng" and not c[3].startswith("ew ")),
         bytes=sum(c[1] * c[4] for c in counted) + opt_bytes, rates=rates,
         link_bytes_per_s=link, counted=counted, optimizer_counts=optimizer,
-        comm_bytes=comm_bytes, checkpoint_calls=checkpoint_calls)
+        optimizer_work=work, comm_bytes=comm_bytes, checkpoint_calls=checkpoint_calls)
 
 
 def estimate_step_time(model: nn.Module, batch: Batch, plan: Plan, *,
@@ -263,7 +276,7 @@ def estimate_step_time(model: nn.Module, batch: Batch, plan: Plan, *,
                      else 1)
     return _priced(counted, opt, comm, rates or machine_rates(),
                    link_bytes_per_s if distributed else None,
-                   len(plan.checkpoint.names) * micro_batches)
+                   len(plan.checkpoint.names) * micro_batches, optimizer_work(params, plan))
 
 
 def _count_step(model: nn.Module, batch: Batch, plan: Plan, *, loss_fn: LossFn | None,
@@ -315,6 +328,33 @@ def optimizer_bytes(params: list[nn.Parameter], plan: Plan) -> tuple[int, int]:
         total /= plan.shard.world_size
         ops = math.ceil(ops / plan.shard.world_size)
     return int(total), ops
+
+
+def optimizer_work(params: list[nn.Parameter], plan: Plan
+                   ) -> tuple[str, float, int, int, int]:
+    """(``optimizer_key``, elements, tensors, extra bytes, extra ops) of one optimizer step
+    over ``params`` for ``plan``'s optimizer, priced at the step's timed rates (Note: [the
+    optimizer step's price]): elements in fp32 terms (a parameter of another size counts
+    by the bytes its p and g move against fp32's), divided among the ranks by
+    zero1/zero2/zero3 as ``optimizer_bytes`` divides them; the extra bytes and ops are fp16
+    loss scaling's unscale-and-check (read and write every gradient)."""
+    opt = plan.optimizer
+    key = optimizer_key(opt.kind, opt.kernel, opt.kwargs) or ""
+    per_element = OPTIMIZER_BYTES[opt.kind]
+    if key == "sgd-plain":
+        per_element = _SGD_PLAIN_BYTES
+    elements = sum(p.numel() * (per_element + 3 * (p.element_size() - 4)) / per_element
+                   for p in params)
+    tensors = len(params)
+    extra_bytes = extra_ops = 0
+    if plan.precision.mode == "fp16":
+        extra_bytes = sum(2 * p.numel() * p.element_size() for p in params)
+        extra_ops = len(params)
+    if plan.shard.strategy in ("zero1", "zero2", "zero3"):
+        ranks = plan.shard.world_size
+        elements, extra_bytes = elements / ranks, extra_bytes // ranks
+        tensors, extra_ops = math.ceil(tensors / ranks), math.ceil(extra_ops / ranks)
+    return key, elements, tensors, extra_bytes, extra_ops
 
 
 def communication_bytes(params: list[nn.Parameter], plan: Plan) -> int:
