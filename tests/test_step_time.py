@@ -339,6 +339,9 @@ def test_fused_attention_is_priced_by_its_flops_at_its_own_rates(mode) -> None:
     suffix = "-bf16" if mode == "bf16" else ""
     by_kind: dict[str, int] = {}
     for flops, _, _, kind, n in est.counted:
+        if kind.startswith("attn"):  # looked up per (sequence, head) slice
+            kind, _, slices = kind.partition("@")
+            assert int(slices) == B * HEADS
         by_kind[kind] = by_kind.get(kind, 0) + flops * n
     # Two batched matmuls of (T, C) by (C, T) per head forward (QK^T, then by V), five
     # backward (the scores again, then the gradients of the scores, V, Q and K).
@@ -350,6 +353,14 @@ def test_fused_attention_is_priced_by_its_flops_at_its_own_rates(mode) -> None:
                         RATES.op_overhead_s, matmul_curve=(("attn-bwd" + suffix, 1.0, 1e3),))
     assert est.retimed(slow).compute_s == pytest.approx(
         est.compute_s + 5 * per_matmul / 1e3, rel=1e-3)
+    # at the rate of one slice's FLOPs: twice the sequences are priced at the same rate,
+    # where a curve by the call's FLOPs would price them faster
+    curve = MachineRates(RATES.matmul_flops_per_s, RATES.memory_bytes_per_s,
+                         RATES.op_overhead_s, matmul_curve=(
+                             ("attn-bwd" + suffix, 5 * per_matmul / (B * HEADS), 1e3),
+                             ("attn-bwd" + suffix, 10 * per_matmul / (B * HEADS), 1e6)))
+    assert est.retimed(curve).compute_s == pytest.approx(
+        est.compute_s + 5 * per_matmul / 1e3, rel=1e-3)
 
 
 def test_the_calibration_measures_fused_attention() -> None:
@@ -358,6 +369,8 @@ def test_the_calibration_measures_fused_attention() -> None:
     curve: dict[tuple[str, int], float] = {}
     _timed(_attention_step(torch.float32, 32, 16), curve)
     assert {family for family, _ in curve} == {"attn", "attn-bwd"}
+    # the points are FLOPs of one (sequence, head) slice: 4 sequences of 4 heads here
+    assert {flops for family, flops in curve if family == "attn"} == {2 * 2 * 32 * 32 * 16}
     assert all(rate > 0 for rate in curve.values())
 
 

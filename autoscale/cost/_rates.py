@@ -75,8 +75,9 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 
 from autoscale.errors import PlanError
 
-__all__ = ["CONVOLUTIONS", "ELEMENTWISE_OPS", "MachineRates", "cache_path", "kernel_flops",
-           "machine_rates", "measure_rates", "optimizer_key", "rate_kind"]
+__all__ = ["CONVOLUTIONS", "ELEMENTWISE_OPS", "MachineRates", "attention_slices",
+           "cache_path", "kernel_flops", "machine_rates", "measure_rates", "optimizer_key",
+           "rate_kind"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +99,9 @@ class MachineRates:
     ``memory_bytes_per_s``)."""
     matmul_curve: tuple[tuple[str, float, float], ...] = ()
     """Measured (precision, FLOPs of one call, FLOPs per second) points: a matmul's rate
-    depends on its size (Note: [machine rates]); empty: the flat rates above."""
+    depends on its size (Note: [machine rates]); a fused attention's points are FLOPs of
+    one (sequence, head) slice (Note: [attention's rate goes by its slice]); empty: the
+    flat rates above."""
     checkpoint_call_s: float = 0.0
     """Seconds one checkpointed block call costs beyond its recomputed ops (the RNG state
     saved and replayed, the saved-tensor hooks, the recompute's Python)."""
@@ -181,7 +184,7 @@ class MachineRates:
 
 
 # Part of the cache key: a change to what is measured, or how, measures again.
-_VERSION = 11
+_VERSION = 12
 
 
 def rate_kind(family: str, precision: str) -> str:
@@ -493,7 +496,7 @@ class _MatmulTimer(TorchDispatchMode):
         self.seconds += seconds
         self.flops += flops
         if seconds > 0:
-            key = (family, flops)
+            key = (family, flops // attention_slices(func, args))
             self.calls[key] = max(self.calls.get(key, 0.0), flops / seconds)
         return out
 
@@ -529,6 +532,24 @@ def _attention_ops() -> dict[Any, tuple[str, Callable[..., int]]]:
 #: backward here: ~6 GFLOP/s at 64 tokens and 32 channels a head, bf16 matmuls ~200), and
 #: its backward at others than its forward; each kept apart on the curve.
 _ATTENTION = _attention_ops()
+
+
+def attention_slices(func: Any, args: Any) -> int:
+    """How many (sequence, head) slices one fused attention call runs, 1 for any other op.
+
+    Note: [attention's rate goes by its slice]
+    A fused attention kernel's rate depends on the work of one (sequence, head) slice, its
+    tokens and channels, not on how many slices a call runs: bf16 attention forward and
+    backward here, 65 tokens of 32 channels, ran at 7.6 GFLOP/s in 8 sequences of 4 heads
+    as in 4 of 4, and at 34 GFLOP/s at 256 tokens. Looked up on a curve by the call's FLOPs
+    (as a matmul is), HF ViT's 8 sequences were priced at the rate of the calibration's
+    4 at 92 tokens, 1.5x what they ran at (its bf16 plan was priced 16% fast). So the
+    attention points of ``matmul_curve`` are FLOPs per slice, and a call is looked up at
+    its FLOPs over its slices."""
+    if func._overloadpacket not in _ATTENTION:
+        return 1
+    query = args[1] if _ATTENTION[func._overloadpacket][0] == "attn-bwd" else args[0]
+    return max(math.prod(query.shape[:-2]), 1)
 
 
 def kernel_flops(func: Any, args: Any, kwargs: Any, out: Any) -> tuple[int, str]:

@@ -49,6 +49,7 @@ from torch.utils._pytree import tree_leaves
 from autoscale.cost._rates import (
     ELEMENTWISE_OPS,
     MachineRates,
+    attention_slices,
     kernel_flops,
     machine_rates,
     optimizer_key,
@@ -87,7 +88,8 @@ class OpCounter(TorchDispatchMode):
     backward with grad enabled (the checkpoint wrappers' recomputation), ``precision`` is
     "bf16" or "fp16" for an op with FLOPs on such tensors, prefixed "conv-" for a
     convolution and "attn-" or "attn-bwd-" for fused attention, forward or backward (their
-    rates are their own: ``rate_kind``), "rng" for an op that draws
+    rates are their own: ``rate_kind``; attention's suffixed "@" and its (sequence, head)
+    slices: Note: [attention's rate goes by its slice]), "rng" for an op that draws
     random numbers (dropout's masks: its first field is then the numbers drawn, not
     FLOPs), else "". prim ops (a fake tensor's ``.device``) are not ops a real step
     dispatches, and are not counted."""
@@ -127,8 +129,10 @@ def price_key(func: Any, args: Any, kwargs: Any, out: Any) -> tuple[int, str]:
     flops, family = kernel_flops(func, args, kwargs, out)
     first = _first_tensor(out)
     if flops:
-        return flops, rate_kind(family, _LOW.get(first.dtype, "") if first is not None
-                                else "")
+        kind = rate_kind(family, _LOW.get(first.dtype, "") if first is not None else "")
+        slices = attention_slices(func, args)
+        # Its rate is looked up per slice: Note: [attention's rate goes by its slice].
+        return flops, kind if slices == 1 else f"{kind}@{slices}"
     if func._overloadpacket in _RANDOM and first is not None:
         return first.numel(), "rng"
     name = str(func._overloadpacket)
@@ -209,7 +213,9 @@ def _op_seconds(flops: int, nbytes: int, precision: str, rates: MachineRates) ->
         rate = rates.elements_per_s(op, dtype)
         compute = flops / rate if rate else 0.0
     else:
-        compute = flops / rates.flops_per_s(precision, flops) if flops else 0.0
+        kind, _, slices = precision.partition("@")
+        compute = (flops / rates.flops_per_s(kind, flops / int(slices or 1)) if flops
+                   else 0.0)
     return max(compute, nbytes / rates.memory_bytes_per_s) + rates.op_overhead_s
 
 
