@@ -258,6 +258,7 @@ def _bench_model(name: str, build: Any, rates: Any, rounds: int) -> list[dict[st
                                           rates=rates)
         took_t = time.perf_counter() - start
         out.append({"label": label, "peak": got[label][0], "est": est, "took": took,
+                    "again": again,
                     "old": estimate_graph(model, graph, plan).total,
                     "step": got[label][1], "est_step": times[label].total_s, "took_t": took_t})
     # The tuner's refinement: rates scaled onto the measured default plan.
@@ -399,6 +400,32 @@ def _summary(rows: dict[str, list[dict[str, float]]]) -> None:
         print(f"step-time goal, {which} (Spearman >= 0.9 per model, median |err| "
               f"{statistics.median(errs):.1%} within 15%): {'met' if t_ok else 'NOT met'}"
               + (f"; Spearman < 0.9: {', '.join(missed)}" if missed else ""))
+    _resolved_pairs(rows)
+
+
+def _resolved_pairs(rows: dict[str, list[dict[str, float]]]) -> None:
+    """Beside the goal's Spearman: per model, the pairs of plans whose measured steps lie
+    further apart than the run's own resolution (the repeatability line, at least 1%),
+    and how many of them the estimate orders as measured; then every pair it misorders,
+    with its measured gap. A pair closer than that is a tie the measurement cannot order,
+    and Spearman counts its order all the same."""
+    print("pairs the measurement tells apart (gap > max(|repeatability|, 1%)), ordered as "
+          "measured by the estimate:")
+    for name, model_rows in rows.items():
+        band = max(abs(model_rows[0]["again"]), 0.01)
+        apart = wrong = 0
+        misordered = []
+        for i, a in enumerate(model_rows):
+            for b in model_rows[i + 1:]:
+                gap = b["step"] / a["step"] - 1
+                if abs(gap) <= band:
+                    continue
+                apart += 1
+                if (b["est_step"] - a["est_step"]) * gap <= 0:
+                    wrong += 1
+                    misordered.append(f"{a['label']} / {b['label']} ({gap:+.1%})")
+        print(f"  {name:9s} band {band:.1%}: {apart - wrong}/{apart}"
+              + (f"; misordered: {', '.join(misordered)}" if misordered else ""))
 
 
 if __name__ == "__main__":

@@ -31,3 +31,16 @@ def test_spearman_matches_the_textbook_cases(bench) -> None:
     assert bench.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)
     # One swapped pair of five: 1 - 6 * 2 / (5 * 24).
     assert bench.spearman([1, 2, 3, 4, 5], [1, 2, 3, 5, 4]) == pytest.approx(0.9)
+
+
+def test_resolved_pairs_skip_ties_and_name_what_is_misordered(bench, capsys) -> None:
+    def row(label: str, step: float, est: float) -> dict:
+        return {"label": label, "step": step, "est_step": est, "again": 0.02}
+
+    # a/b 1% apart (inside the 2% band); c 10% above both and priced below them
+    bench._resolved_pairs({"m": [row("a", 1.00, 1.0), row("b", 1.01, 0.9),
+                                 row("c", 1.10, 0.8)]})
+    out = capsys.readouterr().out
+    assert "m         band 2.0%: 0/2" in out
+    assert "a / c (+10.0%)" in out and "b / c (+8.9%)" in out
+    assert "a / b" not in out

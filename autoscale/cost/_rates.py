@@ -3,7 +3,8 @@
 Note: [machine rates]
 The step-time estimate (autoscale/cost/_time.py) prices every aten op of the simulated step
 as ``max(flops / matmul_flops_per_s, bytes / memory_bytes_per_s) + op_overhead_s``. The
-three rates are measured once per machine by a short run (well under 3 s):
+three rates are measured once per machine by a short run (about 7 s here, half of it the
+compile of 8-bit AdamW's inductor path, which its kernel dispatcher times like a job's first step):
 
 - ``matmul_flops_per_s``: the matmuls of a small training step (two Linear layers and an
   attention-shaped batched matmul, forward and backward), timed op by op;
@@ -15,7 +16,7 @@ three rates are measured once per machine by a short run (well under 3 s):
   (mkldnn's kernels) get points of their own, from two 3x3 convolutions of 16 and 64
   channels (fp16: 8). So does fused attention (``scaled_dot_product_attention``'s CPU
   kernel), forward and backward apart, from a causal self-attention of 4 sequences of 4
-  heads at 32, 128 and 256 tokens (fp16: the first two): it runs far below a matmul of the
+  heads at 32, 64, 128 and 256 tokens (fp16: the first two): it runs far below a matmul of the
   same FLOPs, and its bf16 backward below its fp32 one (here ~6 against ~50 GFLOP/s at 64
   tokens of 32 channels a head), which is what made bf16 look ~2x faster than it runs on
   attention models when these kernels were priced as FLOP-free.
@@ -184,7 +185,7 @@ class MachineRates:
 
 
 # Part of the cache key: a change to what is measured, or how, measures again.
-_VERSION = 12
+_VERSION = 13
 
 
 def rate_kind(family: str, precision: str) -> str:
@@ -607,7 +608,7 @@ def _conv_step(dtype: torch.dtype, width: int) -> Callable[[], None]:
 #: (tokens, channels a head) of the calibration's attention: from a small model's to a
 #: long context's, where the kernel nears its matmul rate (fp16: the first two; its
 #: backward runs at ~7 GFLOP/s, and the longest alone would take a second).
-_ATTENTION_SHAPES = ((32, 32), (128, 32), (256, 64))
+_ATTENTION_SHAPES = ((32, 32), (64, 32), (128, 32), (256, 64))
 
 
 def _attention_step(dtype: torch.dtype, seq: int, dim: int) -> Callable[[], None]:
