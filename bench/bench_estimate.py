@@ -125,8 +125,9 @@ def plans(graph: Any, batch: int) -> dict[str, Any]:
 
 
 def measured(plans: dict[str, Any], model: torch.nn.Module, batch: Any, graph: Any,
-             loss_fn: Any, rounds: int) -> dict[str, tuple[int, float]]:
-    """Per plan: (measured peak, measured step seconds): the peak from ``measure``, the
+             loss_fn: Any, rounds: int) -> dict[str, tuple[int, float, list[float]]]:
+    """Per plan: (measured peak, measured step seconds, each round's): the peak from
+    ``measure``, the
     step the fastest over ``rounds`` interleaved rounds (the order rotated each round) of
     3 timed steps (1 for a plan whose step takes over half a second: the fp16 plans,
     emulated on this CPU, take seconds). Each round builds every plan afresh
@@ -150,7 +151,7 @@ def measured(plans: dict[str, Any], model: torch.nn.Module, batch: Any, graph: A
             slow = bool(steps[label]) and min(steps[label]) > 0.5
             steps[label].append(_step_seconds(result, batch, iters=1 if slow else 3))
             del result
-    return {label: (peaks[label], min(steps[label])) for label in plans}
+    return {label: (peaks[label], min(steps[label]), steps[label]) for label in plans}
 
 
 def _step_seconds(result: Any, batch: Any, iters: int = 3) -> float:
@@ -258,7 +259,7 @@ def _bench_model(name: str, build: Any, rates: Any, rounds: int) -> list[dict[st
                                           rates=rates)
         took_t = time.perf_counter() - start
         out.append({"label": label, "peak": got[label][0], "est": est, "took": took,
-                    "again": again,
+                    "rounds": got[label][2],
                     "old": estimate_graph(model, graph, plan).total,
                     "step": got[label][1], "est_step": times[label].total_s, "took_t": took_t})
     # The tuner's refinement: rates scaled onto the measured default plan.
@@ -403,30 +404,38 @@ def _summary(rows: dict[str, list[dict[str, float]]]) -> None:
     _resolved_pairs(rows)
 
 
-def _resolved_pairs(rows: dict[str, list[dict[str, float]]]) -> None:
-    """Beside the goal's Spearman: per model, the pairs of plans whose measured steps lie
-    further apart than the run's own resolution (the repeatability line, at least 1%),
-    and how many of them the estimate orders as measured; then every pair it misorders,
-    with its measured gap. A pair closer than that is a tie the measurement cannot order,
+def _resolved_pairs(rows: dict[str, list[dict[str, Any]]], *, resamples: int = 2000,
+                    confidence: float = 0.95) -> None:
+    """Beside the goal's Spearman: per model, the pairs of plans whose measured order holds
+    in at least ``confidence`` of bootstrap resamples of their timing rounds (each plan's
+    step is the fastest of its rounds: resampling the rounds gives that statistic's spread
+    in this run), and how many of them the estimate orders as measured; then every pair it
+    misorders. A pair the resamples do not order is a tie the measurement cannot resolve,
     and Spearman counts its order all the same."""
-    print("pairs the measurement tells apart (gap > max(|repeatability|, 1%)), ordered as "
-          "measured by the estimate:")
+    import random
+
+    rng = random.Random(0)
+    print(f"pairs the measurement orders in {confidence:.0%} of {resamples} bootstrap "
+          "resamples of its rounds, ordered the same by the estimate:")
     for name, model_rows in rows.items():
-        band = max(abs(model_rows[0]["again"]), 0.01)
+        fastest = [[min(rng.choices(r["rounds"], k=len(r["rounds"])))
+                    for _ in range(resamples)] for r in model_rows]
         apart = wrong = 0
         misordered = []
         for i, a in enumerate(model_rows):
-            for b in model_rows[i + 1:]:
-                gap = b["step"] / a["step"] - 1
-                if abs(gap) <= band:
+            for j in range(i + 1, len(model_rows)):
+                b = model_rows[j]
+                below = sum(x < y for x, y in zip(fastest[i], fastest[j], strict=True))
+                if max(below, resamples - below) < confidence * resamples:
                     continue
                 apart += 1
+                gap = b["step"] / a["step"] - 1
                 if (b["est_step"] - a["est_step"]) * gap <= 0:
                     wrong += 1
                     misordered.append(f"{a['label']} / {b['label']} ({gap:+.1%})")
-        print(f"  {name:9s} band {band:.1%}: {apart - wrong}/{apart}"
+        pairs = len(model_rows) * (len(model_rows) - 1) // 2
+        print(f"  {name:9s} {apart - wrong}/{apart} of {apart} resolved ({pairs} pairs)"
               + (f"; misordered: {', '.join(misordered)}" if misordered else ""))
-
 
 if __name__ == "__main__":
     main()

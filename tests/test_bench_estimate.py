@@ -34,13 +34,15 @@ def test_spearman_matches_the_textbook_cases(bench) -> None:
 
 
 def test_resolved_pairs_skip_ties_and_name_what_is_misordered(bench, capsys) -> None:
-    def row(label: str, step: float, est: float) -> dict:
-        return {"label": label, "step": step, "est_step": est, "again": 0.02}
+    def row(label: str, rounds: list[float], est: float) -> dict:
+        return {"label": label, "step": min(rounds), "est_step": est, "rounds": rounds}
 
-    # a/b 1% apart (inside the 2% band); c 10% above both and priced below them
-    bench._resolved_pairs({"m": [row("a", 1.00, 1.0), row("b", 1.01, 0.9),
-                                 row("c", 1.10, 0.8)]})
+    # a and b's rounds interleave (a tie the resamples do not order); c's lie above both
+    # and it is priced below them
+    bench._resolved_pairs({"m": [row("a", [1.00, 1.02, 1.04, 1.06], 1.0),
+                                 row("b", [1.01, 1.03, 1.05, 1.07], 0.9),
+                                 row("c", [1.20, 1.21, 1.22, 1.23], 0.8)]})
     out = capsys.readouterr().out
-    assert "m         band 2.0%: 0/2" in out
-    assert "a / c (+10.0%)" in out and "b / c (+8.9%)" in out
+    assert "m         0/2 of 2 resolved (3 pairs)" in out
+    assert "a / c (+20.0%)" in out and "b / c (+18.8%)" in out
     assert "a / b" not in out
