@@ -187,7 +187,7 @@ class MachineRates:
 
 
 # Part of the cache key: a change to what is measured, or how, measures again.
-_VERSION = 14
+_VERSION = 15
 
 
 def rate_kind(family: str, precision: str) -> str:
@@ -495,8 +495,11 @@ class _MatmulTimer(TorchDispatchMode):
         super().__init__()
         self.flops = 0
         self.seconds = 0.0
-        self.calls: dict[tuple[str, int], float] = {}
-        """(its family: see ``rate_kind``, FLOPs of a call) -> the best rate seen for it."""
+        self.calls: dict[tuple[str, int], list[float]] = {}
+        """(its family: see ``rate_kind``, FLOPs of a call) -> [FLOPs, seconds] of every
+        call of that size: a Linear's three matmuls (forward, the input's and the weight's
+        gradients) have its FLOPs each and are read as one rate, their layouts' mix
+        (Note: [a matmul's rate is its layouts' mix])."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
@@ -511,9 +514,10 @@ class _MatmulTimer(TorchDispatchMode):
         flops, family = kernel_flops(func, args, kwargs, out)
         self.seconds += seconds
         self.flops += flops
-        if seconds > 0:
-            key = (family, flops // attention_slices(func, args))
-            self.calls[key] = max(self.calls.get(key, 0.0), flops / seconds)
+        key = (family, flops // attention_slices(func, args))
+        total = self.calls.setdefault(key, [0.0, 0.0])
+        total[0] += flops
+        total[1] += seconds
         return out
 
 
@@ -588,7 +592,8 @@ def _matmul_rate(dtype: torch.dtype, width: int,
     attention-shaped batched matmul, forward and backward, under autocast for bf16/fp16):
     the layouts and casts a model's step runs them with, which standalone GEMMs of the same
     size can beat several times over (bf16 batched matmuls and the backward's transposed
-    operands, on CPUs with bf16 units). Each call's best rate goes into ``curve``. With
+    operands, on CPUs with bf16 units). Each size's rate (its calls' FLOPs over their
+    seconds: Note: [a matmul's rate is its layouts' mix]) goes into ``curve``. With
     ``conv``: two 3x3 convolutions of ``width`` channels instead."""
     torch.manual_seed(0)
     if conv:
@@ -648,10 +653,21 @@ def _timed(step: Callable[[], None], curve: dict[tuple[str, int], float] | None)
         with _MatmulTimer() as timer:
             step()
         best = max(best, timer.flops / timer.seconds)
-        for flops, rate in timer.calls.items():
-            if curve is not None:
-                curve[flops] = max(curve.get(flops, 0.0), rate)
+        for key, (flops, seconds) in timer.calls.items():
+            if curve is not None and seconds > 0:
+                curve[key] = max(curve.get(key, 0.0), flops / seconds)
     return best
+
+
+# Note: [a matmul's rate is its layouts' mix]
+# A training step's matmuls come in three layouts per Linear: forward multiplies by the
+# transposed weight, the input's gradient by the weight as stored, the weight's gradient by
+# the transposed input. With a fast GEMM they run alike; without one they do not: fp16 on
+# this CPU (no fp16 GEMM) ran 10.6-18.8 GFLOP/s forward, 6.8 for the weight's gradient and
+# 2.4-4.3 for the input's, and the GPT example's fp16 step took 966 ms where it was priced
+# at 517, its matmuls at their forward's rate: the curve kept the fastest call of each
+# size. The three have the same FLOPs, so each size's point is now the calibration run's
+# FLOPs over its seconds for all calls of that size, the mix a model's Linears run.
 
 
 def _checkpoint_call(op_overhead_s: float) -> float:
