@@ -14,12 +14,14 @@ compile of 8-bit AdamW's inductor path, which its kernel dispatcher times like a
   and 64): a small matmul runs far below a large one (bf16 here: ~25 GFLOP/s at width 64,
   ~380 at 512), and a model's matmul is priced at the rate of its size. Convolutions
   (mkldnn's kernels) get points of their own, from two 3x3 convolutions of 16 and 64
-  channels (fp16: 8). So does fused attention (``scaled_dot_product_attention``'s CPU
-  kernel), forward and backward apart, from a causal self-attention of 4 sequences of 4
-  heads at 32, 64, 128 and 256 tokens (fp16: the first two): it runs far below a matmul of the
-  same FLOPs, and its bf16 backward below its fp32 one (here ~6 against ~50 GFLOP/s at 64
-  tokens of 32 channels a head), which is what made bf16 look ~2x faster than it runs on
-  attention models when these kernels were priced as FLOP-free.
+  channels on 4 images of 16x16, and of 32 on 16 of 32x32 (fp16: 8 channels; Note: [a
+  convolution's rate falls past the caches]). So does fused attention
+  (``scaled_dot_product_attention``'s CPU kernel), forward and backward apart, from a
+  causal self-attention of 4 sequences of 4 heads at 32, 64, 128 and 256 tokens (fp16: the
+  first two): it runs far below a matmul of the same FLOPs, and its bf16 backward below
+  its fp32 one (here ~6 against ~50 GFLOP/s at 64 tokens of 32 channels a head), which is
+  what made bf16 look ~2x faster than it runs on attention models when these kernels were
+  priced as FLOP-free.
 - ``memory_bytes_per_s``: an out-of-place add of two 16 MiB fp32 tensors (bytes read plus
   written over its time): past the caches, what a large elementwise op streams at; the
   median of 5 fresh sets of tensors (``_bandwidth``).
@@ -187,7 +189,7 @@ class MachineRates:
 
 
 # Part of the cache key: a change to what is measured, or how, measures again.
-_VERSION = 15
+_VERSION = 16
 
 
 def rate_kind(family: str, precision: str) -> str:
@@ -302,9 +304,9 @@ def measure_rates() -> MachineRates:
                   for dtype, name in ((torch.float32, ""), (torch.bfloat16, "bf16")))
     _matmul_rate(torch.float16, 32, curves["fp16"])
     fp16 = _matmul_rate(torch.float16, 64, curves["fp16"])
-    for width in (16, 64):
+    for width, images in ((16, (4, 16)), (64, (4, 16)), (32, (16, 32))):
         for dtype, name in ((torch.float32, ""), (torch.bfloat16, "bf16")):
-            _matmul_rate(dtype, width, curves[name], conv=True)
+            _matmul_rate(dtype, width, curves[name], conv=True, images=images)
     _matmul_rate(torch.float16, 8, curves["fp16"], conv=True)
     for dtype, name, shapes in ((torch.float32, "", _ATTENTION_SHAPES),
                                 (torch.bfloat16, "bf16", _ATTENTION_SHAPES),
@@ -587,17 +589,18 @@ def kernel_flops(func: Any, args: Any, kwargs: Any, out: Any) -> tuple[int, str]
 
 def _matmul_rate(dtype: torch.dtype, width: int,
                  curve: dict[tuple[str, int], float] | None = None, *,
-                 conv: bool = False) -> float:
+                 conv: bool = False, images: tuple[int, int] = (4, 16)) -> float:
     """FLOPs per second of the matmuls of a small training step (Linear layers and an
     attention-shaped batched matmul, forward and backward, under autocast for bf16/fp16):
     the layouts and casts a model's step runs them with, which standalone GEMMs of the same
     size can beat several times over (bf16 batched matmuls and the backward's transposed
     operands, on CPUs with bf16 units). Each size's rate (its calls' FLOPs over their
     seconds: Note: [a matmul's rate is its layouts' mix]) goes into ``curve``. With
-    ``conv``: two 3x3 convolutions of ``width`` channels instead."""
+    ``conv``: two 3x3 convolutions of ``width`` channels instead, on ``images`` (how
+    many, their side)."""
     torch.manual_seed(0)
     if conv:
-        return _timed(_conv_step(dtype, width), curve)
+        return _timed(_conv_step(dtype, width, *images), curve)
     rows = 2 * width
     up, down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
     x = torch.randn(rows, width)
@@ -612,10 +615,19 @@ def _matmul_rate(dtype: torch.dtype, width: int,
     return _timed(step, curve)
 
 
-def _conv_step(dtype: torch.dtype, width: int) -> Callable[[], None]:
+# Note: [a convolution's rate falls past the caches]
+# A matmul's rate rises with its size; a convolution's rises, then falls once its images
+# leave the caches: 3x3 convolutions of 32 channels on 32x32 images, forward and backward,
+# ran at 94 GFLOP/s on 8 images and 76 on 32, where a curve from 4 images of 16x16 (16 and
+# 64 channels) priced both at 95, its highest point. The example CNN then measured faster
+# in 4 micro-batches of 8 than in one batch of 32, and was priced 1% slower (the extra
+# ops' overhead and nothing to gain). So the curve has a third point past the caches: 16
+# images of 32x32 at 32 channels.
+def _conv_step(dtype: torch.dtype, width: int, count: int = 4, side: int = 16
+               ) -> Callable[[], None]:
     convs = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(width, width, 3, padding=1))
-    x = torch.randn(4, width, 16, 16)
+    x = torch.randn(count, width, side, side)
 
     def step() -> None:
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
