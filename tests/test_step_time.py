@@ -416,3 +416,34 @@ def test_the_calibration_measures_element_rates_and_they_scale_and_round_trip() 
     assert rates.scaled(2.0).elements_per_s("aten.gelu", "float32") == pytest.approx(
         2 * rates.elements_per_s("aten.gelu", "float32"))
     assert rates.elements_per_s("aten.gelu", "float64") is None
+
+
+def test_a_softmax_is_priced_at_the_rate_for_its_rows() -> None:
+    """Note: [a softmax's rate goes by its rows]: the softmax family's rate is
+    interpolated (log scale, clamped) between its rates on rows of 64 and of 512; other
+    ops ignore the row length."""
+    from autoscale.cost._rates import ROW_OPS, SHORT_ROW
+    from autoscale.cost._time import price_key
+
+    op = "aten._safe_softmax"
+    assert op in ROW_OPS and SHORT_ROW == 64
+    rates = dataclasses.replace(RATES, elementwise=(
+        (op, "float32", 8e8), (f"{op}@64", "float32", 2e8), ("aten.gelu", "float32", 1e9)))
+    assert rates.elements_per_s(op, "float32", 64) == pytest.approx(2e8)
+    assert rates.elements_per_s(op, "float32", 16) == pytest.approx(2e8)  # clamped
+    assert rates.elements_per_s(op, "float32", 4096) == pytest.approx(8e8)
+    assert rates.elements_per_s(op, "float32", 181) == pytest.approx(5e8, rel=0.01)  # halfway
+    assert rates.elements_per_s(op, "float32") == 8e8
+    assert rates.elements_per_s("aten.gelu", "float32", 64) == 1e9
+    x = torch.randn(32, 64)
+    out = torch.ops.aten._safe_softmax.default(x, -1)
+    assert price_key(torch.ops.aten._safe_softmax.default, (x, -1), {}, out) == (
+        x.numel(), f"ew {op} float32 64")
+    from autoscale.cost._time import _op_seconds
+
+    seconds = _op_seconds(x.numel(), 0, f"ew {op} float32 64", rates)
+    assert seconds == pytest.approx(x.numel() / 2e8 + RATES.op_overhead_s)
+    from autoscale.cost._rates import _elementwise_rates
+
+    measured = {(o, d) for o, d, _ in _elementwise_rates(1e-6)}
+    assert {(f"{o}@64", "float32") for o in ROW_OPS} <= measured

@@ -80,7 +80,8 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 
 from autoscale.errors import PlanError
 
-__all__ = ["CONVOLUTIONS", "ELEMENTWISE_OPS", "MachineRates", "attention_slices",
+__all__ = ["CONVOLUTIONS", "ELEMENTWISE_OPS", "ROW_OPS", "SHORT_ROW", "MachineRates",
+           "attention_slices",
            "cache_path", "kernel_flops", "machine_rates", "measure_rates", "optimizer_key",
            "rate_kind"]
 
@@ -153,13 +154,26 @@ class MachineRates:
                 return r0 + (r1 - r0) * math.log(flops / f0) / math.log(f1 / f0)
         return points[-1][1]
 
-    def elements_per_s(self, op: str, dtype: str) -> float | None:
+    def elements_per_s(self, op: str, dtype: str, row: int | None = None) -> float | None:
         """Elements per second of aten ``op`` (its packet name) on ``dtype`` tensors
-        ("float32", "bfloat16", "float16"); None where not measured."""
-        for name, d, rate in self.elementwise:
-            if name == op and d == dtype:
-                return rate
-        return None
+        ("float32", "bfloat16", "float16"); None where not measured. For an op of
+        ``ROW_OPS`` on rows of ``row`` elements, interpolated (log scale, clamped) between
+        its rates on short and long rows (Note: [a softmax's rate goes by its rows])."""
+        def rate_of(name: str) -> float | None:
+            for n, d, rate in self.elementwise:
+                if n == name and d == dtype:
+                    return rate
+            return None
+
+        long = rate_of(op)
+        if row is None or op not in ROW_OPS:
+            return long
+        short = rate_of(f"{op}@{SHORT_ROW}")
+        if long is None or short is None:
+            return long or short
+        where = math.log(min(max(row, SHORT_ROW), _COLS) / SHORT_ROW) / math.log(
+            _COLS / SHORT_ROW)
+        return short + (long - short) * where
 
     def optimizer_seconds(self, key: str) -> tuple[float, float] | None:
         """(seconds per parameter element, seconds per parameter tensor) of the optimizer
@@ -189,7 +203,7 @@ class MachineRates:
 
 
 # Part of the cache key: a change to what is measured, or how, measures again.
-_VERSION = 16
+_VERSION = 17
 
 
 def rate_kind(family: str, precision: str) -> str:
@@ -424,12 +438,13 @@ def _optimizer_rates() -> tuple[tuple[str, float, float], ...]:
 _ROWS, _COLS = 1024, 512
 
 
-def _elementwise_calls(x: torch.Tensor, g: torch.Tensor) -> dict[str, Callable[[], Any]]:
+def _elementwise_calls(x: torch.Tensor, g: torch.Tensor, *, cols: int = _COLS
+                       ) -> dict[str, Callable[[], Any]]:
     """Each measured op, called on x and g of (1024, 512) (g positive, of x's shape: a
-    gradient, a divisor)."""
+    gradient, a divisor); ``cols``: x's rows are that long instead."""
     aten = torch.ops.aten
-    w, b = torch.ones(_COLS, dtype=x.dtype), torch.zeros(_COLS, dtype=x.dtype)
-    _, mean, rstd = aten.native_layer_norm(x, [_COLS], w, b, 1e-5)
+    w, b = torch.ones(cols, dtype=x.dtype), torch.zeros(cols, dtype=x.dtype)
+    _, mean, rstd = aten.native_layer_norm(x, [cols], w, b, 1e-5)
     return {
         "aten.gelu": lambda: aten.gelu(x),
         "aten.gelu_backward": lambda: aten.gelu_backward(g, x),
@@ -450,9 +465,9 @@ def _elementwise_calls(x: torch.Tensor, g: torch.Tensor) -> dict[str, Callable[[
         "aten._log_softmax": lambda: aten._log_softmax(x, -1, False),
         "aten._log_softmax_backward_data": lambda: aten._log_softmax_backward_data(
             g, x, -1, x.dtype),
-        "aten.native_layer_norm": lambda: aten.native_layer_norm(x, [_COLS], w, b, 1e-5),
+        "aten.native_layer_norm": lambda: aten.native_layer_norm(x, [cols], w, b, 1e-5),
         "aten.native_layer_norm_backward": lambda: aten.native_layer_norm_backward(
-            g, x, [_COLS], mean, rstd, w, b, [True, True, True]),
+            g, x, [cols], mean, rstd, w, b, [True, True, True]),
         "aten.sum": lambda: aten.sum(x, [-1]),
         "aten.mean": lambda: aten.mean(x, [-1]),
     }
@@ -468,6 +483,19 @@ ELEMENTWISE_OPS = frozenset({
 ``_elementwise_calls`` (named here so that importing this module runs no op)."""
 
 
+# Note: [a softmax's rate goes by its rows]
+# A softmax reduces each row (its max, then its sum) before it writes it, so short rows run
+# slower per element: ``_safe_softmax`` here at 0.50 G elements/s on rows of 512 and 0.24
+# on rows of 64, the rows of HF GPT-2's and BERT's attention at 64 tokens, where its rate
+# from rows of 512 priced their softmax at 1.1 ms for 2.4. The softmax family
+# (``ROW_OPS``) is also timed on rows of ``SHORT_ROW`` ("<op>@64" in ``elementwise``), and
+# an op is priced at the rate for its rows' length, interpolated between the two.
+SHORT_ROW = 64
+ROW_OPS = frozenset({"aten._softmax", "aten._safe_softmax", "aten._softmax_backward_data",
+                     "aten._log_softmax", "aten._log_softmax_backward_data"})
+"""The ops whose element rate goes by the length of the rows they reduce."""
+
+
 def _elementwise_rates(overhead: float) -> tuple[tuple[str, str, float], ...]:
     out = []
     with torch.no_grad():
@@ -480,6 +508,9 @@ def _elementwise_rates(overhead: float) -> tuple[tuple[str, str, float], ...]:
             except (RuntimeError, NotImplementedError):  # no layer norm for this dtype
                 continue
             assert calls.keys() == ELEMENTWISE_OPS, "name each measured op in ELEMENTWISE_OPS"
+            short = _elementwise_calls(x.view(-1, SHORT_ROW), g.view(-1, SHORT_ROW),
+                                       cols=SHORT_ROW)
+            calls.update({f"{op}@{SHORT_ROW}": short[op] for op in ROW_OPS})
             for op, call in calls.items():
                 try:
                     seconds = _best_seconds(call, reps=5, budget_s=0.05)

@@ -48,6 +48,7 @@ from torch.utils._pytree import tree_leaves
 
 from autoscale.cost._rates import (
     ELEMENTWISE_OPS,
+    ROW_OPS,
     MachineRates,
     attention_slices,
     kernel_flops,
@@ -140,7 +141,11 @@ def price_key(func: Any, args: Any, kwargs: Any, out: Any) -> tuple[int, str]:
         tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
         if tensors:
             largest = max(tensors, key=lambda t: t.numel())
-            return largest.numel(), f"ew {name} {str(largest.dtype).removeprefix('torch.')}"
+            kind = f"ew {name} {str(largest.dtype).removeprefix('torch.')}"
+            if name in ROW_OPS and largest.dim():
+                # Note: [a softmax's rate goes by its rows]
+                kind += f" {largest.shape[-1]}"
+            return largest.numel(), kind
     return 0, ""
 
 
@@ -209,8 +214,8 @@ def _op_seconds(flops: int, nbytes: int, precision: str, rates: MachineRates) ->
     if precision == "rng":
         compute = flops / rates.random_per_s()
     elif precision.startswith("ew "):
-        _, op, dtype = precision.split(" ")
-        rate = rates.elements_per_s(op, dtype)
+        _, op, dtype, *row = precision.split(" ")
+        rate = rates.elements_per_s(op, dtype, int(row[0]) if row else None)
         compute = flops / rate if rate else 0.0
     else:
         kind, _, slices = precision.partition("@")
