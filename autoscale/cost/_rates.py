@@ -266,14 +266,18 @@ def machine_rates(device: str = "cpu", *, cache_dir: Path | None = None,
     return rates
 
 
-def _best_seconds(fn: Callable[[], Any], *, reps: int, budget_s: float) -> float:
+def _best_seconds(fn: Callable[[], Any], *, reps: int, budget_s: float,
+                  before: Callable[[], Any] | None = None) -> float:
     """The fastest of up to ``reps`` calls of ``fn`` (after one warm-up), stopping early
-    once ``budget_s`` is spent; see Note: [timing a busy machine]."""
+    once ``budget_s`` is spent; see Note: [timing a busy machine]. ``before`` runs
+    untimed ahead of each timed call."""
     fn()
     threads = torch.get_num_threads()
     times: list[float] = []
     spent = 0.0
     while len(times) < reps and spent < budget_s:
+        if before is not None:
+            before()
         start, cpu = time.perf_counter(), time.process_time()
         fn()
         took = time.perf_counter() - start
@@ -374,19 +378,12 @@ def _cold_seconds(fn: Callable[[], Any], grads: list[torch.Tensor], *, reps: int
     backward: before each call (untimed) 64 MiB are read and written, then ``grads``, which
     backward leaves in the caches."""
     flush = torch.zeros(1 << 24)
-    fn()
-    threads = torch.get_num_threads()
-    times: list[float] = []
-    spent = 0.0
-    while len(times) < reps and spent < budget_s:
+
+    def evict() -> None:
         flush.add_(1.0)
         torch._foreach_mul_(grads, 1.0)
-        start, cpu = time.perf_counter(), time.process_time()
-        fn()
-        took = time.perf_counter() - start
-        times.append(_call_seconds(took, time.process_time() - cpu, threads))
-        spent += took
-    return min(times)
+
+    return _best_seconds(fn, reps=reps, budget_s=budget_s, before=evict)
 
 
 def _optimizer_calibration() -> dict[str, tuple[str, dict[str, Any]]]:
