@@ -33,11 +33,12 @@ plan, as the tuner does after its baseline trial. Per model: the Spearman rank c
 of estimated and measured step time and the median absolute error. Goals (issue 15):
 Spearman >= 0.9 per model, median absolute error within 15%.
 
-Then the distributed plans (``--ranks``, default 2; 1 leaves them out): on every model,
-ddp, zero1, zero2, zero3 and FSDP2 with bf16 units, offload, 8-bit state, micro-batches and
-full checkpointing, and compression (int8 under DDP and FSDP2, PowerSGD under FSDP2), each
-measured as a real multi-process gloo job by the tuner's own trial runner (the largest
-rank's peak), against the estimate made in this process. The same memory goals.
+Then the distributed plans (``--ranks``, default 2; 1 leaves them out;
+``--distributed-only`` runs them alone): on every model, ddp, zero1, zero2, zero3 and FSDP2
+with bf16 units, offload, 8-bit state, micro-batches and full checkpointing, and compression
+(int8 under DDP and FSDP2, PowerSGD under DDP and FSDP2), each measured as a real
+multi-process gloo job by the tuner's own trial runner (the largest rank's peak), against
+the estimate made in this process. The same memory goals.
 """
 
 from __future__ import annotations
@@ -197,15 +198,33 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
     parser.add_argument("--ranks", type=int, default=2,
                         help="ranks of the distributed plans' section (1: leave it out)")
+    parser.add_argument("--distributed-only", action="store_true",
+                        help="the distributed plans' section alone")
     args = parser.parse_args()
+    if args.distributed_only and args.ranks < 2:
+        raise SystemExit("--distributed-only needs --ranks of 2 or more")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     from bench_large_batch import cpu_name
 
-    from autoscale.cost._rates import machine_rates
-
     print(f"machine: {cpu_name()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
+    chosen = _chosen(models(args.quick and args.models is None), args.models)
+    if not args.distributed_only:
+        _single_process(chosen, args.rounds)
+    if args.ranks > 1:
+        print(f"\ndistributed plans, {args.ranks} gloo ranks: the largest rank's measured peak")
+        print(f"{'model':9s} {'plan':17s} {'measured':>11s} {'estimate':>11s} {'error':>7s} "
+              f"{'est. s':>6s}")
+        sharded = {name: _bench_sharded(name, build, args.ranks)
+                   for name, build in chosen.items()}
+        _sharded_summary(sharded, args.ranks)
+
+
+def _single_process(chosen: dict[str, Any], rounds: int) -> None:
+    """The one-process section: rates measured afresh, then every plan of every model."""
+    from autoscale.cost._rates import machine_rates
+
     start = time.perf_counter()
     rates = machine_rates(refresh=True)
     print(f"rates ({time.perf_counter() - start:.1f} s): matmul "
@@ -216,19 +235,8 @@ def main() -> None:
               f"{'est. ms':>8s} {'error':>7s} {'refined':>7s} {'est. s':>6s}")
     print(header)
     print("-" * len(header))
-    rows: dict[str, list[dict[str, float]]] = {}
-    chosen = _chosen(models(args.quick and args.models is None),
-                     args.models)
-    for name, build in chosen.items():
-        rows[name] = _bench_model(name, build, rates, args.rounds)
+    rows = {name: _bench_model(name, build, rates, rounds) for name, build in chosen.items()}
     _summary(rows)
-    if args.ranks > 1:
-        print(f"\ndistributed plans, {args.ranks} gloo ranks: the largest rank's measured peak")
-        print(f"{'model':9s} {'plan':17s} {'measured':>11s} {'estimate':>11s} {'error':>7s} "
-              f"{'est. s':>6s}")
-        sharded = {name: _bench_sharded(name, build, args.ranks)
-                   for name, build in chosen.items()}
-        _sharded_summary(sharded, args.ranks)
 
 
 def _bench_model(name: str, build: Any, rates: Any, rounds: int) -> list[dict[str, float]]:
@@ -297,6 +305,8 @@ def sharded_plans(graph: Any, batch: int, ranks: int) -> dict[str, Any]:
                                       "optimizer": optimizer_plan("adamw8bit", None)}),
         "ddp int8": Plan(sections={"shard": shard("ddp"),
                                    "compress": CompressPlan(method="int8")}),
+        "ddp powersgd": Plan(sections={"shard": shard("ddp"),
+                                       "compress": CompressPlan(method="powersgd")}),
         "zero2 powersgd": Plan(sections={"shard": shard("zero2"),
                                          "compress": CompressPlan(method="powersgd")}),
         "zero3 int8": Plan(sections={"shard": shard("zero3"),
