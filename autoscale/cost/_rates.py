@@ -11,10 +11,10 @@ compile of 8-bit AdamW's inductor path, which its kernel dispatcher times like a
   ``bf16_flops_per_s`` and ``fp16_flops_per_s`` the same step under autocast, which CPUs
   run anywhere from a few times faster (bf16 units) to many times slower (no fp16 GEMM).
   Every call's rate is kept (``matmul_curve``) from the step at widths 64 to 512 (fp16: 32
-  to 128): a small matmul runs far below a large one (bf16 here: ~25 GFLOP/s at width 64,
+  and 64): a small matmul runs far below a large one (bf16 here: ~25 GFLOP/s at width 64,
   ~380 at 512), and a model's matmul is priced at the rate of its size. Convolutions
   (mkldnn's kernels) get points of their own, from two 3x3 convolutions of 16 and 64
-  channels on 4 images of 16x16, and of 32 on 16 of 32x32 (fp16: 8 and 32 channels; Note: [a
+  channels on 4 images of 16x16, and of 32 on 16 of 32x32 (fp16: 8 channels; Note: [a
   convolution's rate falls past the caches]). So does fused attention
   (``scaled_dot_product_attention``'s CPU kernel), forward and backward apart, from a
   causal self-attention of 4 sequences of 4 heads at 32, 64, 128 and 256 tokens (fp16: the
@@ -203,7 +203,7 @@ class MachineRates:
 
 
 # Part of the cache key: a change to what is measured, or how, measures again.
-_VERSION = 18
+_VERSION = 17
 
 
 def rate_kind(family: str, precision: str) -> str:
@@ -322,12 +322,10 @@ def measure_rates() -> MachineRates:
                   for dtype, name in ((torch.float32, ""), (torch.bfloat16, "bf16")))
     _matmul_rate(torch.float16, 32, curves["fp16"])
     fp16 = _matmul_rate(torch.float16, 64, curves["fp16"])
-    _matmul_rate(torch.float16, 128, curves["fp16"])
     for width, images in ((16, (4, 16)), (64, (4, 16)), (32, (16, 32))):
         for dtype, name in ((torch.float32, ""), (torch.bfloat16, "bf16")):
             _matmul_rate(dtype, width, curves[name], conv=True, images=images)
-    for width in (8, 32):
-        _matmul_rate(torch.float16, width, curves["fp16"], conv=True)
+    _matmul_rate(torch.float16, 8, curves["fp16"], conv=True)
     for dtype, name, shapes in ((torch.float32, "", _ATTENTION_SHAPES),
                                 (torch.bfloat16, "bf16", _ATTENTION_SHAPES),
                                 (torch.float16, "fp16", _ATTENTION_SHAPES[:2])):
