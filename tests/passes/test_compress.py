@@ -397,7 +397,7 @@ def test_memory_counts_the_residual_and_powersgd_factors() -> None:
 
 
 _POWERSGD_THREAD_CHECK = """
-import sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 import autoscale.passes.compress as compress
@@ -425,7 +425,13 @@ print(done)
 assert all(d for compressed, d in done if compressed) and any(c for c, _ in done), done
 stats = compress.comm_stats(model)
 assert stats.bytes_sent < stats.bytes_uncompressed, stats
+del model
 dist.destroy_process_group()
+sys.stdout.flush()
+# Interpreter teardown once aborted in CI after every check above had passed ("terminate
+# called without an active exception": a gloo thread still joinable at exit); it is not
+# what this test checks, so the process ends here.
+os._exit(0)
 """
 
 
