@@ -324,17 +324,11 @@ def optimizer_bytes(params: list[nn.Parameter], plan: Plan) -> tuple[int, int]:
     ``OPTIMIZER_BYTES`` per element, scaled by the parameters' element size for p and g,
     divided among the ranks by zero1/zero2/zero3 (each steps its shard); one op per tensor,
     plus fp16 loss scaling's unscale-and-check (reads and writes every gradient)."""
-    kind = plan.optimizer.kind
-    per_element = OPTIMIZER_BYTES[kind]
-    if kind == "sgd" and not plan.optimizer.kwargs.get("momentum"):
-        per_element = _SGD_PLAIN_BYTES
-    total = 0.0
-    for p in params:
-        # p and g are read and written at their own size; state stays fp32 (autoscale.optim).
-        total += p.numel() * (per_element + 3 * (p.element_size() - 4))
+    total = _moved_bytes(params, _bytes_per_element(plan))
+    ops = len(params)
     if plan.precision.mode == "fp16":
         total += sum(2 * p.numel() * p.element_size() for p in params)
-    ops = len(params) * (2 if plan.precision.mode == "fp16" else 1)
+        ops *= 2
     if plan.shard.strategy in ("zero1", "zero2", "zero3"):
         total /= plan.shard.world_size
         ops = math.ceil(ops / plan.shard.world_size)
@@ -350,12 +344,8 @@ def optimizer_work(params: list[nn.Parameter], plan: Plan
     zero1/zero2/zero3 as ``optimizer_bytes`` divides them; the extra bytes and ops are fp16
     loss scaling's unscale-and-check (read and write every gradient)."""
     opt = plan.optimizer
-    key = optimizer_key(opt.kind, opt.kernel, opt.kwargs) or ""
-    per_element = OPTIMIZER_BYTES[opt.kind]
-    if key == "sgd-plain":
-        per_element = _SGD_PLAIN_BYTES
-    elements = sum(p.numel() * (per_element + 3 * (p.element_size() - 4)) / per_element
-                   for p in params)
+    per_element = _bytes_per_element(plan)
+    elements = _moved_bytes(params, per_element) / per_element
     tensors = len(params)
     extra_bytes = extra_ops = 0
     if plan.precision.mode == "fp16":
@@ -365,7 +355,21 @@ def optimizer_work(params: list[nn.Parameter], plan: Plan
         ranks = plan.shard.world_size
         elements, extra_bytes = elements / ranks, extra_bytes // ranks
         tensors, extra_ops = math.ceil(tensors / ranks), math.ceil(extra_ops / ranks)
-    return key, elements, tensors, extra_bytes, extra_ops
+    return (optimizer_key(opt.kind, opt.kernel, opt.kwargs) or "", elements, tensors,
+            extra_bytes, extra_ops)
+
+
+def _bytes_per_element(plan: Plan) -> float:
+    """``OPTIMIZER_BYTES`` of ``plan``'s optimizer (SGD without momentum its own)."""
+    opt = plan.optimizer
+    if opt.kind == "sgd" and not opt.kwargs.get("momentum"):
+        return _SGD_PLAIN_BYTES
+    return OPTIMIZER_BYTES[opt.kind]
+
+
+def _moved_bytes(params: list[nn.Parameter], per_element: float) -> float:
+    # p and g are read and written at their own size; state stays fp32 (autoscale.optim).
+    return sum(p.numel() * (per_element + 3 * (p.element_size() - 4)) for p in params)
 
 
 def communication_bytes(params: list[nn.Parameter], plan: Plan) -> int:
