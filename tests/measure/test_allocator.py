@@ -12,6 +12,7 @@ import torch
 from autoscale.measure._allocator import (
     AllocatorEvent,
     AllocatorPeakTracker,
+    FsdpSpan,
     _AllocatorTrace,
     profiler_is_free,
     replay,
@@ -55,7 +56,7 @@ def test_private_torch_api() -> None:
     ptr = t.untyped_storage().data_ptr()
     _AllocatorTrace.mark("autoscale::root_free::7")
     del t
-    allocs, markers = trace.stop()
+    allocs, markers, _ = trace.stop()
     assert profiler_is_free()
     mine = sorted(e for e in allocs if e.ptr == ptr)
     assert [e.nbytes for e in mine] == [4000, -4000], allocs
@@ -154,6 +155,28 @@ def test_replay_ends_a_block_freed_by_an_untraced_thread() -> None:
     assert replay(1000, [AllocatorEvent(5, 0xC, -500, 5)], []) == (1000, 1000)
     # A root (in the baseline, 200 B) freed at t=5, before every allocation.
     assert replay(1000, allocs, [(5, 200)]) == (1000, 800)
+
+
+def test_replay_frees_an_fsdp_all_gather_output_where_fsdp_let_go_of_it() -> None:
+    # Two unit outputs (100 B) allocated inside FSDP::all_gather and never freed in the
+    # trace (gloo's thread dropped them): in backward the output is free once its own
+    # copy-out ends; in forward FSDP keeps it until the next unit's copy-out starts.
+    spans = [FsdpSpan(20, 30, "FSDP::all_gather_copy_out (h.1)", False),
+             FsdpSpan(60, 70, "FSDP::all_gather_copy_out (h.0)", True),
+             FsdpSpan(80, 90, "FSDP::all_gather_copy_out (h.1)", True)]
+    backward = [AllocatorEvent(10, 0xA, 100, 12, gathered_for=" (h.1)"),
+                AllocatorEvent(40, 0xB, 7, 41)]
+    assert replay(0, backward, [], spans) == (100, 7)  # freed at 30, before the 7 B
+    forward = [AllocatorEvent(50, 0xA, 100, 52, gathered_for=" (h.0)"),
+               AllocatorEvent(75, 0xB, 7, 76), AllocatorEvent(85, 0xC, 5, 86)]
+    assert replay(0, forward, [], spans) == (107, 12)  # held over 75, freed at 80
+    # The root's output after the last unit: freed when the root's post-forward ends.
+    root = [AllocatorEvent(50, 0xA, 100, 52, gathered_for=" (h.0)"),
+            AllocatorEvent(75, 0xB, 7, 76)]
+    assert replay(0, root, [], [spans[1], FsdpSpan(71, 74, "FSDP::post_forward", False)]) \
+        == (100, 7)
+    # No copy-out of its unit followed (or no FSDP ops traced): counted to the end.
+    assert replay(0, backward, []) == (107, 107)
 
 
 def test_measure_falls_back_to_the_ledger_under_a_running_profiler() -> None:

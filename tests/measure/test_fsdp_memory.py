@@ -38,15 +38,12 @@ def test_zero3_peak_per_rank_matches_the_hand_count(tmp_path: Path) -> None:
         for t in rank["allocator"]:
             assert t["baseline"] == hand["baseline"]
         # Measured 20 B over the hand count: the loss and other 0-dim temporaries. In
-        # about 1 tracked step of 6, gloo's worker thread releases a buffer (an all-gather
-        # output) after the main thread let go, untraced, and it stays counted to the end:
-        # one unit more (Note: [frees on untraced threads]); in about 1 run of 10 the late
-        # unit came once per step, 0, 1, 2 units over in 3 steps. So: the lowest of the
-        # steps equals the hand count, and none is more than one unit per step over.
-        late = (len(peaks) - 1) * unit + 64
-        assert 0 <= min(peaks) - hand["peak"] <= 64, (peaks, hand)
-        assert max(peaks) - hand["peak"] <= late, (peaks, hand)
-        assert 0 <= rank["measure"]["peak"] - hand["peak"] <= late
+        # about 1 tracked step of 6, gloo's worker thread releases an all-gather output
+        # after the main thread let go, untraced; the tracker places its free where FSDP
+        # let go of it (Note: [frees on untraced threads]). Before it did, that step read
+        # one unit (1 MiB) over.
+        for peak in peaks + [rank["measure"]["peak"]]:
+            assert 0 <= peak - hand["peak"] <= 64, (peaks, hand)
         # The ledger is off by three units here: it sees the unsharded weights when an op
         # reads them but not their resize_(0) after the block, so they stay "live".
         assert ledger_rank["ledger"]["peak"] - hand["peak"] >= 2 * unit
