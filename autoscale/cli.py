@@ -8,6 +8,7 @@ argument parsing or terminal rendering.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -429,6 +430,15 @@ def apply_plan(
         run.leave_ranks(ranks)
     out.print(run.steps_table(trained))
     out.print(run.summary_table(trained, plan, ranks))
+    if ranks.world > 1:
+        # Leave without tearing down: freeing the DDP Reducer (with the GIL held) destroys
+        # the gloo process group, whose destructor joins gloo's worker threads, and a
+        # worker still releasing a finished all-reduce's tensors waits for the GIL:
+        # deadlock (a rank hung in ~ProcessGroupGloo, its worker in
+        # ConcretePyInterpreterVTable::decref). The tuner's workers leave the same way.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 Storage = Annotated[str, typer.Argument(help="The study's Optuna storage: a SQLite path "
