@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 
 import torch
@@ -72,6 +73,11 @@ def main() -> None:
         with open(sys.argv[1], "w") as f:
             json.dump(out, f)
     dist.destroy_process_group()
+    # As the other workers: leave without interpreter teardown, where freeing the gloo
+    # process group can deadlock with its worker threads (autoscale/cli.py, apply_plan).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
