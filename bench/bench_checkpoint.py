@@ -29,8 +29,13 @@ graphs are cached across configs within one process) with its own eager no-ckpt 
 timed beside it, and its time is the ratio over that baseline: so autoscale's compiled
 plans and torch.compile's are measured alike (a config compiled in this process, beside
 many others, had timed 5-10% faster relative to the baseline than the same config in a
-process of its own). Compile time (the first step) is reported apart, and warm-up steps
-run until three in a row agree within 10%. The eager configs run together in this process.
+process of its own). Each runs in ``--processes`` processes (default 3) and its ratio is
+their median, printed with their spread (largest minus smallest ratio): one process per
+config had put one compiled plan, which the solver chose at two budgets, at 0.82x and 0.87x
+in one run (where each process's tensors landed in memory). Configs with the same plan
+(the solver often picks one plan at several budgets) are measured once and share the
+figures. Compile time (the first step) is reported apart, and warm-up steps run until
+three in a row agree within 10%. The eager configs run together in this process.
 
 Activation memory (the column the budgets are judged on) is what the forward keeps for the
 backward: live bytes when the loss is computed minus the live state before the step
@@ -96,6 +101,7 @@ class Row:
     compile_s: float | None = None
     policies: str = ""
     error: str | None = None
+    spread: float | None = None  # largest minus smallest ratio over the config's processes
 
 
 def build_model(name: str, *, quick: bool = False) -> tuple[torch.nn.Module, Any]:
@@ -297,8 +303,34 @@ def worker_row(spec: dict[str, Any], *, timeout: float = 900) -> Row:
     return Row(**json.loads(lines[-1]))
 
 
+def compiled_rows(specs: list[dict[str, Any]], processes: int) -> list[Row]:
+    """One row per spec: its config run by :func:`worker_row` in ``processes`` processes,
+    the median ratio, step and compile time kept with the ratios' spread; specs of one
+    model with the same plan (or the same compile budget) are run once and share figures.
+    A config failing in every process is a failed row; failed processes are left out."""
+    runs: dict[str, list[Row]] = {}
+    out = []
+    for spec in specs:
+        key = json.dumps([spec["model"], spec.get("plan"), spec.get("budget")], sort_keys=True)
+        if key not in runs:
+            runs[key] = [worker_row(spec) for _ in range(processes)]
+        named = dict(label=spec["label"], kind=spec["kind"], fraction=spec["fraction"],
+                     policies=spec["policies"])
+        ok = [r for r in runs[key] if r.error is None]
+        if not ok:
+            out.append(dataclasses.replace(runs[key][0], **named))
+            continue
+        ratios = [r.time_ratio for r in ok]
+        out.append(dataclasses.replace(
+            ok[0], **named, time_ratio=statistics.median(ratios),
+            step_s=statistics.median(r.step_s for r in ok),
+            compile_s=statistics.median(r.compile_s or 0.0 for r in ok),
+            spread=max(ratios) - min(ratios)))
+    return out
+
+
 def run(models: tuple[str, ...], fractions: tuple[float, ...], repeats: int, *,
-        compile_rows: bool, quick: bool = False) -> dict[str, list[Row]]:
+        compile_rows: bool, quick: bool = False, processes: int = 3) -> dict[str, list[Row]]:
     """Every model's rows: eager ones in this process, each compiled one in its own
     (autoscale's plans under inductor, and torch.compile's own budget)."""
     out = {}
@@ -311,7 +343,7 @@ def run(models: tuple[str, ...], fractions: tuple[float, ...], repeats: int, *,
         if compile_rows:
             specs += [dict(model=name, label=f"compile {f:g}", kind="compile", fraction=f,
                            policies="", budget=f, repeats=repeats) for f in fractions]
-        rows += [worker_row(spec) for spec in specs]
+        rows += compiled_rows(specs, processes)
         out[name] = rows
     return out
 
@@ -395,7 +427,8 @@ def print_table(name: str, rows: list[Row]) -> None:
     base = rows[0]
     print(f"\n{name}: A0 {base.act_bytes / MIB:.2f} MiB, T0 {base.step_s * 1e3:.1f} ms")
     header = (f"{'config':26s} {'act MiB':>8s} {'x mem':>6s} {'peak MiB':>8s} {'x peak':>6s} "
-              f"{'step ms':>8s} {'x time':>6s} {'fits':>4s} {'compile s':>9s}  policies")
+              f"{'step ms':>8s} {'x time':>6s} {'spread':>6s} {'fits':>4s} {'compile s':>9s}  "
+              "policies")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -404,9 +437,11 @@ def print_table(name: str, rows: list[Row]) -> None:
             continue
         fit = "-" if r.fraction is None else ("yes" if fits(r, base) else "no")
         comp = "" if r.compile_s is None else f"{r.compile_s:.1f}"
+        spread = "" if r.spread is None else f"{r.spread:.2f}"
         print(f"{r.label:26s} {r.act_bytes / MIB:8.2f} {r.act_bytes / base.act_bytes:6.2f} "
               f"{r.peak_bytes / MIB:8.2f} {r.peak_bytes / base.peak_bytes:6.2f} "
-              f"{r.step_s * 1e3:8.1f} {r.time_ratio:6.2f} {fit:>4s} {comp:>9s}  {r.policies}")
+              f"{r.step_s * 1e3:8.1f} {r.time_ratio:6.2f} {spread:>6s} {fit:>4s} {comp:>9s}  "
+              f"{r.policies}")
     for line in goals(rows):
         print("  " + line)
 
@@ -418,6 +453,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="gpt only, budgets 100%% and 50%%, no compile rows")
     parser.add_argument("--no-compile", action="store_true", help="skip the compile rows")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="processes per compiled config (its ratio is their median)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -433,7 +470,8 @@ def main() -> None:
           f"{torch.get_num_threads()} torch threads; torch {torch.__version__}")
     start = time.perf_counter()
     report = run(models, fractions, args.repeats,
-                 compile_rows=not (args.quick or args.no_compile), quick=args.quick)
+                 compile_rows=not (args.quick or args.no_compile), quick=args.quick,
+                 processes=args.processes)
     for name, rows in report.items():
         print_table(name, rows)
     print(f"\n({time.perf_counter() - start:.0f} s)")

@@ -66,3 +66,37 @@ def test_compiled_configs_each_in_their_own_process() -> None:
     assert rows[1].act_bytes < bench_checkpoint.worker_row(
         dict(specs[1], plan=Plan(sections={"compile": CompilePlan(mode="inductor")}
                                  ).to_dict()), timeout=600).act_bytes
+
+
+def test_compiled_rows_take_the_median_of_their_processes_and_share_equal_plans(
+        monkeypatch) -> None:
+    # The aggregation alone: worker_row (a process each) is replaced by a list of readings.
+    Row = bench_checkpoint.Row
+    readings = iter([0.90, 0.80, 0.86, 1.10, 1.00, 1.20, None, None, None])
+    calls = []
+
+    def fake_worker_row(spec):
+        calls.append(spec["label"])
+        ratio = next(readings)
+        if ratio is None:
+            return Row(spec["label"], spec["kind"], spec["fraction"], 0, 0, math.nan,
+                       math.nan, error="compile failed")
+        return Row(spec["label"], spec["kind"], spec["fraction"], 100, 200, ratio / 10,
+                   ratio, compile_s=5.0)
+
+    monkeypatch.setattr(bench_checkpoint, "worker_row", fake_worker_row)
+    spec = dict(model="gpt", kind="autoscale", policies="p", plan={"a": 1}, budget=None)
+    specs = [dict(spec, label="autoscale 100% ind", fraction=1.0),
+             dict(spec, label="autoscale 75% ind", fraction=0.75),  # the same plan: shared
+             dict(spec, label="autoscale 50% ind", fraction=0.5, plan={"a": 2}),
+             dict(model="gpt", kind="compile", policies="", plan=None, budget=0.5,
+                  label="compile 0.5", fraction=0.5)]
+    rows = bench_checkpoint.compiled_rows(specs, processes=3)
+    assert calls == ["autoscale 100% ind"] * 3 + ["autoscale 50% ind"] * 3 + \
+        ["compile 0.5"] * 3
+    assert [r.label for r in rows] == [s["label"] for s in specs]
+    assert [r.fraction for r in rows] == [1.0, 0.75, 0.5, 0.5]
+    assert rows[0].time_ratio == rows[1].time_ratio == 0.86  # the median of three
+    assert rows[0].spread == pytest.approx(0.10)
+    assert rows[2].time_ratio == 1.10 and rows[2].step_s == pytest.approx(0.11)
+    assert rows[3].error == "compile failed" and rows[3].kind == "compile"
