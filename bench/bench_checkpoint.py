@@ -46,7 +46,9 @@ sees inductor's buffers). It is the quantity both autoscale's budget and torch's
 gradients and the backward's recompute working set, which no checkpoint policy budgets.
 
 Step time: the median over --repeats interleaved rounds (every config one step a round, the
-order rotated each round) on os.cpu_count() torch threads, wall clock. The machine is shared:
+order rotated each round) on os.cpu_count() torch threads, wall clock. Every eager config
+is built afresh each round (a compiled one cannot be without compiling again): one build
+each had put two identical no-ckpt configs 6-9% apart on GPT. The machine is shared:
 compare rows within one run.
 
 Goals (per budget): the solver's plan within the budget and at least as fast as the
@@ -64,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -158,15 +161,25 @@ def settle(result: Any, batch: Any, *, max_steps: int = 12) -> int:
     return len(times)
 
 
-def interleaved(results: dict[str, Any], batch: Any, repeats: int) -> dict[str, float]:
-    """Median step seconds per config over ``repeats`` rounds, the order rotated."""
+def interleaved(results: dict[str, Any], batch: Any, repeats: int, *,
+                rebuild: dict[str, Any] | None = None) -> dict[str, float]:
+    """Median step seconds per config over ``repeats`` rounds, the order rotated. A config
+    in ``rebuild`` (label -> a function building it) is built afresh each round and stepped
+    once untimed before its timed step: where one build's tensors land in memory had put two
+    builds of GPT's no-ckpt plan 6-9% apart for a whole run (bench_estimate rebuilds too)."""
     labels = list(results)
+    rebuild = rebuild or {}
     times: dict[str, list[float]] = {label: [] for label in labels}
     for r in range(repeats):
         for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+            result = results[label]
+            if label in rebuild:
+                result = rebuild[label]()
+                result.step(batch)
             start = time.perf_counter()
-            results[label].step(batch)
+            result.step(batch)
             times[label].append(time.perf_counter() - start)
+            del result
     return {label: statistics.median(t) for label, t in times.items()}
 
 
@@ -248,7 +261,9 @@ def eager_rows(configs: dict[str, tuple[str, float | None, Any, str]], model: An
         settle(result, batch)
     acts = {label: activation_bytes(r, batch) for label, r in results.items()}
     peaks = {label: peak_bytes(r, batch) for label, r in results.items()}
-    steps = interleaved(results, batch, repeats)
+    steps = interleaved(results, batch, repeats, rebuild={
+        label: functools.partial(build_result, c[2], model, graph=graph)
+        for label, c in configs.items()})
     return [Row(label, c[0], c[1], acts[label], peaks[label], steps[label],
                 steps[label] / steps["no ckpt"], policies=c[3])
             for label, c in configs.items()]
@@ -280,7 +295,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     settle(base, batch)
     act = activation_bytes(compiled, batch)
     peak = peak_bytes(compiled, batch)
-    steps = interleaved({"base": base, "compiled": compiled}, batch, repeats=spec["repeats"])
+    # The eager baseline is rebuilt each round; the compiled config is not (a new module
+    # recompiles), so its processes (``compiled_rows``) stand for its builds.
+    steps = interleaved({"base": base, "compiled": compiled}, batch, repeats=spec["repeats"],
+                        rebuild={"base": functools.partial(build_result, Plan(), model)})
     return asdict(Row(spec["label"], spec["kind"], spec["fraction"], act, peak,
                       steps["compiled"], steps["compiled"] / steps["base"],
                       compile_s=compile_s, policies=spec["policies"]))
