@@ -69,7 +69,7 @@ from __future__ import annotations
 import functools
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -198,7 +198,7 @@ def _trace_events(roots: list[Any]) -> tuple[list[AllocatorEvent], list[_Marker]
     return allocs, markers, spans
 
 
-def _gather_output_freed_ns(block: AllocatorEvent, spans: list[FsdpSpan]) -> int | None:
+def _gather_output_freed_ns(block: AllocatorEvent, spans: Sequence[FsdpSpan]) -> int | None:
     """When FSDP2 let go of an all-gather output (Note: [frees on untraced threads]):
     the end of its unit's next copy-out in backward; in forward the next copy-out's start
     or the root's post-forward end after it. None: no copy-out of its unit followed."""
@@ -215,7 +215,7 @@ def _gather_output_freed_ns(block: AllocatorEvent, spans: list[FsdpSpan]) -> int
 
 
 def replay(baseline: int, allocs: list[AllocatorEvent], root_frees: list[tuple[int, int]],
-           spans: list[FsdpSpan] | tuple[()] = ()) -> tuple[int, int]:
+           spans: Sequence[FsdpSpan] = ()) -> tuple[int, int]:
     """Peak and final live bytes: ``baseline`` plus the running sum of the deltas in order.
 
     ``root_frees`` are ``(time_ns, nbytes)`` of storages live at the start and freed inside.
@@ -240,7 +240,7 @@ def replay(baseline: int, allocs: list[AllocatorEvent], root_frees: list[tuple[i
     deltas += [(b.scope_end_ns, -b.nbytes) for b in live.values() if b.in_collective]
     for b in live.values():
         if b.gathered_for is not None:
-            freed = _gather_output_freed_ns(b, list(spans))
+            freed = _gather_output_freed_ns(b, spans)
             if freed is not None:
                 deltas.append((freed, -b.nbytes))
     deltas.sort(key=lambda d: d[0])  # stable: ties keep allocation-before-free order
