@@ -42,7 +42,7 @@ def test_zero3_peak_per_rank_matches_the_hand_count(tmp_path: Path) -> None:
         # after the main thread let go, untraced; the tracker places its free where FSDP
         # let go of it (Note: [frees on untraced threads]). Before it did, that step read
         # one unit (1 MiB) over.
-        for peak in peaks + [rank["measure"]["peak"]]:
+        for peak in [*peaks, rank["measure"]["peak"]]:
             assert 0 <= peak - hand["peak"] <= 64, (peaks, hand)
         # The ledger is off by three units here: it sees the unsharded weights when an op
         # reads them but not their resize_(0) after the block, so they stay "live".
