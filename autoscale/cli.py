@@ -145,9 +145,7 @@ def tune(
             # interpreter's teardown after a Ctrl-C hung (60 s, after this line was printed)
             # or aborted ("terminate called after throwing an instance of 'python_error'")
             # in about 1 CI run of 4, a cause not found in 30 runs outside CI.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(130)
+            _leave_now(130)
     report = result.report
     if report.trials:
         console.print(_trials_table(report))
@@ -442,9 +440,16 @@ def apply_plan(
         # worker still releasing a finished all-reduce's tensors waits for the GIL:
         # deadlock (a rank hung in ~ProcessGroupGloo, its worker in
         # ConcretePyInterpreterVTable::decref). The tuner's workers leave the same way.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        _leave_now(0)
+
+
+def _leave_now(code: int) -> None:
+    """End the process with ``code`` once stdout and stderr are flushed, skipping the
+    interpreter's teardown (atexit handlers, object finalizers); for a command whose work
+    is written and whose teardown can hang (the callers say why)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 Storage = Annotated[str, typer.Argument(help="The study's Optuna storage: a SQLite path "
