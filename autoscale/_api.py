@@ -196,11 +196,13 @@ def optimize(
     feasible plan is returned and ``result.report.front`` holds the measured Pareto front.
 
     ``compile_modes`` lets the search put the model under torch.compile (see
-    autoscale/plan/_compile.py): "off", "inductor" (with the solver's checkpoint policies)
-    and "inductor-budget" (inductor's own activation_memory_budget, set from the same
-    activation-budget knob, with no checkpoint section). Default: "off" and "inductor" on
-    CUDA, "off" only on CPU, where compiling costs tens of seconds per trial for about 1.0x
-    (measured on examples/gpt.py); name them to search them anywhere. One-process plans
+    autoscale/plan/_compile.py): "off", "inductor" (with the solver's checkpoint policies),
+    "inductor-eager-rng" (the same with dropout's random numbers drawn by eager's kernels:
+    faster on CPU, the eager model's masks) and "inductor-budget" (inductor's own
+    activation_memory_budget, set from the same activation-budget knob, with no checkpoint
+    section). Default: "off" and "inductor" on CUDA, "off" only on CPU, where compiling
+    costs tens of seconds per trial for about 1.0x (measured on examples/gpt.py; with
+    eager RNG 0.93x on its dropout); name them to search them anywhere. One-process plans
     only. A trial's compile time is reported apart from its step time (the
     ``compile_time_s`` user attribute of its Optuna trial, and TrialRecord.compile_time_s),
     and a compile failure fails that trial alone.

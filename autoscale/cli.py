@@ -101,7 +101,8 @@ def tune(
              "bf16, fp16, int8, topk, powersgd; default all but fp16.")] = None,
     compile_modes: Annotated[list[str] | None, typer.Option(
         "--compile", help="torch.compile modes the search may try (repeatable): off, "
-        "inductor (the checkpoint solver's policies compiled), inductor-budget (inductor's "
+        "inductor (the checkpoint solver's policies compiled), inductor-eager-rng (the same, "
+        "dropout drawn by eager's kernels: faster on CPU), inductor-budget (inductor's "
         "own activation budget at the checkpoint knob); default off only. Compile time is "
         "reported apart from step time.")] = None,
 ) -> None:

@@ -19,13 +19,16 @@ torch.export with strict=False). Rows per model:
   built by ``build_result``.
 - "autoscale f% ind" (not with --quick): the plan autoscale runs with compile.mode
   'inductor': the solver's policies under torch.compile, solved on options timed under
-  inductor (``time_block_options(..., compiled=True)``), in its own process (below).
+  inductor (``time_block_options(..., compiled="inductor")``), in its own process (below).
+- "autoscale f% rng" (not with --quick): the same with compile.mode 'inductor-eager-rng'
+  (dropout drawn by eager's kernels inside the compiled graph: passes/compile.py, Note:
+  [eager RNG in compiled code]), solved on options timed under that mode.
 - "full ckpt": every block fully checkpointed.
 - "compile f": ``torch.compile`` with ``torch._functorch.config.activation_memory_budget
   = f``, as a user runs it.
 
-Every compiled config ("autoscale f% ind", "compile f") runs in its own process (compiled
-graphs are cached across configs within one process) with its own eager no-ckpt baseline
+Every compiled config ("autoscale f% ind" and "rng", "compile f") runs in its own process
+(compiled graphs are cached across configs within one process) with its own eager no-ckpt baseline
 timed beside it, and its time is the ratio over that baseline: so autoscale's compiled
 plans and torch.compile's are measured alike (a config compiled in this process, beside
 many others, had timed 5-10% faster relative to the baseline than the same config in a
@@ -56,7 +59,7 @@ fastest alternative (full ckpt, or compile at any fraction) whose activation mem
 the same budget; at 50% under 5%
 step-time overhead; the solver's activation memory non-increasing as the budget falls
 (reported for compile's too). "fits" is strict, in bytes. The solver's figure at a budget
-is the fastest of its plans there (eager, under inductor) that fits; times compare as
+is the fastest of its plans there (eager, under either compile mode) that fits; times compare as
 ratios over each process's own no-ckpt step. A verdict slower by less than the run's noise
 line says "tie within noise". The tuner's pick (its fastest fitting reading, inductor's
 own partitioner at the same fraction included) is named beside each verdict.
@@ -190,10 +193,37 @@ def _describe(section: Any) -> str:
     return " ".join(f"{p}x{policies.count(p)}" for p in dict.fromkeys(policies))
 
 
+_SUFFIX = {"inductor": "ind", "inductor-eager-rng": "rng"}
+"""Row label suffix of the solver's plans under each compile mode."""
+
+
+def draws_random(model: torch.nn.Module, batch: Any) -> bool:
+    """Whether one training-mode forward of ``model`` draws random numbers (dropout)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from autoscale.runtime._batch import call_model
+
+    random = {torch.ops.aten.bernoulli_, torch.ops.aten.bernoulli,
+              torch.ops.aten.native_dropout, torch.ops.aten.rand, torch.ops.aten.rand_like,
+              torch.ops.aten.randn, torch.ops.aten.randn_like}
+    seen = []
+
+    class Spot(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            seen.append(func.overloadpacket in random)
+            return func(*args, **(kwargs or {}))
+
+    model.train()
+    with torch.no_grad(), Spot():
+        call_model(model, batch)
+    return any(seen)
+
+
 def solver_configs(name: str, fractions: tuple[float, ...], *, quick: bool = False
                    ) -> tuple[dict[str, tuple[str, float | None, Any, str]], Any, Any, Any]:
     """Every config of one model (label -> kind, fraction, Plan, policies): the baseline
-    twice, the solver's plans (eager, and under inductor unless quick) and full ckpt; with
+    twice, the solver's plans (eager, and under both compile modes unless quick) and full
+    ckpt; with
     the model, its batch and its graph."""
     import autoscale
     from autoscale import CheckpointPlan, Plan
@@ -217,21 +247,23 @@ def solver_configs(name: str, fractions: tuple[float, ...], *, quick: bool = Fal
         "no ckpt again": ("noise", None, Plan(), "none")}
     priced = measure_block_options(model, batch, graph)
     eager = time_block_options(model, batch, graph, priced)
-    inductor = (None if quick else time_block_options(
-        model, batch, graph, priced,
-        plan=Plan(sections={"compile": CompilePlan(mode="inductor")}), compiled=True))
+    # Without random ops 'inductor-eager-rng' compiles the same code as 'inductor'.
+    modes = ("inductor", "inductor-eager-rng") if draws_random(model, batch) else ("inductor",)
+    compiled = {} if quick else {mode: time_block_options(
+        model, batch, graph, priced, plan=Plan(sections={"compile": CompilePlan(mode=mode)}),
+        compiled=mode) for mode in modes}
     for f in fractions:
         section = solve_checkpoint_plan(model, batch, graph, int(none_est * f), options=eager)
         configs[f"autoscale {f:.0%}"] = ("autoscale", f, Plan(sections={"checkpoint": section}),
                                          _describe(section))
-        if inductor is not None:
+        for mode, timed in compiled.items():
             section = solve_checkpoint_plan(model, batch, graph, int(none_est * f),
-                                            options=inductor)
-            configs[f"autoscale {f:.0%} ind"] = (
+                                            options=timed)
+            configs[f"autoscale {f:.0%} {_SUFFIX[mode]}"] = (
                 "autoscale", f, Plan(sections={"checkpoint": section,
-                                               "compile": CompilePlan(mode="inductor")}),
-                _describe(section) + " +inductor")
-    for label, timed in (("eager", eager), ("inductor", inductor)):
+                                               "compile": CompilePlan(mode=mode)}),
+                _describe(section) + f" +{mode}")
+    for label, timed in (("eager", eager), *compiled.items()):
         if timed is not None:
             names = ["+".join(o.policy.save) or o.policy.policy for o in timed.blocks[0]]
             seconds = [sum(opts[j].recompute_s for opts in timed.blocks) * 1e3
@@ -385,12 +417,13 @@ def goals(rows: list[Row]) -> list[str]:
     the numbers. Step times compare as ratios over the no-ckpt step timed in the same
     process. Noise: how far the second no-ckpt row's time lay from the first's.
 
-    The solver's plans (eager, and under inductor where measured) are judged against every
-    alternative that fits the budget: full checkpointing and torch.compile's own budget at
-    any fraction. The tuner's pick at the budget is printed beside it: the fastest fitting
-    of its three readings of the knob, the solver eager, the solver under inductor, and
-    inductor's own budget (compile.mode 'inductor-budget', the technique of the "compile f"
-    rows, which stand for it here)."""
+    The solver's plans (eager, and under either compile mode where measured) are judged
+    against every alternative that fits the budget: full checkpointing and torch.compile's
+    own budget at any fraction. The tuner's pick at the budget is printed beside it: the
+    fastest fitting of its readings of the knob, the solver eager, the solver under
+    compile.mode 'inductor' or 'inductor-eager-rng', and inductor's own budget
+    (compile.mode 'inductor-budget', the technique of the "compile f" rows, which stand for
+    it here)."""
     base = rows[0]
     again = next((r for r in rows if r.kind == "noise"), None)
     noise = abs(again.time_ratio - 1) if again is not None else 0.0
@@ -430,7 +463,8 @@ def goals(rows: list[Row]) -> list[str]:
     ours = [r for r in rows if r.kind == "autoscale" and r.error is None]
     groups = [(label, [r for r in ours if r.label.split()[-1] == suffix
                        or (suffix == "" and r.label.endswith("%"))])
-              for label, suffix in (("autoscale", ""), ("autoscale +inductor", "ind"))]
+              for label, suffix in (("autoscale", ""), ("autoscale +inductor", "ind"),
+                                    ("autoscale +inductor-eager-rng", "rng"))]
     for kind, group in (*groups, ("compile", [a for a in alts if a.kind == "compile"])):
         if len(group) > 1:
             group = sorted(group, key=lambda r: -(r.fraction or 0))

@@ -9,7 +9,9 @@ dropped (``PREFER_RECOMPUTE``); in backward the block's forward runs again and t
 ops return their saved outputs instead of running. The policy sees the ops that reach the
 dispatcher below autograd, so composite ops appear as what they decompose into
 (``F.linear`` on a 3-D input is ``mm``/``addmm`` on its flattened view, attention is one of
-the fused ``_scaled_dot_product_*`` ops or, in the math fallback, ``bmm`` + ``softmax``).
+the fused ``_scaled_dot_product_*`` ops or, in the math fallback, ``bmm`` + ``softmax``;
+dropout is ``native_dropout`` under torch.compile and on CUDA, and ``bernoulli_`` plus
+pointwise ops in CPU eager, where kind 'dropout' saves nothing).
 Random ops are recomputed with the RNG state saved at the block's forward
 (``preserve_rng_state=True``), so dropout masks are the same in forward and recompute.
 """
@@ -57,6 +59,10 @@ OP_KINDS: dict[str, frozenset[Any]] = {
     "layer_norm": _packets("native_layer_norm"),
     "gelu": _packets("gelu"),
     "silu": _packets("silu"),
+    # Dropout reaches the dispatcher as one op where it is traced (torch.compile) or fused
+    # (CUDA); CPU eager runs it as bernoulli_ on a new tensor, an in-place op selective
+    # checkpointing cannot cache, so there this kind saves nothing.
+    "dropout": _packets("native_dropout"),
 }
 """Op kind (autoscale.plan.OpKind) -> the aten overload packets whose outputs it saves."""
 

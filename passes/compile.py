@@ -31,6 +31,24 @@ any recompile alike; with ``force_non_lazy_backward_lowering`` the backward is c
 there too instead of at the first backward, so a failure and the whole compile time land
 in the first forward call.
 
+Note: [eager RNG in compiled code]
+On CPU inductor draws each random number of a dropout mask with its own Philox call,
+element by element (``normalized_rand_cpu`` in its C++ prefix), slower than eager's
+vectorised ``bernoulli_``: on the GPT example (dropout 0.1) the four fused softmax-dropout
+kernels and eight dropout-add-layer-norm kernels took 24 ms of a 70 ms step, where eager's
+every dropout took 14 ms, and the compiled step timed 1.05-1.09x eager's. Mode
+'inductor-eager-rng' compiles with inductor's ``fallback_random``: the random ops run as
+eager's kernels inside the compiled graph, the rest stays fused; that step timed
+0.93-0.94x eager's in the same runs. The random ops then draw from torch's generator in
+eager's order, so the plan's dropout masks, loss and gradients equal the eager model's
+under one seed (tests/passes/test_compile.py). A checkpointed block recomputes its random
+ops with the generator state replayed (same masks), paying eager's RNG again, which is
+why it is a mode of its own and not the default: the solver times its options under it
+(``time_block_options``), and saving dropout's outputs (op kind 'dropout') avoids it.
+Not with 'inductor-budget': torch's min-cut partitioner recomputes random ops in the
+backward, and with eager's kernels they drew new numbers there (gradients off by 0.1 on
+a dropout GPT, measured); inductor's own RNG is seeded and replays them exactly.
+
 Note: [side effects in a checkpointed block under compile]
 A checkpointed block whose forward mutates Python state (HuggingFace v5's decoder layers
 record their outputs into a context variable for ``output_hidden_states``) cannot be
@@ -87,7 +105,8 @@ def compile_model(model: nn.Module, *, plan: CompilePlan) -> nn.Module:
     if isinstance(model, DistributedDataParallel):
         raise PassError(f"compile.mode={plan.mode!r} under DDP is not supported; set "
                         "compile.mode='off' or shard.strategy='none'.")
-    compiled = torch.compile(_fresh_entry(), backend=_backend(plan.budget), fullgraph=True)
+    compiled = torch.compile(_fresh_entry(), backend=_backend(plan.budget, plan.eager_rng),
+                             fullgraph=True)
     model.forward = functools.partial(_compiled_call, compiled, model.forward, plan.mode,
                                       type(model).__name__)
     setattr(model, _MARK, True)
@@ -133,23 +152,27 @@ def _compiled_call(compiled: Callable[..., Any], forward: Callable[..., Any], mo
 
 @dataclass(frozen=True)
 class _InductorBackend:
-    """Inductor's ``compile_fx`` under one ``activation_memory_budget``."""
+    """Inductor's ``compile_fx`` under one ``activation_memory_budget``, and with eager's
+    random-number kernels where ``eager_rng`` (Note: [eager RNG in compiled code])."""
 
     budget: float
+    eager_rng: bool = False
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         from torch._functorch import config as functorch_config
+        from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
         with functorch_config.patch(activation_memory_budget=self.budget,
-                                    force_non_lazy_backward_lowering=True):
+                                    force_non_lazy_backward_lowering=True), \
+                inductor_config.patch(fallback_random=self.eager_rng):
             return compile_fx(gm, list(example_inputs))
 
 
 @functools.cache
-def _backend(budget: float) -> _InductorBackend:
-    # One object per budget: Dynamo matches a cache entry's backend by identity.
-    return _InductorBackend(budget)
+def _backend(budget: float, eager_rng: bool = False) -> _InductorBackend:
+    # One object per setting: Dynamo matches a cache entry's backend by identity.
+    return _InductorBackend(budget, eager_rng)
 
 
 def _is_fake(model: nn.Module) -> bool:

@@ -263,7 +263,8 @@ def test_the_tuners_knob_times_once_and_reuses_the_ratios(monkeypatch) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_options_are_timed_under_inductor_and_their_plans_fit() -> None:
+@pytest.mark.parametrize("mode", ["inductor", "inductor-eager-rng"])
+def test_compiled_options_are_timed_under_inductor_and_their_plans_fit(mode: str) -> None:
     from autoscale.measure._allocator import AllocatorPeakTracker
     from autoscale.plan import CompilePlan
     from autoscale.runtime import build_result
@@ -271,15 +272,18 @@ def test_compiled_options_are_timed_under_inductor_and_their_plans_fit() -> None
 
     model, batch = tiny_gpt(dropout=0.1)
     graph = autoscale.capture(model, batch)
-    inductor = Plan(sections={"compile": CompilePlan(mode="inductor")})
+    inductor = Plan(sections={"compile": CompilePlan(mode=mode)})  # type: ignore[arg-type]
     priced = measure_block_options(model, batch, graph, plan=inductor)
-    options = time_block_options(model, batch, graph, priced, plan=inductor, compiled=True)
+    options = time_block_options(model, batch, graph, priced, plan=inductor, compiled=mode)
+    assert options.compiled_mode == mode
     assert options.ratios is not None and len(options.ratios) == len(priced.blocks[0])
     assert [o.kept_bytes for o in options.blocks[0]] == [o.kept_bytes for o in priced.blocks[0]]
-    # What each option keeps compiled was measured: under inductor no option keeps more
-    # than a little over eager (the RNG states), and selective keeps less.
+    # What each option keeps compiled was measured: under inductor's RNG no option keeps
+    # more than a little over eager (the RNG states), and selective keeps less; with eager's
+    # RNG a recomputed block also keeps what replaying its dropout needs.
     assert options.kept_scales is not None and len(options.kept_scales) == len(options.ratios)
-    assert all(0 <= scale < 1.2 for scale in options.kept_scales), options.kept_scales
+    bound = 1.2 if mode == "inductor" else 2.0
+    assert all(0 <= scale < bound for scale in options.kept_scales), options.kept_scales
     none = autoscale.estimate(model, batch, Plan(), graph=graph).activations
     previous = None
     for fraction in (0.75, 0.5, 0.25):

@@ -72,6 +72,7 @@ __all__ = [
 
 DEFAULT_SAVE_SETS: Mapping[str, tuple[str, ...]] = {
     "matmuls+attention": ("mm", "addmm", "bmm", "sdpa"),
+    "matmuls+attention+dropout": ("mm", "addmm", "bmm", "sdpa", "dropout"),
     "matmuls": ("mm", "addmm"),
     "attention": ("bmm", "sdpa", "softmax"),
 }
@@ -247,6 +248,9 @@ class BlockOptions:
     """Per option, what the blocks keep under inductor over what they keep eager, measured
     with the option on every block (:func:`time_block_options` with ``compiled``); None:
     not measured, the eager bytes stand (Note: [kept bytes under inductor])."""
+    compiled_mode: str | None = None
+    """The compile mode the options were timed under ('inductor', 'inductor-eager-rng'),
+    and that a solution on ``kept_scales`` is compiled and measured in; None: eager."""
 
 
 def measure_block_options(model: nn.Module, batch: Any, graph: Any, *,
@@ -295,7 +299,7 @@ def measure_block_options(model: nn.Module, batch: Any, graph: Any, *,
 
 def time_block_options(model: nn.Module, batch: Any, graph: Any, options: BlockOptions, *,
                        plan: Plan | None = None, loss_fn: Any = None, rounds: int = 5,
-                       compiled: bool = False) -> BlockOptions:
+                       compiled: bool | str = False) -> BlockOptions:
     """``options`` with each option's recompute seconds refined by timing it for real on
     the model's first block (Note: [timing the options on one block]).
 
@@ -307,10 +311,11 @@ def time_block_options(model: nn.Module, batch: Any, graph: Any, options: BlockO
     changed (a copy is timed). A block whose forward cannot be replayed alone leaves
     ``options`` as priced.
 
-    ``compiled``: timed under inductor as a plan with compile.mode 'inductor' runs
-    (Note: [options under inductor]): each option applied to every block and the whole
-    model compiled (one compile per option), its cost the step's forward and backward over
-    the unchecked compiled model's, spread over the blocks by their prices. What each
+    ``compiled``: timed under inductor as a plan with that compile mode runs (True:
+    'inductor'; or a mode of autoscale.plan.SOLVER_MODES) (Note: [options under
+    inductor]): each option applied to every block and the whole model compiled (one
+    compile per option), its cost the step's forward and backward over the unchecked
+    compiled model's, spread over the blocks by their prices. What each
     option keeps compiled is measured too (``kept_scales``, None if the profiler is taken);
     the options' ``kept_bytes`` stay the simulated eager ones, an upper bound on it.
     """
@@ -324,7 +329,7 @@ def time_block_options(model: nn.Module, batch: Any, graph: Any, options: BlockO
         return options
     if compiled:
         return _time_compiled(model, batch, graph, options, plan=plan, loss_fn=loss_fn,
-                              rounds=rounds)
+                              rounds=rounds, mode=_compiled_mode(compiled))
     from autoscale.plan import CompilePlan
     from autoscale.runtime import build_result
 
@@ -394,17 +399,28 @@ def time_block_options(model: nn.Module, batch: Any, graph: Any, options: BlockO
         for i, o in enumerate(options.blocks[0])))
 
 
+def _compiled_mode(compiled: bool | str) -> str:
+    from autoscale.plan import SOLVER_MODES
+
+    mode = "inductor" if compiled is True else compiled
+    if mode not in SOLVER_MODES:
+        raise PlanError(f"compiled={compiled!r}: the solver's options time under one of "
+                        f"{list(SOLVER_MODES)} (or True for 'inductor').")
+    return str(mode)
+
+
 def _time_compiled(model: nn.Module, batch: Any, graph: Any, options: BlockOptions, *,
-                   plan: Plan, loss_fn: Any, rounds: int) -> BlockOptions:
-    """:func:`time_block_options` under inductor: each option on every block, the whole
-    model compiled (Note: [options under inductor])."""
+                   plan: Plan, loss_fn: Any, rounds: int, mode: str = "inductor"
+                   ) -> BlockOptions:
+    """:func:`time_block_options` under compile ``mode``: each option on every block, the
+    whole model compiled (Note: [options under inductor])."""
     from autoscale.plan import CompilePlan
     from autoscale.runtime import build_result
     from autoscale.runtime._batch import call_model, compute_loss, split_batch
 
     fqns = [b.fqn for b in graph.blocks]
     micro, _ = next(iter(split_batch(batch, plan.batch.micro_batch_size)))
-    plan = plan.replace(compile=CompilePlan(mode="inductor"))
+    plan = plan.replace(compile=CompilePlan(mode=mode))  # type: ignore[arg-type]
     results = {}
     for j, o in enumerate(options.blocks[0]):
         section = CheckpointPlan() if o.policy.policy == "none" else CheckpointPlan(
@@ -428,9 +444,9 @@ def _time_compiled(model: nn.Module, batch: Any, graph: Any, options: BlockOptio
         return options
     none = next(j for j, o in enumerate(options.blocks[0]) if o.policy.policy == "none")
     priced = [sum(opts[j].recompute_s for opts in options.blocks) for j in results]
-    timed = scaled_options(options, tuple(
+    timed = dataclasses.replace(scaled_options(options, tuple(
         max(best[j] - best[none], 0.0) / priced[j] if priced[j] > 0 else 1.0
-        for j in results))
+        for j in results)), compiled_mode=mode)
     kept = {j: _kept_compiled(results[j], micro) for j in results}
     if any(k is None for k in kept.values()):
         return timed
@@ -646,7 +662,7 @@ def solve_checkpoint_plan(model: nn.Module, batch: Any, graph: Any, budget_bytes
                           loss_fn: Any = None, rates: MachineRates | None = None,
                           sac_op_overhead: float | None = None,
                           options: BlockOptions | None = None,
-                          timed: bool = True, compiled: bool = False) -> CheckpointPlan:
+                          timed: bool = True, compiled: bool | str = False) -> CheckpointPlan:
     """The checkpoint section that keeps the forward's activations (as
     ``autoscale.estimate(...).activations`` counts them: inside blocks and out) within
     ``budget_bytes`` at the least recompute time: :func:`measure_block_options`, then
@@ -661,7 +677,7 @@ def solve_checkpoint_plan(model: nn.Module, batch: Any, graph: Any, budget_bytes
     (what :func:`measure_block_options` returns), reused instead of measured again;
     otherwise they are measured and, with ``timed``, their recompute seconds refined by
     timing the first block for real (:func:`time_block_options`; ``compiled``: timed
-    under inductor, for a plan with compile.mode 'inductor').
+    under inductor, for a plan with compile.mode 'inductor', or the mode it names).
 
     Options timed under inductor come with what each keeps compiled (``kept_scales``):
     then the blocks are solved on those bytes, and each answer is compiled and its kept
@@ -726,7 +742,8 @@ def _solve_compiled(model: nn.Module, batch: Any, budget_bytes: int, plan: Plan,
                          for j, o in enumerate(opts)) for opts in options.blocks)
     floor = sum(min(o.kept_bytes for o in opts) for opts in blocks)
     inside = budget_bytes - options.outside_bytes
-    compiled = plan.replace(compile=CompilePlan(mode="inductor"))
+    compiled = plan.replace(compile=CompilePlan(
+        mode=options.compiled_mode or "inductor"))  # type: ignore[arg-type]
     for _ in range(tries):
         if inside < floor:
             return None
@@ -780,7 +797,7 @@ class CheckpointBudgets:
                  timed: bool = True) -> None:
         self._model, self._batch, self._graph, self._loss_fn = model, batch, graph, loss_fn
         self._timed = timed
-        self._ratios: dict[bool, tuple[float, ...] | None] = {}
+        self._ratios: dict[str | None, tuple[float, ...] | None] = {}
         self._options: dict[str, tuple[BlockOptions, int, int]] = {}
         self._sections: dict[tuple[str, float], CheckpointPlan] = {}
 
@@ -818,7 +835,7 @@ class CheckpointBudgets:
             # Timed once (eager, and once compiled), on the first combination asked (the
             # tuner's untouched plan, before any trial runs); later ones reuse its ratios
             # rather than time beside a trial.
-            compiled = plan.compile.mode == "inductor"
+            compiled = _solver_mode(plan)
             if compiled in self._ratios:
                 ratios = self._ratios[compiled]
                 if ratios is not None:
@@ -826,7 +843,7 @@ class CheckpointBudgets:
             elif self._timed or compiled:
                 options = time_block_options(self._model, self._batch, self._graph, options,
                                              plan=plan, loss_fn=self._loss_fn,
-                                             compiled=compiled)
+                                             compiled=compiled or False)
                 # Each trial measures its own plan: the knob solves on the eager bytes
                 # (Note: [kept bytes under inductor]).
                 options = dataclasses.replace(options, kept_scales=None)
@@ -839,7 +856,15 @@ class CheckpointBudgets:
         return self._options[key]
 
 
+def _solver_mode(plan: Plan) -> str | None:
+    """The compile mode the plan's checkpoint policies run under, None for eager (and for
+    'inductor-budget', whose checkpointing is inductor's own)."""
+    from autoscale.plan import SOLVER_MODES
+
+    return plan.compile.mode if plan.compile.mode in SOLVER_MODES else None
+
+
 def _combination(plan: Plan) -> str:
     """What the blocks' options depend on besides the checkpoint section: micro-batch,
-    precision, one rank's share, and whether inductor runs them."""
-    return repr((plan.batch, plan.precision, plan.shard, plan.compile.mode == "inductor"))
+    precision, one rank's share, and which compile mode (if any) runs them."""
+    return repr((plan.batch, plan.precision, plan.shard, _solver_mode(plan)))

@@ -7,7 +7,7 @@ Immutable all the way down (``FrozenDict``, tuples), so it pickles, deep-copies 
 round-trips through JSON unchanged. A plan file reproduces a run.
 """
 
-from autoscale.plan._compile import CompilePlan
+from autoscale.plan._compile import COMPILE_MODES, SOLVER_MODES, CompilePlan
 from autoscale.plan._compress import CompressPlan
 from autoscale.plan._frozen import FrozenDict
 from autoscale.plan._plan import (
@@ -29,8 +29,10 @@ from autoscale.plan._rules import OPTIMIZER_TABLE, plan_rule
 from autoscale.plan._shard import ShardPlan
 
 __all__ = [
+    "COMPILE_MODES",
     "OPTIMIZER_TABLE",
     "SCHEMA_VERSION",
+    "SOLVER_MODES",
     "BatchPlan",
     "BlockPolicy",
     "CheckpointPlan",

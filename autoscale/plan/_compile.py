@@ -12,9 +12,12 @@ from autoscale.plan._rules import plan_rule
 if TYPE_CHECKING:
     from autoscale.plan._plan import Plan
 
-__all__ = ["COMPILE_MODES", "CompilePlan"]
+__all__ = ["COMPILE_MODES", "SOLVER_MODES", "CompilePlan"]
 
-COMPILE_MODES = ("off", "inductor", "inductor-budget")
+COMPILE_MODES = ("off", "inductor", "inductor-eager-rng", "inductor-budget")
+
+SOLVER_MODES = ("inductor", "inductor-eager-rng")
+"""The compiled modes whose checkpointing is the plan's ``checkpoint`` section (the solver's)."""
 
 
 @plan_section("compile", omit_default=True)
@@ -31,13 +34,16 @@ class CompilePlan:
     digest).
     """
 
-    mode: Literal["off", "inductor", "inductor-budget"] = "off"
+    mode: Literal["off", "inductor", "inductor-eager-rng", "inductor-budget"] = "off"
     """off: eager. inductor: ``torch.compile(fullgraph=True)`` with the inductor backend and
     torch's default partitioner (``activation_memory_budget=1.0``); blocks are checkpointed
     as the plan's ``checkpoint`` section says (torch.utils.checkpoint under compile).
-    inductor-budget: the same with inductor's own activation-memory budget, its min-cut
-    partitioner choosing what to recompute (``torch._functorch.config
-    .activation_memory_budget``)."""
+    inductor-eager-rng: the same with the random ops (dropout) run by eager's kernels on
+    torch's generator inside the compiled graph (inductor's ``fallback_random``): faster
+    than inductor's own random numbers on CPU, and the same masks as the eager model's
+    (Note: [eager RNG in compiled code] in passes/compile.py). inductor-budget: the same
+    with inductor's own activation-memory budget, its min-cut partitioner choosing what to
+    recompute (``torch._functorch.config.activation_memory_budget``)."""
     activation_memory_budget: float | None = None
     """inductor-budget only: the fraction in (0, 1] of the default strategy's activation
     memory that the compiled region may save (1.0: torch's default; lower recomputes more).
@@ -71,9 +77,14 @@ class CompilePlan:
         return self.mode != "off"
 
     @property
+    def eager_rng(self) -> bool:
+        """Whether random ops run as eager's kernels in the compiled graph."""
+        return self.mode == "inductor-eager-rng"
+
+    @property
     def budget(self) -> float:
         """The ``activation_memory_budget`` the compilation runs under: the plan's for
-        inductor-budget, torch's default 1.0 for inductor."""
+        inductor-budget, torch's default 1.0 for the other compiled modes."""
         return self.activation_memory_budget if self.activation_memory_budget is not None else 1.0
 
 

@@ -156,7 +156,8 @@ class PrecisionPlan:
             raise PlanError(f"precision.init_scale must be > 0, got {self.init_scale}.")
 
 
-OpKind = Literal["mm", "addmm", "bmm", "sdpa", "conv", "softmax", "layer_norm", "gelu", "silu"]
+OpKind = Literal["mm", "addmm", "bmm", "sdpa", "conv", "softmax", "layer_norm", "gelu", "silu",
+                 "dropout"]
 """Short, stable names of the op kinds a selective policy may save; each stands for a few
 aten overload packets (autoscale.passes.checkpoint.OP_KINDS maps them)."""
 

@@ -19,11 +19,13 @@ def _space(**kwargs) -> SearchSpace:
 
 
 def test_the_knob_maps_into_the_plan_and_only_where_allowed() -> None:
-    space = _space(compile_modes=("off", "inductor", "inductor-budget"))
+    space = _space(compile_modes=("off", "inductor", "inductor-eager-rng", "inductor-budget"))
     params = space.default_params()
     assert params["compile"] == "off"
     assert space.plan_from({**params, "compile": "inductor"}, Plan()).compile == CompilePlan(
         mode="inductor")
+    rng = space.plan_from({**params, "compile": "inductor-eager-rng"}, Plan()).compile
+    assert rng == CompilePlan(mode="inductor-eager-rng") and rng.eager_rng and rng.budget == 1
     # inductor-budget takes the activation-budget knob as inductor's own budget and keeps
     # no checkpoint section (the min-cut partitioner decides what to recompute)
     plan = space.plan_from({"compile": "inductor-budget", "checkpointed_blocks": 2}, Plan())
