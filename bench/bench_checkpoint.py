@@ -28,8 +28,8 @@ torch.export with strict=False). Rows per model:
   = f``, as a user runs it.
 
 Every compiled config ("autoscale f% ind" and "rng", "compile f") runs in its own process
-(compiled graphs are cached across configs within one process) with its own eager no-ckpt baseline
-timed beside it, and its time is the ratio over that baseline: so autoscale's compiled
+(compiled graphs are cached across configs within one process) with its own eager no-ckpt
+baseline timed beside it, and its time is the ratio over that baseline: so autoscale's compiled
 plans and torch.compile's are measured alike (a config compiled in this process, beside
 many others, had timed 5-10% faster relative to the baseline than the same config in a
 process of its own). Each runs in ``--processes`` processes (default 3) and its ratio is
@@ -59,9 +59,9 @@ fastest alternative (full ckpt, or compile at any fraction) whose activation mem
 the same budget; at 50% under 5%
 step-time overhead; the solver's activation memory non-increasing as the budget falls
 (reported for compile's too). "fits" is strict, in bytes. The solver's figure at a budget
-is the fastest of its plans there (eager, under either compile mode) that fits; times compare as
-ratios over each process's own no-ckpt step. A verdict slower by less than the run's noise
-line says "tie within noise". The tuner's pick (its fastest fitting reading, inductor's
+is the fastest of its plans there (eager, under either compile mode) that fits; times
+compare as ratios over each process's own no-ckpt step. A verdict slower by less than the
+run's noise line says "tie within noise". The tuner's pick (its fastest fitting reading, inductor's
 own partitioner at the same fraction included) is named beside each verdict.
 """
 
@@ -209,7 +209,8 @@ def draws_random(model: torch.nn.Module, batch: Any) -> bool:
     seen = []
 
     class Spot(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
             seen.append(func.overloadpacket in random)
             return func(*args, **(kwargs or {}))
 
@@ -223,8 +224,7 @@ def solver_configs(name: str, fractions: tuple[float, ...], *, quick: bool = Fal
                    ) -> tuple[dict[str, tuple[str, float | None, Any, str]], Any, Any, Any]:
     """Every config of one model (label -> kind, fraction, Plan, policies): the baseline
     twice, the solver's plans (eager, and under both compile modes unless quick) and full
-    ckpt; with
-    the model, its batch and its graph."""
+    ckpt; with the model, its batch and its graph."""
     import autoscale
     from autoscale import CheckpointPlan, Plan
     from autoscale.cost._checkpoint_solver import (
