@@ -49,6 +49,9 @@ def _plan_summary(plan) -> str:
         parts.append(f"{plan.shard.strategy}x{plan.shard.world_size}")
         if plan.compress.method != "none":
             parts.append(f"comm={plan.compress.method}")
+    if plan.compile.active:
+        budget = plan.compile.activation_memory_budget
+        parts.append(plan.compile.mode + (f"@{budget:g}" if budget is not None else ""))
     return " ".join(parts)
 
 

@@ -65,6 +65,17 @@ def test_the_compile_flag_reaches_the_search_and_a_typo_is_refused(tmp_path) -> 
     assert "compile_modes=['off', 'max-autotune']" in tuned.stdout, tuned.stdout
 
 
+def test_the_plan_summary_names_the_compile_mode() -> None:
+    from autoscale import CompilePlan, Plan
+    from autoscale.cli import _plan_summary
+
+    assert _plan_summary(Plan()) == "micro=allx1 fp32 ckpt=0"
+    assert _plan_summary(Plan().replace(compile=CompilePlan(mode="inductor-eager-rng"))
+                         ).endswith(" inductor-eager-rng")
+    assert _plan_summary(Plan().replace(compile=CompilePlan(
+        mode="inductor-budget", activation_memory_budget=0.5))).endswith(" inductor-budget@0.5")
+
+
 def _finished_trials(db: Path) -> int:
     """COMPLETE trials in Optuna's SQLite schema, read directly: optuna.load_study takes
     about a second, as long as a trial of this workload."""
