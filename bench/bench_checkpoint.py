@@ -61,8 +61,10 @@ step-time overhead; the solver's activation memory non-increasing as the budget 
 (reported for compile's too). "fits" is strict, in bytes. The solver's figure at a budget
 is the fastest of its plans there (eager, under either compile mode) that fits; times
 compare as ratios over each process's own no-ckpt step. A verdict slower by less than the
-run's noise line says "tie within noise". The tuner's pick (its fastest fitting reading, inductor's
-own partitioner at the same fraction included) is named beside each verdict.
+run's noise line, or than the spread of the compared compiled rows' processes (relative
+to their ratio) where that is larger, says "tie within noise". The tuner's pick (its
+fastest fitting reading, inductor's own partitioner at the same fraction included) is
+named beside each verdict.
 """
 
 from __future__ import annotations
@@ -404,9 +406,17 @@ def fits(row: Row, base: Row) -> bool:
         row.act_bytes <= row.fraction * base.act_bytes
 
 
+def _band(noise: float, *rows: Row) -> float:
+    """The relative difference below which two rows' times cannot be ordered: the run's
+    noise line, or the spread of a compiled row's processes over its ratio if larger (two
+    compiled configs whose processes land up to 9% apart are not ordered by a 7% gap)."""
+    return max([noise, *((r.spread or 0.0) / r.time_ratio for r in rows
+                          if r.time_ratio and math.isfinite(r.time_ratio))])
+
+
 def _verdict(ours: float, theirs: float, noise: float) -> str:
-    """'met' when ours is no slower; 'tie within noise' when slower by less than the run's
-    own spread between two identical configs; else 'missed'."""
+    """'met' when ours is no slower; 'tie within noise' when slower by less than ``noise``
+    (:func:`_band`); else 'missed'."""
     if ours <= theirs:
         return "met"
     return "tie within noise" if ours <= theirs * (1 + noise) else "missed"
@@ -450,14 +460,16 @@ def goals(rows: list[Row]) -> list[str]:
         if best is None:
             verdict = "met (no alternative fits this budget)"
         else:
-            verdict = (f"{_verdict(row.time_ratio, best.time_ratio, noise)}: {row.label} "
+            band = _band(noise, row, best)
+            verdict = (f"{_verdict(row.time_ratio, best.time_ratio, band)} (band "
+                       f"{band:.1%}): {row.label} "
                        f"{row.time_ratio:.2f}x at {row.act_bytes / MIB:.2f} MiB vs {best.label} "
                        f"{best.time_ratio:.2f}x at {best.act_bytes / MIB:.2f} MiB")
         pick = "" if picked is None else f"; the tuner's pick: {picked.label}"
         lines.append(f"{head}: solver {verdict}{pick}")
         if f == 0.5:
             strict = "met" if row.time_ratio < 1.05 else (
-                "tie within noise" if row.time_ratio < 1.05 + noise else "missed")
+                "tie within noise" if row.time_ratio < 1.05 + _band(noise, row) else "missed")
             lines.append(f"50% under 5% step-time overhead: {strict} ({row.label}, "
                          f"{row.time_ratio - 1:+.1%})")
     ours = [r for r in rows if r.kind == "autoscale" and r.error is None]

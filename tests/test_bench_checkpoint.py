@@ -100,3 +100,24 @@ def test_compiled_rows_take_the_median_of_their_processes_and_share_equal_plans(
     assert rows[0].spread == pytest.approx(0.10)
     assert rows[2].time_ratio == 1.10 and rows[2].step_s == pytest.approx(0.11)
     assert rows[3].error == "compile failed" and rows[3].kind == "compile"
+
+
+def test_a_gap_within_the_compiled_rows_spread_is_a_tie() -> None:
+    Row = bench_checkpoint.Row
+
+    def row(label, kind, fraction, act, ratio, spread=None):
+        return Row(label, kind, fraction, act, act, ratio / 10, ratio, spread=spread)
+
+    rows = [row("no ckpt", "none", None, 100, 1.0), row("no ckpt again", "noise", None, 100,
+                                                        1.01),
+            row("autoscale 50% ind", "autoscale", 0.5, 40, 1.07, spread=0.09),
+            row("compile 0.5", "compile", 0.5, 45, 1.00, spread=0.02),
+            row("autoscale 25% ind", "autoscale", 0.25, 20, 1.14, spread=0.02),
+            row("compile 0.25", "compile", 0.25, 21, 1.07, spread=0.02)]
+    lines = bench_checkpoint.goals(rows)
+    # 7% slower, within the 8.4% its own processes spread: a tie; at 25% 6.5% slower with
+    # spreads of 2%: missed
+    assert any(ln.startswith("budget 50%") and "tie within noise (band 8.4%)" in ln
+               for ln in lines), lines
+    assert any(ln.startswith("budget 25%") and ": solver missed (band 1.9%)" in ln
+               for ln in lines), lines
