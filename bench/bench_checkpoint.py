@@ -200,26 +200,16 @@ _SUFFIX = {"inductor": "ind", "inductor-eager-rng": "rng"}
 
 
 def draws_random(model: torch.nn.Module, batch: Any) -> bool:
-    """Whether one training-mode forward of ``model`` draws random numbers (dropout)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    """Whether one training-mode forward of ``model`` draws random numbers (dropout): an op
+    the step-time estimate's counter prices as "rng"."""
+    from autoscale.cost._time import OpCounter
     from autoscale.runtime._batch import call_model
 
-    random = {torch.ops.aten.bernoulli_, torch.ops.aten.bernoulli,
-              torch.ops.aten.native_dropout, torch.ops.aten.rand, torch.ops.aten.rand_like,
-              torch.ops.aten.randn, torch.ops.aten.randn_like}
-    seen = []
-
-    class Spot(TorchDispatchMode):
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
-                               kwargs: Any = None) -> Any:
-            seen.append(func.overloadpacket in random)
-            return func(*args, **(kwargs or {}))
-
+    counter = OpCounter()
     model.train()
-    with torch.no_grad(), Spot():
+    with torch.no_grad(), counter:
         call_model(model, batch)
-    return any(seen)
+    return any(kind == "rng" for *_, kind in counter.ops)
 
 
 def solver_configs(name: str, fractions: tuple[float, ...], *, quick: bool = False

@@ -45,9 +45,10 @@ under one seed (tests/passes/test_compile.py). A checkpointed block recomputes i
 ops with the generator state replayed (same masks), paying eager's RNG again, which is
 why it is a mode of its own and not the default: the solver times its options under it
 (``time_block_options``), and saving dropout's outputs (op kind 'dropout') avoids it.
-Not with 'inductor-budget': torch's min-cut partitioner recomputes random ops in the
-backward, and with eager's kernels they drew new numbers there (gradients off by 0.1 on
-a dropout GPT, measured); inductor's own RNG is seeded and replays them exactly.
+Not with 'inductor-budget': below budget 1.0 torch's min-cut partitioner recomputed
+random ops in the backward, and with eager's kernels they drew new numbers there (the
+eager model's loss, gradients off by 0.1 on a dropout GPT, measured; which op, not
+traced); inductor's own RNG is seeded and replays them exactly.
 
 Note: [side effects in a checkpointed block under compile]
 A checkpointed block whose forward mutates Python state (HuggingFace v5's decoder layers
