@@ -44,7 +44,9 @@ eager's order, so the plan's dropout masks, loss and gradients equal the eager m
 under one seed (tests/passes/test_compile.py). A checkpointed block recomputes its random
 ops with the generator state replayed (same masks), paying eager's RNG again, which is
 why it is a mode of its own and not the default: the solver times its options under it
-(``time_block_options``), and saving dropout's outputs (op kind 'dropout') avoids it.
+(``time_block_options``), and saving dropout's mask (op kind 'dropout'; under this mode a
+dropout is split into a bool mask and a recomputed product, Note: [a dropout's mask is
+what a checkpoint keeps] in passes/_dropout_mask.py) avoids it.
 Not with 'inductor-budget': below budget 1.0 torch's min-cut partitioner recomputed
 random ops in the backward, and with eager's kernels they drew new numbers there (the
 eager model's loss, gradients off by 0.1 on a dropout GPT, measured; which op, not
@@ -164,10 +166,24 @@ class _InductorBackend:
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
+        patches: dict[str, Any] = {"fallback_random": self.eager_rng}
+        decompositions = None
+        if self.eager_rng:
+            # Note: [a dropout's mask is what a checkpoint keeps] (passes/_dropout_mask.py)
+            from torch._inductor.custom_graph_pass import get_custom_graph_passes
+            from torch._inductor.decomposition import select_decomp_table
+
+            from autoscale.passes import _dropout_mask
+
+            with inductor_config.patch(fallback_random=True):
+                decompositions = {**select_decomp_table(), **_dropout_mask.DECOMPOSITIONS}
+            patches["joint_custom_pre_pass"] = (
+                *get_custom_graph_passes(inductor_config.joint_custom_pre_pass),
+                _dropout_mask.RECOMPUTE_DROPOUT_PRODUCT)
         with functorch_config.patch(activation_memory_budget=self.budget,
                                     force_non_lazy_backward_lowering=True), \
-                inductor_config.patch(fallback_random=self.eager_rng):
-            return compile_fx(gm, list(example_inputs))
+                inductor_config.patch(patches):
+            return compile_fx(gm, list(example_inputs), decompositions=decompositions)
 
 
 @functools.cache

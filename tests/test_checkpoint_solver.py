@@ -140,6 +140,12 @@ def test_selective_options_cost_less_recompute_than_full() -> None:
     for none, full, *selective in options.blocks:
         assert none.recompute_s == 0 and none.kept_bytes > full.kept_bytes
         for option in selective:
+            if option.policy.save == ("dropout",):
+                # CPU eager runs dropout as bernoulli_ in place: nothing to save, so this
+                # option is full checkpointing here (it differs only when compiled).
+                assert option.kept_bytes == full.kept_bytes
+                assert option.recompute_s == pytest.approx(full.recompute_s)
+                continue
             assert 0 < option.recompute_s < full.recompute_s
             assert full.kept_bytes < option.kept_bytes < none.kept_bytes
 

@@ -74,9 +74,16 @@ DEFAULT_SAVE_SETS: Mapping[str, tuple[str, ...]] = {
     "matmuls+attention": ("mm", "addmm", "bmm", "sdpa"),
     "matmuls+attention+dropout": ("mm", "addmm", "bmm", "sdpa", "dropout"),
     "matmuls": ("mm", "addmm"),
+    "matmuls+dropout": ("mm", "addmm", "dropout"),
     "attention": ("bmm", "sdpa", "softmax"),
+    "attention+dropout": ("bmm", "sdpa", "softmax", "dropout"),
+    "dropout": ("dropout",),
 }
-"""The selective options offered per block besides none and full: saved op kinds."""
+"""The selective options offered per block besides none and full: saved op kinds. The
+'+dropout' sets differ from their twins only where dropout is one op (compiled): under
+'inductor-eager-rng' they keep a bool mask instead of replaying eager's RNG (Note: [a
+dropout's mask is what a checkpoint keeps] in passes/_dropout_mask.py), and 'dropout'
+alone recomputes all but the masks, full checkpointing without the RNG replay."""
 
 _MAX_CELLS = 1 << 18
 _TIME_TIE = 1e-12  # relative: sums of the same floats in another order differ by ulps
