@@ -71,6 +71,7 @@ untouched model here yet.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from collections.abc import Callable, Sequence
@@ -167,23 +168,27 @@ class _InductorBackend:
         from torch._inductor.compile_fx import compile_fx
 
         patches: dict[str, Any] = {"fallback_random": self.eager_rng}
-        decompositions = None
+        split = contextlib.nullcontext()
         if self.eager_rng:
             # Note: [a dropout's mask is what a checkpoint keeps] (passes/_dropout_mask.py)
+            from unittest import mock
+
+            from torch._inductor import decomposition
             from torch._inductor.custom_graph_pass import get_custom_graph_passes
-            from torch._inductor.decomposition import select_decomp_table
 
             from autoscale.passes import _dropout_mask
 
-            with inductor_config.patch(fallback_random=True):
-                decompositions = {**select_decomp_table(), **_dropout_mask.DECOMPOSITIONS}
+            # Into the table fallback_random selects, for this compile only: passed as
+            # compile_fx's ``decompositions`` it would enter inductor's FX-graph cache key,
+            # which cannot hash it, and every compile would bypass the cache.
+            split = mock.patch.dict(decomposition.decompositions, _dropout_mask.DECOMPOSITIONS)
             patches["joint_custom_pre_pass"] = (
                 *get_custom_graph_passes(inductor_config.joint_custom_pre_pass),
                 _dropout_mask.RECOMPUTE_DROPOUT_PRODUCT)
         with functorch_config.patch(activation_memory_budget=self.budget,
                                     force_non_lazy_backward_lowering=True), \
-                inductor_config.patch(patches):
-            return compile_fx(gm, list(example_inputs), decompositions=decompositions)
+                inductor_config.patch(patches), split:
+            return compile_fx(gm, list(example_inputs))
 
 
 @functools.cache
