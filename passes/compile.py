@@ -168,7 +168,7 @@ class _InductorBackend:
         from torch._inductor.compile_fx import compile_fx
 
         patches: dict[str, Any] = {"fallback_random": self.eager_rng}
-        split = contextlib.nullcontext()
+        split: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if self.eager_rng:
             # Note: [a dropout's mask is what a checkpoint keeps] (passes/_dropout_mask.py)
             from unittest import mock
