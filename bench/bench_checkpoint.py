@@ -22,7 +22,8 @@ torch.export with strict=False). Rows per model:
   inductor (``time_block_options(..., compiled="inductor")``), in its own process (below).
 - "autoscale f% rng" (not with --quick): the same with compile.mode 'inductor-eager-rng'
   (dropout drawn by eager's kernels inside the compiled graph: passes/compile.py, Note:
-  [eager RNG in compiled code]), solved on options timed under that mode.
+  [eager RNG in compiled code]; a block saving kind 'dropout' keeps its bool masks:
+  passes/_dropout_mask.py), solved on options timed under that mode.
 - "full ckpt": every block fully checkpointed.
 - "compile f": ``torch.compile`` with ``torch._functorch.config.activation_memory_budget
   = f``, as a user runs it.

@@ -11,7 +11,9 @@ dispatcher below autograd, so composite ops appear as what they decompose into
 (``F.linear`` on a 3-D input is ``mm``/``addmm`` on its flattened view, attention is one of
 the fused ``_scaled_dot_product_*`` ops or, in the math fallback, ``bmm`` + ``softmax``;
 dropout is ``native_dropout`` under torch.compile and on CUDA, and ``bernoulli_`` plus
-pointwise ops in CPU eager, where kind 'dropout' saves nothing).
+pointwise ops in CPU eager, where kind 'dropout' saves nothing; under compile mode
+'inductor-eager-rng' it keeps the bool mask alone, Note: [a dropout's mask is what a
+checkpoint keeps] in passes/_dropout_mask.py).
 Random ops are recomputed with the RNG state saved at the block's forward
 (``preserve_rng_state=True``), so dropout masks are the same in forward and recompute.
 """

@@ -41,7 +41,9 @@ class CompilePlan:
     inductor-eager-rng: the same with the random ops (dropout) run by eager's kernels on
     torch's generator inside the compiled graph (inductor's ``fallback_random``): faster
     than inductor's own random numbers on CPU, and the same masks as the eager model's
-    (Note: [eager RNG in compiled code] in passes/compile.py). inductor-budget: the same
+    (Note: [eager RNG in compiled code] in passes/compile.py); a checkpoint policy that
+    saves kind 'dropout' keeps its bool mask and recomputes the rest (Note: [a dropout's
+    mask is what a checkpoint keeps] in passes/_dropout_mask.py). inductor-budget: the same
     with inductor's own activation-memory budget, its min-cut partitioner choosing what to
     recompute (``torch._functorch.config.activation_memory_budget``)."""
     activation_memory_budget: float | None = None
