@@ -242,9 +242,13 @@ def solver_configs(name: str, fractions: tuple[float, ...], *, quick: bool = Fal
     eager = time_block_options(model, batch, graph, priced)
     # Without random ops 'inductor-eager-rng' compiles the same code as 'inductor'.
     modes = ("inductor", "inductor-eager-rng") if draws_random(model, batch) else ("inductor",)
-    compiled = {} if quick else {mode: time_block_options(
-        model, batch, graph, priced, plan=Plan(sections={"compile": CompilePlan(mode=mode)}),
-        compiled=mode) for mode in modes}
+    compiled = {}
+    for mode in () if quick else modes:
+        under = Plan(sections={"compile": CompilePlan(mode=mode)})
+        # Each mode's own options: 'inductor-eager-rng' adds the mask-saving sets.
+        compiled[mode] = time_block_options(
+            model, batch, graph, measure_block_options(model, batch, graph, plan=under),
+            plan=under, compiled=mode)
     for f in fractions:
         section = solve_checkpoint_plan(model, batch, graph, int(none_est * f), options=eager)
         configs[f"autoscale {f:.0%}"] = ("autoscale", f, Plan(sections={"checkpoint": section}),

@@ -11,12 +11,15 @@ import torch
 from tests_helpers import tiny_gpt
 
 import autoscale
-from autoscale import BlockPolicy, InfeasibleError, Plan
+from autoscale import BlockPolicy, CompilePlan, InfeasibleError, Plan
 from autoscale.cost._checkpoint_solver import (
+    DEFAULT_SAVE_SETS,
+    MASK_SAVE_SETS,
     BlockOption,
     CheckpointBudgets,
     measure_block_options,
     sac_op_overhead_s,
+    save_sets_for,
     solve_checkpoint,
     solve_checkpoint_plan,
     time_block_options,
@@ -136,7 +139,10 @@ def test_measured_activations_fall_with_the_budget_and_fit_it() -> None:
 def test_selective_options_cost_less_recompute_than_full() -> None:
     model, batch = tiny_gpt(dropout=0.1)
     graph = autoscale.capture(model, batch)
-    options = measure_block_options(model, batch, graph, rates=_RATES, sac_op_overhead=0.0)
+    # With the mask sets 'inductor-eager-rng' adds, measured here on eager's simulation.
+    options = measure_block_options(model, batch, graph, rates=_RATES, sac_op_overhead=0.0,
+                                    save_sets=save_sets_for("inductor-eager-rng"))
+    assert len(options.blocks[0]) == 2 + len(DEFAULT_SAVE_SETS) + len(MASK_SAVE_SETS)
     for none, full, *selective in options.blocks:
         assert none.recompute_s == 0 and none.kept_bytes > full.kept_bytes
         for option in selective:
@@ -311,3 +317,23 @@ def test_compiled_options_are_timed_under_inductor_and_their_plans_fit(mode: str
         assert kept <= budget, (fraction, kept, budget)
         assert previous is None or kept <= previous
         previous = kept
+
+
+def test_mask_save_sets_are_offered_under_eager_rng_alone() -> None:
+    """Note: [a dropout's mask is what a checkpoint keeps]: the mask-saving sets differ
+    from their twins only under 'inductor-eager-rng'; elsewhere they would only cost time."""
+    for mode in (None, "inductor"):
+        assert save_sets_for(mode) == DEFAULT_SAVE_SETS
+    rng = save_sets_for("inductor-eager-rng")
+    assert rng == {**DEFAULT_SAVE_SETS, **MASK_SAVE_SETS}
+    assert all("dropout" in save for save in MASK_SAVE_SETS.values())
+    model, batch = tiny_gpt(dropout=0.1)
+    graph = autoscale.capture(model, batch)
+    plan = Plan(sections={"compile": CompilePlan(mode="inductor-eager-rng")})
+    names = {o.policy.save for o in measure_block_options(
+        model, batch, graph, plan=plan, rates=_RATES, sac_op_overhead=0.0).blocks[0]}
+    assert ("dropout",) in names
+    names = {o.policy.save for o in measure_block_options(
+        model, batch, graph, rates=_RATES, sac_op_overhead=0.0).blocks[0]}
+    assert ("dropout",) not in names and len(names) == 1 + len(DEFAULT_SAVE_SETS)
+

@@ -58,12 +58,14 @@ from autoscale.plan import BlockPolicy, CheckpointPlan, Plan
 
 __all__ = [
     "DEFAULT_SAVE_SETS",
+    "MASK_SAVE_SETS",
     "BlockOption",
     "BlockOptions",
     "CheckpointBudgets",
     "CheckpointSolution",
     "measure_block_options",
     "sac_op_overhead_s",
+    "save_sets_for",
     "scaled_options",
     "solve_checkpoint",
     "solve_checkpoint_plan",
@@ -74,16 +76,30 @@ DEFAULT_SAVE_SETS: Mapping[str, tuple[str, ...]] = {
     "matmuls+attention": ("mm", "addmm", "bmm", "sdpa"),
     "matmuls+attention+dropout": ("mm", "addmm", "bmm", "sdpa", "dropout"),
     "matmuls": ("mm", "addmm"),
-    "matmuls+dropout": ("mm", "addmm", "dropout"),
     "attention": ("bmm", "sdpa", "softmax"),
+}
+"""The selective options offered per block besides none and full: saved op kinds."""
+
+MASK_SAVE_SETS: Mapping[str, tuple[str, ...]] = {
+    "matmuls+dropout": ("mm", "addmm", "dropout"),
     "attention+dropout": ("bmm", "sdpa", "softmax", "dropout"),
     "dropout": ("dropout",),
 }
-"""The selective options offered per block besides none and full: saved op kinds. The
-'+dropout' sets differ from their twins only where dropout is one op (compiled): under
-'inductor-eager-rng' they keep a bool mask instead of replaying eager's RNG (Note: [a
-dropout's mask is what a checkpoint keeps] in passes/_dropout_mask.py), and 'dropout'
-alone recomputes all but the masks, full checkpointing without the RNG replay."""
+"""Offered besides ``DEFAULT_SAVE_SETS`` under compile mode 'inductor-eager-rng' alone,
+where saving kind 'dropout' keeps a bool mask instead of replaying eager's RNG (Note: [a
+dropout's mask is what a checkpoint keeps] in passes/_dropout_mask.py); 'dropout' alone
+recomputes all but the masks, full checkpointing without the replay. Elsewhere they only
+cost time to measure: in CPU eager kind 'dropout' saves nothing (each is its twin without
+it), and under inductor's own RNG it saves dropout's float outputs."""
+
+
+def save_sets_for(mode: str | None) -> Mapping[str, tuple[str, ...]]:
+    """The save sets the solver offers for blocks run under compile ``mode`` (None:
+    eager): ``DEFAULT_SAVE_SETS``, with ``MASK_SAVE_SETS`` under 'inductor-eager-rng'."""
+    if mode == "inductor-eager-rng":
+        return {**DEFAULT_SAVE_SETS, **MASK_SAVE_SETS}
+    return DEFAULT_SAVE_SETS
+
 
 _MAX_CELLS = 1 << 18
 _TIME_TIE = 1e-12  # relative: sums of the same floats in another order differ by ulps
@@ -262,7 +278,7 @@ class BlockOptions:
 
 def measure_block_options(model: nn.Module, batch: Any, graph: Any, *,
                           plan: Plan | None = None,
-                          save_sets: Mapping[str, tuple[str, ...]] = DEFAULT_SAVE_SETS,
+                          save_sets: Mapping[str, tuple[str, ...]] | None = None,
                           loss_fn: Any = None, rates: MachineRates | None = None,
                           sac_op_overhead: float | None = None) -> BlockOptions:
     """Measure each block's options on fake tensors (no real compute; ``model`` is only
@@ -272,9 +288,12 @@ def measure_block_options(model: nn.Module, batch: Any, graph: Any, *,
     :func:`sac_op_overhead_s`; Note: [selective checkpointing's dispatch cost]).
     ``plan``'s other sections (precision, micro-batches) apply; its checkpoint section is
     replaced by each option in turn. For a distributed plan the figures are one rank's,
-    on its share of ``batch`` (the global batch).
+    on its share of ``batch`` (the global batch). ``save_sets``: the selective options
+    (default: :func:`save_sets_for` the compile mode ``plan``'s blocks run under).
     """
     plan, batch = _one_rank(plan or Plan(), batch)
+    if save_sets is None:
+        save_sets = save_sets_for(_solver_mode(plan))
     fqns = [b.fqn for b in graph.blocks]
     if not fqns:
         raise PlanError("the model has no repeated blocks to checkpoint (capture found none); "
@@ -665,7 +684,7 @@ class _OpPrices(TorchDispatchMode):
 
 def solve_checkpoint_plan(model: nn.Module, batch: Any, graph: Any, budget_bytes: int, *,
                           plan: Plan | None = None,
-                          save_sets: Mapping[str, tuple[str, ...]] = DEFAULT_SAVE_SETS,
+                          save_sets: Mapping[str, tuple[str, ...]] | None = None,
                           loss_fn: Any = None, rates: MachineRates | None = None,
                           sac_op_overhead: float | None = None,
                           options: BlockOptions | None = None,
@@ -697,6 +716,9 @@ def solve_checkpoint_plan(model: nn.Module, batch: Any, graph: Any, budget_bytes
     plan = plan or Plan()
     measured = options
     if measured is None:
+        if save_sets is None:
+            save_sets = save_sets_for(_compiled_mode(compiled) if compiled
+                                      else _solver_mode(plan))
         measured = measure_block_options(
             model, batch, graph, plan=plan, save_sets=save_sets, loss_fn=loss_fn,
             rates=rates, sac_op_overhead=sac_op_overhead)
