@@ -110,7 +110,7 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_resumes_it(tmp_path) -> Non
     from autoscale.search._study import counted_trials
 
     db = tmp_path / "study.db"
-    args = ["tune", str(EXAMPLES / "mlp.py"), "--budget", "64MiB", "--trials", "4",
+    args = ["tune", str(EXAMPLES / "mlp.py"), "--budget", "64MiB", "--trials", "3",
             "--storage", str(db), "--study-name", "s", "--out", str(tmp_path / "plan.json")]
     cmd = [sys.executable, "-m", "autoscale.cli", *args]
     # Its own process group, as a shell gives a foreground job: Ctrl-C is SIGINT to it.
@@ -141,12 +141,12 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_resumes_it(tmp_path) -> Non
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
     before = {t.number: (t.params, t.value) for t in study.trials
               if t.state == optuna.trial.TrialState.COMPLETE}
-    assert counted_trials(study) < 4
+    assert counted_trials(study) < 3
 
     resumed = run(*args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
-    assert counted_trials(study) == 4
+    assert counted_trials(study) == 3
     after = {t.number: (t.params, t.value) for t in study.trials}
     assert all(after[n] == kept for n, kept in before.items()), "a finished trial changed"
     measured = [t.params for t in study.trials if "peak_memory_bytes" in t.user_attrs

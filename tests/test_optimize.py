@@ -263,6 +263,7 @@ def test_repeated_proposals_are_reused_not_measured_and_do_not_count(gpt) -> Non
     assert result.plan is not None
 
 
+@pytest.mark.slow  # ~19 s; the default test_short_optimize_... checks the confirmed winner
 def test_winner_and_baseline_are_confirmed_in_interleaved_rounds(gpt, monkeypatch) -> None:
     # Note: [confirming the winner]: after the search, baseline and winner are measured in
     # turn (B, P, B, P, B, P) and the report takes the median round of each.
