@@ -23,7 +23,7 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_tune_show_bench_on_the_mlp_example(tmp_path) -> None:
     out = tmp_path / "plan.json"
-    tuned = run("tune", str(EXAMPLES / "mlp.py"), "--budget", "64MiB", "--trials", "3",
+    tuned = run("tune", str(EXAMPLES / "mlp.py"), "--budget", "64MiB", "--trials", "2",
                 "--out", str(out), cwd=tmp_path)
     assert tuned.returncode == 0, tuned.stderr + tuned.stdout
     assert "best plan vs untouched baseline" in tuned.stdout

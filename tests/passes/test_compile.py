@@ -74,6 +74,7 @@ def test_compiled_loss_and_grads_equal_eager(section: CompilePlan) -> None:
     assert list(result.model.state_dict()) == list(model.state_dict())
 
 
+@pytest.mark.slow  # ~30 s cold; the default masks test holds eager's loss and gradients
 def test_dropout_model_with_checkpointed_blocks_compiles_to_eager_loss_and_grads() -> None:
     """Note: [eager RNG in compiled code]: under mode 'inductor-eager-rng' the random ops
     run as eager's kernels on torch's generator, so with dropout on, a compiled plan with
@@ -137,6 +138,7 @@ def test_dropout_saved_under_eager_rng_keeps_its_bool_mask_alone() -> None:
     assert masks - full == mask_bytes - rng_states
 
 
+@pytest.mark.slow  # ~23 s cold (two compiles)
 def test_inductor_budget_keeps_inductors_rng_and_recomputes_it_consistently() -> None:
     """Under 'inductor-budget' the partitioner recomputes random ops in the backward; with
     eager's kernels that drew new masks there (gradients off by 0.1), so that mode keeps
