@@ -222,6 +222,7 @@ def solver_configs(name: str, fractions: tuple[float, ...], *, quick: bool = Fal
     from autoscale import CheckpointPlan, Plan
     from autoscale.cost._checkpoint_solver import (
         measure_block_options,
+        save_sets_for,
         solve_checkpoint_plan,
         time_block_options,
     )
@@ -245,10 +246,12 @@ def solver_configs(name: str, fractions: tuple[float, ...], *, quick: bool = Fal
     compiled = {}
     for mode in () if quick else modes:
         under = Plan(sections={"compile": CompilePlan(mode=mode)})
-        # Each mode's own options: 'inductor-eager-rng' adds the mask-saving sets.
-        compiled[mode] = time_block_options(
-            model, batch, graph, measure_block_options(model, batch, graph, plan=under),
-            plan=under, compiled=mode)
+        # Each mode's own options: 'inductor-eager-rng' adds the mask-saving sets; a mode
+        # with eager's sets reuses the options simulated above.
+        options = (priced if save_sets_for(mode) == save_sets_for(None)
+                   else measure_block_options(model, batch, graph, plan=under))
+        compiled[mode] = time_block_options(model, batch, graph, options, plan=under,
+                                            compiled=mode)
     for f in fractions:
         section = solve_checkpoint_plan(model, batch, graph, int(none_est * f), options=eager)
         configs[f"autoscale {f:.0%}"] = ("autoscale", f, Plan(sections={"checkpoint": section}),
