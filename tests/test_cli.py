@@ -21,26 +21,6 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           env={**__import__("os").environ, "COLUMNS": "160"})
 
 
-def test_tune_show_bench_on_the_mlp_example(tmp_path) -> None:
-    out = tmp_path / "plan.json"
-    tuned = run("tune", str(EXAMPLES / "mlp.py"), "--budget", "64MiB", "--trials", "2",
-                "--out", str(out), cwd=tmp_path)
-    assert tuned.returncode == 0, tuned.stderr + tuned.stdout
-    assert "best plan vs untouched baseline" in tuned.stdout
-    assert "ratio (plan / baseline)" in tuned.stdout
-    plan = json.loads(out.read_text())
-    assert plan["measured"]["peak_memory_bytes"] <= 64 * 2**20
-
-    shown = run("show", str(out), cwd=tmp_path)
-    assert shown.returncode == 0, shown.stderr
-    assert "batch.micro_batch_size" in shown.stdout and "measured.samples_per_s" in shown.stdout
-
-    bench = run("bench", str(EXAMPLES / "mlp.py"), "--plan", str(out), "--repeats", "1",
-                "--iters", "2", cwd=tmp_path)
-    assert bench.returncode == 0, bench.stderr + bench.stdout
-    assert "ratio (plan / baseline)" in bench.stdout
-
-
 @pytest.mark.parametrize("content", ["{broken", '{"schema_version": 99}'])
 def test_bad_plan_file_is_one_clear_line(tmp_path, content) -> None:
     path = tmp_path / "plan.json"
@@ -99,7 +79,9 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_ctrl_c_stops_the_sweep_and_the_same_command_resumes_it(tmp_path) -> None:
+def test_ctrl_c_stops_the_sweep_and_the_same_command_resumes_it_and_show_bench_read_the_plan(
+        tmp_path) -> None:
+    # One tune serves the whole command line: tune (interrupted, resumed), show, bench.
     import os
     import signal
     import time
@@ -153,3 +135,17 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_resumes_it(tmp_path) -> Non
                 and "repeat_of" not in t.user_attrs]
     assert len(measured) == len({json.dumps(p, sort_keys=True) for p in measured}), \
         "a plan was measured twice"
+    assert "best plan vs untouched baseline" in resumed.stdout
+    assert "ratio (plan / baseline)" in resumed.stdout
+    out = tmp_path / "plan.json"
+    plan = json.loads(out.read_text())
+    assert plan["measured"]["peak_memory_bytes"] <= 64 * 2**20
+
+    shown = run("show", str(out), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "batch.micro_batch_size" in shown.stdout and "measured.samples_per_s" in shown.stdout
+
+    bench = run("bench", str(EXAMPLES / "mlp.py"), "--plan", str(out), "--repeats", "1",
+                "--iters", "2", cwd=tmp_path)
+    assert bench.returncode == 0, bench.stderr + bench.stdout
+    assert "ratio (plan / baseline)" in bench.stdout
