@@ -60,6 +60,13 @@ def test_short_optimize_returns_a_measured_plan_that_fits(gpt) -> None:
     assert plan.measured.peak_memory_bytes == chosen[0].peak_memory_bytes
     assert plan.measured.samples_per_s == report.best.samples_per_s > 0
     assert plan.measured.baseline_samples_per_s == report.baseline.samples_per_s
+    # #0 the untouched plan, #1 the cost model's fastest guess (not the untouched plan);
+    # every measured trial of a priced plan recorded its estimate before it ran, refined on
+    # the trials before it (Note: [refining the step time on every trial]).
+    assert any(n.startswith("cost model: ") and "queued first" in n for n in report.notes)
+    first, second = sorted(report.trials, key=lambda r: r.number)[:2]
+    assert first.plan.batch.micro_batch_size is None and second.plan != first.plan
+    assert any(n.startswith("cost model: step time estimated within") for n in report.notes)
     loss = result.step(batch)
     assert loss == loss and loss > 0
     # the caller's model and RNG are untouched

@@ -8,7 +8,6 @@ import itertools
 import json
 
 import pytest
-from tests_helpers import tiny_gpt
 
 from autoscale import OptimizerPlan, Plan
 from autoscale.search._guesses import best_guesses, candidate_params
@@ -66,25 +65,6 @@ def test_pricing_stops_at_its_time_limit() -> None:
     guesses, note = best_guesses(_space(), Plan(), memory=lambda p: 0,
                                  step_time=lambda p: 1.0, budget=None, k=2, time_limit_s=0.0)
     assert guesses == [] and "(stopped: 0 s)" in note
-
-
-@pytest.mark.distributed
-def test_a_tune_measures_the_best_guess_right_after_the_untouched_plan() -> None:
-    import autoscale
-
-    model, batch = tiny_gpt(dropout=0.0)
-    result = autoscale.optimize(model, batch, trials=3, precisions=("fp32",), iters=1,
-                                isolate=False)
-    notes = result.report.notes
-    assert any(n.startswith("cost model: ") and "queued first" in n for n in notes), notes
-    trials = sorted(result.report.trials, key=lambda r: r.number)
-    # #0 the untouched plan, #1 the cost model's fastest guess (not the untouched plan).
-    first, second = trials[0], trials[1]
-    assert first.plan.batch.micro_batch_size is None
-    assert second.plan != first.plan
-    # Every measured trial of a priced plan recorded its estimate before it ran, refined
-    # on the trials before it (Note: [refining the step time on every trial]).
-    assert any(n.startswith("cost model: step time estimated within") for n in notes), notes
 
 
 def test_the_step_time_estimate_learns_the_median_ratio_of_the_trials_before() -> None:

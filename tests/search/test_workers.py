@@ -37,7 +37,7 @@ def test_sweep_survives_a_segfault_a_hang_and_an_exception(tmp_path) -> None:
     # Four plans: whole batch (fine), micro-batches of 1 (raises), 2 (segfaults), 4 (hangs).
     db = tmp_path / "study.db"
     result = optimize_script(FAULTY, trials=4, precisions=("fp32",), optimizer="adam",
-                             trial_timeout=8, storage=str(db), study_name="faulty")
+                             trial_timeout=4, storage=str(db), study_name="faulty")
     fresh = {r.plan.batch.micro_batch_size: r for r in result.report.trials
              if not r.is_repeat}
     assert set(fresh) == {None, 1, 2, 4}
