@@ -32,7 +32,8 @@ from autoscale.runtime._batch import (
 )
 from autoscale.runtime._optimizers import build_optimizer
 
-__all__ = ["loss_curve", "measure_baseline", "measure_plan", "time_all_reduce"]
+__all__ = ["freeze_long_lived", "loss_curve", "measure_baseline", "measure_plan", "thaw",
+           "time_all_reduce"]
 
 
 def measure_plan(plan: Plan, model: nn.Module, batch: Batch, *, loss_fn: LossFn | None,
@@ -163,6 +164,35 @@ def _gradient_bytes(model: nn.Module) -> int:
     (DDP's reducer and FSDP2's reduce-scatter are not instrumented; the compression pass
     counts what it sends itself). FSDP2's parameter all-gathers are not counted."""
     return sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+
+
+def freeze_long_lived() -> bool:
+    """Move every object this process holds now out of the garbage collector's reach
+    (``gc.freeze``), so that the collection measure() runs before each tracked step walks
+    only what the trials make since (Note: [a collection walks only what trials make]).
+    Returns whether it froze anything: False where something (the user's program) had
+    frozen objects already, which is left as it is.
+
+    Note: [a collection walks only what trials make]
+    A full gc.collect took 0.15-0.2 s in a process that has imported torch, optuna and the
+    user's model (~310k tracked objects), and measure() runs one before every tracked step:
+    3.4 s of a 17 s four-trial GPT tune. The objects made before the trials (modules,
+    the model, its captured graph) live as long as the process measures, so walking them
+    finds nothing; after ``gc.freeze`` the collection took under 0.1 ms. Garbage made by
+    the trials' steps is younger than the freeze and is collected as before. Call it after
+    the process's long-lived state is built; :func:`thaw` undoes it.
+    """
+    if gc.get_freeze_count():
+        return False
+    gc.freeze()
+    return True
+
+
+def thaw(froze: bool) -> None:
+    """Undo :func:`freeze_long_lived` (given what it returned): the frozen objects are
+    the collector's again."""
+    if froze:
+        gc.unfreeze()
 
 
 def free_memory(*, collect: bool = False) -> None:

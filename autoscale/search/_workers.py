@@ -162,6 +162,20 @@ class InProcessRunner(TrialRunner):
                  graph: object, warmup: int, iters: int) -> None:
         self._model, self._batch, self._loss_fn = model, batch, loss_fn
         self._graph, self._warmup, self._iters = graph, warmup, iters
+        self._froze = False
+
+    def __enter__(self) -> InProcessRunner:
+        from autoscale.search._trial import freeze_long_lived
+
+        # Until close(): Note: [a collection walks only what trials make].
+        self._froze = freeze_long_lived()
+        return self
+
+    def close(self) -> None:
+        from autoscale.search._trial import thaw
+
+        thaw(self._froze)
+        self._froze = False
 
     def baseline(self, optimizer: OptimizerPlan, *, timeout_s: float | None = None
                  ) -> Measurement:  # fmt: skip
@@ -484,6 +498,10 @@ def worker_main() -> None:
     except Exception as err:
         conn.send(("failed", {"reason": _describe(err)}))
         return
+    from autoscale.search._trial import freeze_long_lived
+
+    # The worker's long-lived state is built: its trials' collections skip it from here.
+    freeze_long_lived()
     conn.send(("ready", None))
     while True:
         try:
