@@ -498,10 +498,19 @@ def worker_main() -> None:
     except Exception as err:
         conn.send(("failed", {"reason": _describe(err)}))
         return
-    from autoscale.search._trial import freeze_long_lived
+    from autoscale.search._trial import freeze_long_lived, thaw
 
     # The worker's long-lived state is built: its trials' collections skip it from here.
-    freeze_long_lived()
+    # Thawed on the way out: objects still frozen at interpreter exit are never finalized,
+    # and nanobind (triton's bindings) prints a leak report for each of its own.
+    froze = freeze_long_lived()
+    try:
+        _serve(conn, state)
+    finally:
+        thaw(froze)
+
+
+def _serve(conn: Connection, state: _WorkerState) -> None:
     conn.send(("ready", None))
     while True:
         try:

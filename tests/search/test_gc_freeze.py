@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections.abc import Iterator
 
+import pytest
 import torch
 
 from autoscale.search._workers import InProcessRunner
@@ -17,12 +19,24 @@ class _Cycle:
         self.tensor = torch.ones(1024)
 
 
+@pytest.fixture
+def thawed() -> Iterator[None]:
+    """Nothing frozen during the test (conftest freezes what collection imported)."""
+    frozen = gc.get_freeze_count()
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+    if frozen:
+        gc.freeze()
+
+
 def _runner() -> InProcessRunner:
     return InProcessRunner(torch.nn.Linear(2, 2), (torch.randn(2, 2),), loss_fn=None,
                            graph=None, warmup=0, iters=1)
 
 
-def test_the_runner_freezes_while_open_and_trial_garbage_is_still_collected() -> None:
+def test_the_runner_freezes_while_open_and_trial_garbage_is_still_collected(thawed
+                                                                            ) -> None:
     assert gc.get_freeze_count() == 0
     before = _Cycle()  # made before the runner: frozen with the rest while it is open
     kept = weakref.ref(before)
@@ -41,12 +55,9 @@ def test_the_runner_freezes_while_open_and_trial_garbage_is_still_collected() ->
     assert kept() is None, "thawed, the earlier cycle is collected again"
 
 
-def test_objects_the_caller_froze_stay_frozen() -> None:
+def test_objects_the_caller_froze_stay_frozen(thawed) -> None:
     gc.freeze()
-    try:
-        frozen = gc.get_freeze_count()
-        with _runner():
-            assert gc.get_freeze_count() == frozen
+    frozen = gc.get_freeze_count()
+    with _runner():
         assert gc.get_freeze_count() == frozen
-    finally:
-        gc.unfreeze()
+    assert gc.get_freeze_count() == frozen
