@@ -66,6 +66,16 @@ run's noise line, or than the spread of the compared compiled rows' processes (r
 to their ratio) where that is larger, says "tie within noise". The tuner's pick (its
 fastest fitting reading, inductor's own partitioner at the same fraction included) is
 named beside each verdict.
+
+Note: [a tie is settled head to head]
+Each compiled row's ratio is over its own process's baseline, and processes of one config
+land up to 10% apart (where their tensors sit in memory), so two plans that do the same
+work read as a "tie within noise" at a 5% band. Where the verdict is such a tie between a
+compiled solver plan and torch.compile's own budget, both are run again in one process
+beside one baseline, interleaved (``duel``), in ``--processes`` processes: the line under
+the verdict gives ours/theirs of each (below 1: ours faster) and their median. The
+verdict itself is the per-process rows', as before: the head-to-head says how close the
+tie is, it does not turn one into a win.
 """
 
 from __future__ import annotations
@@ -314,6 +324,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     model, batch = build_model(spec["model"])
     base = build_result(Plan(), model)
+    if spec.get("duel"):
+        return duel(spec, model, batch, base)
     if spec.get("plan") is not None:
         compiled = build_result(Plan.from_dict(spec["plan"]), model)
     else:
@@ -334,6 +346,59 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     return asdict(Row(spec["label"], spec["kind"], spec["fraction"], act, peak,
                       steps["compiled"], steps["compiled"] / steps["base"],
                       compile_s=compile_s, policies=spec["policies"]))
+
+
+def duel(spec: dict[str, Any], model: Any, batch: Any, base: Any) -> dict[str, Any]:
+    """In a fresh process: autoscale's compiled plan (``spec["plan"]``) and torch.compile at
+    ``spec["budget"]``, both beside one eager baseline, interleaved: their ratios over it.
+
+    A head-to-head for the budgets whose verdict the per-process rows leave a tie (Note:
+    [a tie is settled head to head]). The user's torch.compile is the only plain compile
+    in the process, compiled first under its budget; autoscale's compile pass compiles its
+    plan under its own (passes/compile.py, Note: [one compile per Result]), so neither
+    reuses the other's graph."""
+    import torch._functorch.config as functorch_config
+
+    from autoscale import Plan
+    from autoscale.runtime import build_result
+
+    theirs = build_result(Plan(), model)
+    theirs.model = torch.compile(theirs.model)  # type: ignore[assignment]
+    with functorch_config.patch(activation_memory_budget=spec["budget"]):
+        theirs.step(batch)
+    ours = build_result(Plan.from_dict(spec["plan"]), model)
+    ours.step(batch)
+    for result in (ours, theirs, base):
+        settle(result, batch)
+    steps = interleaved({"base": base, "ours": ours, "theirs": theirs}, batch,
+                        repeats=spec["repeats"],
+                        rebuild={"base": functools.partial(build_result, Plan(), model)})
+    return {"ours": steps["ours"] / steps["base"], "theirs": steps["theirs"] / steps["base"]}
+
+
+def duels(name: str, rows: list[Row], plans: dict[str, Any], repeats: int,
+          processes: int) -> dict[float, list[float]]:
+    """Budget fraction -> ours/theirs of each head-to-head process, for every budget where
+    the solver's fastest fitting plan is compiled, the fastest fitting alternative is
+    torch.compile's own budget, and the per-process rows put them within the run's noise
+    (Note: [a tie is settled head to head])."""
+    out: dict[float, list[float]] = {}
+    for f, row, best, verdict in _judged(rows):
+        if not (verdict == "tie within noise" and best is not None
+                and best.kind == "compile" and row.label in plans
+                and plans[row.label].compile.active):
+            continue
+        spec = dict(model=name, duel=True, plan=plans[row.label].to_dict(),
+                    budget=best.fraction, repeats=repeats)
+        cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
+        for _ in range(processes):
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode == 0 and lines:
+                got = json.loads(lines[-1])
+                out.setdefault(f, []).append(got["ours"] / got["theirs"])
+    return out
 
 
 def worker_row(spec: dict[str, Any], *, timeout: float = 900) -> Row:
@@ -395,7 +460,15 @@ def run(models: tuple[str, ...], fractions: tuple[float, ...], repeats: int, *,
                            policies="", budget=f, repeats=repeats) for f in fractions]
         rows += compiled_rows(specs, processes)
         out[name] = rows
+        if compile_rows:
+            plans = {label: c[2] for label, c in configs.items()}
+            DUELS[name] = duels(name, rows, plans, repeats, processes)
     return out
+
+
+DUELS: dict[str, dict[float, list[float]]] = {}
+"""Model -> budget fraction -> ours/theirs per head-to-head process, filled by :func:`run`
+(printed by :func:`print_table`)."""
 
 
 def fits(row: Row, base: Row) -> bool:
@@ -420,7 +493,34 @@ def _verdict(ours: float, theirs: float, noise: float) -> str:
     return "tie within noise" if ours <= theirs * (1 + noise) else "missed"
 
 
-def goals(rows: list[Row]) -> list[str]:
+def _noise(rows: list[Row]) -> float:
+    again = next((r for r in rows if r.kind == "noise"), None)
+    return abs(again.time_ratio - 1) if again is not None else 0.0
+
+
+def _judged(rows: list[Row]) -> list[tuple[float, Row, Row | None, str]]:
+    """Per budget fraction where a solver plan fits: (fraction, the solver's fastest
+    fitting row, the fastest fitting alternative or None, the verdict word)."""
+    base, noise = rows[0], _noise(rows)
+    alts = [r for r in rows if r.kind in ("full", "compile") and r.error is None]
+    out = []
+    for f in sorted({r.fraction for r in rows if r.kind == "autoscale"}, reverse=True):
+        budget = f * base.act_bytes  # type: ignore[operator]
+        solver = [r for r in rows if r.kind == "autoscale" and r.fraction == f
+                  and r.error is None and r.act_bytes <= budget]
+        if not solver:
+            continue
+        row = min(solver, key=lambda r: r.time_ratio)
+        best = min((a for a in alts if a.act_bytes <= budget), key=lambda a: a.time_ratio,
+                   default=None)
+        word = "met" if best is None else _verdict(row.time_ratio, best.time_ratio,
+                                                   _band(noise, row, best))
+        out.append((f, row, best, word))  # type: ignore[arg-type]
+    return out
+
+
+def goals(rows: list[Row], head_to_head: dict[float, list[float]] | None = None
+          ) -> list[str]:  # fmt: skip
     """The issue's goals, each a line: met, a tie within the run's noise, or missed, with
     the numbers. Step times compare as ratios over the no-ckpt step timed in the same
     process. Noise: how far the second no-ckpt row's time lay from the first's.
@@ -433,11 +533,11 @@ def goals(rows: list[Row]) -> list[str]:
     (compile.mode 'inductor-budget', the technique of the "compile f" rows, which stand for
     it here)."""
     base = rows[0]
-    again = next((r for r in rows if r.kind == "noise"), None)
-    noise = abs(again.time_ratio - 1) if again is not None else 0.0
+    noise = _noise(rows)
     alts = [r for r in rows if r.kind in ("full", "compile") and r.error is None]
     lines = [f"noise: two identical no-ckpt configs differed by {noise:.1%}"]
     fractions = sorted({r.fraction for r in rows if r.kind == "autoscale"}, reverse=True)
+    judged = {j[0]: j for j in _judged(rows)}
     for f in fractions:
         budget = f * base.act_bytes  # type: ignore[operator]
         mine = [r for r in rows if r.kind == "autoscale" and r.fraction == f
@@ -452,19 +552,21 @@ def goals(rows: list[Row]) -> list[str]:
             lines.append(f"{head}: missed: the solver's plans over the budget (least "
                          f"{over.act_bytes / MIB:.2f} MiB)")
             continue
-        row = min(solver, key=lambda r: r.time_ratio)
-        best = min((a for a in alts if a.act_bytes <= budget), key=lambda a: a.time_ratio,
-                   default=None)
+        _, row, best, word = judged[f]
         if best is None:
             verdict = "met (no alternative fits this budget)"
         else:
-            band = _band(noise, row, best)
-            verdict = (f"{_verdict(row.time_ratio, best.time_ratio, band)} (band "
-                       f"{band:.1%}): {row.label} "
+            verdict = (f"{word} (band {_band(noise, row, best):.1%}): {row.label} "
                        f"{row.time_ratio:.2f}x at {row.act_bytes / MIB:.2f} MiB vs {best.label} "
                        f"{best.time_ratio:.2f}x at {best.act_bytes / MIB:.2f} MiB")
         pick = "" if picked is None else f"; the tuner's pick: {picked.label}"
         lines.append(f"{head}: solver {verdict}{pick}")
+        if head_to_head and f in head_to_head and best is not None:
+            ratios = sorted(head_to_head[f])
+            lines.append(
+                f"  head to head, {row.label} / {best.label} in one process ({len(ratios)} "
+                f"processes): median {statistics.median(ratios):.3f} (each: "
+                + ", ".join(f"{x:.3f}" for x in ratios) + ")")
         if f == 0.5:
             strict = "met" if row.time_ratio < 1.05 else (
                 "tie within noise" if row.time_ratio < 1.05 + _band(noise, row) else "missed")
@@ -504,7 +606,7 @@ def print_table(name: str, rows: list[Row]) -> None:
               f"{r.peak_bytes / MIB:8.2f} {r.peak_bytes / base.peak_bytes:6.2f} "
               f"{r.step_s * 1e3:8.1f} {r.time_ratio:6.2f} {spread:>6s} {fit:>4s} {comp:>9s}  "
               f"{r.policies}")
-    for line in goals(rows):
+    for line in goals(rows, DUELS.get(name)):
         print("  " + line)
 
 

@@ -3,6 +3,7 @@ real measured memory: within the budget and falling as it falls. No timing is as
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -121,3 +122,62 @@ def test_a_gap_within_the_compiled_rows_spread_is_a_tie() -> None:
                for ln in lines), lines
     assert any(ln.startswith("budget 25%") and ": solver missed (band 1.9%)" in ln
                for ln in lines), lines
+
+
+def test_a_tie_with_torch_compile_is_run_head_to_head_and_printed_under_it(monkeypatch
+                                                                           ) -> None:
+    from autoscale import Plan
+    from autoscale.plan import CompilePlan
+
+    Row = bench_checkpoint.Row
+
+    def row(label, kind, fraction, act, ratio, spread=None):
+        return Row(label, kind, fraction, act, act, ratio / 10, ratio, spread=spread)
+
+    rows = [row("no ckpt", "none", None, 100, 1.0),
+            row("no ckpt again", "noise", None, 100, 1.01),
+            row("autoscale 50% ind", "autoscale", 0.5, 40, 1.03, spread=0.02),
+            row("compile 0.5", "compile", 0.5, 45, 1.00, spread=0.04),
+            row("autoscale 25% ind", "autoscale", 0.25, 20, 0.95, spread=0.02),
+            row("compile 0.25", "compile", 0.25, 21, 1.00, spread=0.02)]
+    plans = {"autoscale 50% ind": Plan(sections={"compile": CompilePlan(mode="inductor")}),
+             "autoscale 25% ind": Plan(sections={"compile": CompilePlan(mode="inductor")})}
+    specs = []
+
+    class Done:
+        returncode = 0
+        stdout = '{"ours": 1.02, "theirs": 1.0}\n'
+
+    def fake_run(cmd, **kwargs):
+        specs.append(json.loads(cmd[-1]))
+        return Done()
+
+    monkeypatch.setattr(bench_checkpoint.subprocess, "run", fake_run)
+    got = bench_checkpoint.duels("gpt", rows, plans, repeats=5, processes=2)
+    # 50%: 3% slower, a tie within the 4% band: run head to head, twice; 25%: met, not run.
+    assert got == {0.5: [1.02, 1.02]}
+    assert [(s["duel"], s["budget"], s["repeats"]) for s in specs] == [(True, 0.5, 5)] * 2
+    assert specs[0]["plan"] == plans["autoscale 50% ind"].to_dict()
+    lines = bench_checkpoint.goals(rows, got)
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("budget 50%"))
+    assert "tie within noise" in lines[at]  # the verdict stays the rows'
+    assert lines[at + 1].strip().startswith("head to head, autoscale 50% ind / compile 0.5")
+    assert "median 1.020" in lines[at + 1]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_real_head_to_head_compiles_both_in_one_process() -> None:
+    import subprocess
+
+    from autoscale import CheckpointPlan, Plan
+    from autoscale.plan import CompilePlan
+
+    plan = Plan(sections={"checkpoint": CheckpointPlan(blocks=("h.0",)),
+                          "compile": CompilePlan(mode="inductor")})
+    spec = dict(model="gpt", duel=True, plan=plan.to_dict(), budget=0.5, repeats=2)
+    proc = subprocess.run([sys.executable, bench_checkpoint.__file__, "--worker",
+                           json.dumps(spec)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert set(got) == {"ours", "theirs"} and got["ours"] > 0 and got["theirs"] > 0
