@@ -381,8 +381,9 @@ def duels(name: str, rows: list[Row], plans: dict[str, Any], repeats: int,
     """Budget fraction -> ours/theirs of each head-to-head process, for every budget where
     the solver's fastest fitting plan is compiled, the fastest fitting alternative is
     torch.compile's own budget, and the per-process rows put them within the run's noise
-    (Note: [a tie is settled head to head])."""
+    (Note: [a tie is settled head to head]). Budgets with the same pair share one run."""
     out: dict[float, list[float]] = {}
+    runs: dict[str, list[float]] = {}  # one head-to-head per pair, shared by its budgets
     for f, row, best, verdict in _judged(rows):
         if not (verdict == "tie within noise" and best is not None
                 and best.kind == "compile" and row.label in plans
@@ -390,14 +391,20 @@ def duels(name: str, rows: list[Row], plans: dict[str, Any], repeats: int,
             continue
         spec = dict(model=name, duel=True, plan=plans[row.label].to_dict(),
                     budget=best.fraction, repeats=repeats)
-        cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
-        for _ in range(processes):
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if proc.returncode == 0 and lines:
-                got = json.loads(lines[-1])
-                out.setdefault(f, []).append(got["ours"] / got["theirs"])
+        key = json.dumps(spec, sort_keys=True)
+        if key not in runs:
+            runs[key] = []
+            cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+            env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
+            for _ in range(processes):
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                                      env=env)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+                if proc.returncode == 0 and lines:
+                    got = json.loads(lines[-1])
+                    runs[key].append(got["ours"] / got["theirs"])
+        if runs[key]:
+            out[f] = runs[key]
     return out
 
 

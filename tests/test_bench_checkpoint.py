@@ -139,9 +139,12 @@ def test_a_tie_with_torch_compile_is_run_head_to_head_and_printed_under_it(monke
             row("autoscale 50% ind", "autoscale", 0.5, 40, 1.03, spread=0.02),
             row("compile 0.5", "compile", 0.5, 45, 1.00, spread=0.04),
             row("autoscale 25% ind", "autoscale", 0.25, 20, 0.95, spread=0.02),
-            row("compile 0.25", "compile", 0.25, 21, 1.00, spread=0.02)]
-    plans = {"autoscale 50% ind": Plan(sections={"compile": CompilePlan(mode="inductor")}),
-             "autoscale 25% ind": Plan(sections={"compile": CompilePlan(mode="inductor")})}
+            row("compile 0.25", "compile", 0.25, 21, 1.00, spread=0.02),
+            # 75%: the same pair as at 50% (the solver's plan, compile 0.5 the fastest
+            # fitting): its head-to-head is shared, not run again.
+            row("autoscale 75% ind", "autoscale", 0.75, 40, 1.03, spread=0.02)]
+    ind = Plan(sections={"compile": CompilePlan(mode="inductor")})
+    plans = {"autoscale 50% ind": ind, "autoscale 25% ind": ind, "autoscale 75% ind": ind}
     specs = []
 
     class Done:
@@ -155,7 +158,7 @@ def test_a_tie_with_torch_compile_is_run_head_to_head_and_printed_under_it(monke
     monkeypatch.setattr(bench_checkpoint.subprocess, "run", fake_run)
     got = bench_checkpoint.duels("gpt", rows, plans, repeats=5, processes=2)
     # 50%: 3% slower, a tie within the 4% band: run head to head, twice; 25%: met, not run.
-    assert got == {0.5: [1.02, 1.02]}
+    assert got == {0.75: [1.02, 1.02], 0.5: [1.02, 1.02]}
     assert [(s["duel"], s["budget"], s["repeats"]) for s in specs] == [(True, 0.5, 5)] * 2
     assert specs[0]["plan"] == plans["autoscale 50% ind"].to_dict()
     lines = bench_checkpoint.goals(rows, got)
