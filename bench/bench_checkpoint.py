@@ -403,6 +403,10 @@ def duels(name: str, rows: list[Row], plans: dict[str, Any], repeats: int,
                 if proc.returncode == 0 and lines:
                     got = json.loads(lines[-1])
                     runs[key].append(got["ours"] / got["theirs"])
+                else:
+                    why = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    print(f"{name}: head to head {row.label} / {best.label}: a process "
+                          f"failed: {why}", flush=True)
         if runs[key]:
             out[f] = runs[key]
     return out
@@ -452,9 +456,12 @@ def compiled_rows(specs: list[dict[str, Any]], processes: int) -> list[Row]:
 
 
 def run(models: tuple[str, ...], fractions: tuple[float, ...], repeats: int, *,
-        compile_rows: bool, quick: bool = False, processes: int = 3) -> dict[str, list[Row]]:
+        compile_rows: bool, quick: bool = False, processes: int = 3,
+        head_to_head: dict[str, dict[float, list[float]]] | None = None
+        ) -> dict[str, list[Row]]:  # fmt: skip
     """Every model's rows: eager ones in this process, each compiled one in its own
-    (autoscale's plans under inductor, and torch.compile's own budget)."""
+    (autoscale's plans under inductor, and torch.compile's own budget). With
+    ``head_to_head``, each model's :func:`duels` go into it by model name."""
     out = {}
     for name in models:
         configs, model, batch, graph = solver_configs(name, fractions, quick=quick)
@@ -467,15 +474,10 @@ def run(models: tuple[str, ...], fractions: tuple[float, ...], repeats: int, *,
                            policies="", budget=f, repeats=repeats) for f in fractions]
         rows += compiled_rows(specs, processes)
         out[name] = rows
-        if compile_rows:
+        if compile_rows and head_to_head is not None:
             plans = {label: c[2] for label, c in configs.items()}
-            DUELS[name] = duels(name, rows, plans, repeats, processes)
+            head_to_head[name] = duels(name, rows, plans, repeats, processes)
     return out
-
-
-DUELS: dict[str, dict[float, list[float]]] = {}
-"""Model -> budget fraction -> ours/theirs per head-to-head process, filled by :func:`run`
-(printed by :func:`print_table`)."""
 
 
 def fits(row: Row, base: Row) -> bool:
@@ -594,7 +596,8 @@ def goals(rows: list[Row], head_to_head: dict[float, list[float]] | None = None
     return lines
 
 
-def print_table(name: str, rows: list[Row]) -> None:
+def print_table(name: str, rows: list[Row],
+                head_to_head: dict[float, list[float]] | None = None) -> None:
     base = rows[0]
     print(f"\n{name}: A0 {base.act_bytes / MIB:.2f} MiB, T0 {base.step_s * 1e3:.1f} ms")
     header = (f"{'config':26s} {'act MiB':>8s} {'x mem':>6s} {'peak MiB':>8s} {'x peak':>6s} "
@@ -613,7 +616,7 @@ def print_table(name: str, rows: list[Row]) -> None:
               f"{r.peak_bytes / MIB:8.2f} {r.peak_bytes / base.peak_bytes:6.2f} "
               f"{r.step_s * 1e3:8.1f} {r.time_ratio:6.2f} {spread:>6s} {fit:>4s} {comp:>9s}  "
               f"{r.policies}")
-    for line in goals(rows, DUELS.get(name)):
+    for line in goals(rows, head_to_head):
         print("  " + line)
 
 
@@ -640,11 +643,12 @@ def main() -> None:
     print(f"device: cpu ({cpu_model()}, {os.cpu_count()} cores), "
           f"{torch.get_num_threads()} torch threads; torch {torch.__version__}")
     start = time.perf_counter()
+    duelled: dict[str, dict[float, list[float]]] = {}
     report = run(models, fractions, args.repeats,
                  compile_rows=not (args.quick or args.no_compile), quick=args.quick,
-                 processes=args.processes)
+                 processes=args.processes, head_to_head=duelled)
     for name, rows in report.items():
-        print_table(name, rows)
+        print_table(name, rows, duelled.get(name))
     print(f"\n({time.perf_counter() - start:.0f} s)")
 
 
