@@ -394,17 +394,11 @@ def duels(name: str, rows: list[Row], plans: dict[str, Any], repeats: int,
         key = json.dumps(spec, sort_keys=True)
         if key not in runs:
             runs[key] = []
-            cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-            env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
             for _ in range(processes):
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                                      env=env)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-                if proc.returncode == 0 and lines:
-                    got = json.loads(lines[-1])
+                got, why = _in_process(spec, 900)
+                if got is not None:
                     runs[key].append(got["ours"] / got["theirs"])
                 else:
-                    why = (proc.stderr.strip().splitlines() or ["?"])[-1]
                     print(f"{name}: head to head {row.label} / {best.label}: a process "
                           f"failed: {why}", flush=True)
         if runs[key]:
@@ -412,21 +406,28 @@ def duels(name: str, rows: list[Row], plans: dict[str, Any], repeats: int,
     return out
 
 
-def worker_row(spec: dict[str, Any], *, timeout: float = 900) -> Row:
-    """:func:`worker` in its own process; a failure is a row with its error."""
+def _in_process(spec: dict[str, Any], timeout: float) -> tuple[dict[str, Any] | None, str]:
+    """:func:`worker` on ``spec`` in a fresh process: (its JSON reply, "") or (None, why it
+    failed: the time limit or the last line of its stderr)."""
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
     env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
-    failed = Row(spec["label"], spec["kind"], spec["fraction"], 0, 0, math.nan, math.nan,
-                 policies=spec["policies"])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return dataclasses.replace(failed, error=f"timed out after {timeout:.0f} s")
+        return None, f"timed out after {timeout:.0f} s"
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        return dataclasses.replace(
-            failed, error=(proc.stderr.strip().splitlines() or ["?"])[-1])
-    return Row(**json.loads(lines[-1]))
+        return None, (proc.stderr.strip().splitlines() or ["?"])[-1]
+    return json.loads(lines[-1]), ""
+
+
+def worker_row(spec: dict[str, Any], *, timeout: float = 900) -> Row:
+    """:func:`worker` in its own process; a failure is a row with its error."""
+    got, why = _in_process(spec, timeout)
+    if got is None:
+        return Row(spec["label"], spec["kind"], spec["fraction"], 0, 0, math.nan, math.nan,
+                   policies=spec["policies"], error=why)
+    return Row(**got)
 
 
 def compiled_rows(specs: list[dict[str, Any]], processes: int) -> list[Row]:
