@@ -30,8 +30,28 @@ made wall-clock steps vary 10x here; with one thread CPU time is the step's time
 machine. The rates are measured the same way (Note: [timing a busy machine]). Beside it,
 "refined": the estimate after ``refine`` scaled the rates onto the model's measured default
 plan, as the tuner does after its baseline trial. Per model: the Spearman rank correlation
-of estimated and measured step time and the median absolute error. Goals (issue 15):
-Spearman >= 0.9 per model, median absolute error within 15%.
+of estimated and measured step time (below) and the median absolute error. Goals (issue
+15): Spearman >= 0.9 per model, median absolute error within 15%.
+
+Note: [ties the measurement cannot order]
+Plans whose steps differ by less than the measurement resolves are ties, and Spearman's
+rank correlation takes a tie as a tie (average ranks); ordering them by their fastest steps
+ranks noise. On the CNN the four optimizer plans differ by 0.05-0.6 ms of a 190 ms step
+(each optimizer's step timed alone after a backward) while fresh builds of one plan land
++-3% apart round to round (where their tensors sit): in 30 rounds of five CNN plans and the
+default timed twice, the fastest steps put the default plan and its second timing 0.1%
+apart but 8-bit AdamW 2.8% above it, and over earlier runs the fastest-step order of those
+plans came out different every run (Spearman on it 0.83 to 1.00 on unchanged code). So the
+measured order is a test: each pair of plans is compared round by round (round r of each,
+timed side by side, so the machine's drift cancels) by a two-sided sign-flip permutation
+test on the mean log ratio at 5% (:func:`paired_order`); a pair it does not separate is a
+tie, and a plan's measured rank is 1 + the plans found faster + half those it ties with.
+In those 30 rounds, cut into three runs of 8, the test never separated the default plan
+from its second timing nor any two optimizer plans, and separated the micro-batched plan
+(whose typical step is 2-5% below the default's) in 9 of its 15 pairs. The Spearman the goal is
+judged on (column "spearman") is against that order; "fastest", against the fastest steps'
+order, is printed beside it, and the repeatability line says whether the test separated
+the default plan from itself (it should not, 95% of runs).
 
 Then the distributed plans (``--ranks``, default 2; 1 leaves them out;
 ``--distributed-only`` runs them alone): on every model, ddp, zero1, zero2, zero3 and FSDP2
@@ -44,6 +64,8 @@ the estimate made in this process. The same memory goals.
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import statistics
 import sys
 import time
@@ -188,6 +210,52 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return cov / var if var else float("nan")
 
 
+def paired_order(a: list[float], b: list[float], *, alpha: float = 0.05,
+                 draws: int = 20000) -> int:
+    """-1 if plan a's steps are faster than plan b's, 1 if slower, 0 if the measurement
+    cannot say (Note: [ties the measurement cannot order]): a two-sided sign-flip
+    permutation test, at level ``alpha``, of the mean of the rounds' log ratios (round r of
+    a against round r of b, timed side by side). Exact over every sign pattern up to 14
+    rounds, else ``draws`` seeded random patterns."""
+    import random
+
+    diffs = [math.log(x / y) for x, y in zip(a, b, strict=True)]
+    observed = abs(sum(diffs)) * (1 - 1e-9)
+    if len(diffs) <= 14:
+        patterns: Any = itertools.product((1.0, -1.0), repeat=len(diffs))
+        total = 1 << len(diffs)
+    else:
+        rng = random.Random(0)
+        patterns = ([rng.choice((1.0, -1.0)) for _ in diffs] for _ in range(draws))
+        total = draws
+    extreme = sum(abs(sum(s * d for s, d in zip(signs, diffs, strict=True))) >= observed
+                  for signs in patterns)
+    if extreme / total >= alpha:
+        return 0
+    return -1 if sum(diffs) < 0 else 1
+
+
+def order_matrix(rounds: list[list[float]]) -> list[list[int]]:
+    """``[i][j]``: :func:`paired_order` of plan i against plan j (0 on the diagonal)."""
+    n = len(rounds)
+    out = [[0] * n for _ in range(n)]
+    for i, j in itertools.combinations(range(n), 2):
+        out[i][j] = paired_order(rounds[i], rounds[j])
+        out[j][i] = -out[i][j]
+    return out
+
+
+def tied_spearman(estimates: list[float], order: list[list[int]]) -> float:
+    """Spearman's rank correlation of the estimates against the measured order (an
+    :func:`order_matrix`), where the measured rank of a plan is 1 + the plans found faster
+    + half the plans the measurement cannot order against it: the average ranks Spearman
+    gives ties, when the unresolved pairs fall into groups."""
+    n = len(order)
+    scores = [1.0 + sum(1.0 if order[i][j] == 1 else 0.5 if order[i][j] == 0 else 0.0
+                        for j in range(n) if j != i) for i in range(n)]
+    return spearman(estimates, scores)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two models only")
@@ -255,8 +323,12 @@ def _bench_model(name: str, build: Any, rates: Any, rounds: int) -> list[dict[st
     # read. Not a plan of the spread: left out of the errors and the rank correlation.
     got = measured({**spread, "default again": spread["default"]}, model, batch, graph,
                    loss_fn, rounds)
-    again = got.pop("default again")[1] / got["default"][1] - 1
-    print(f"{name:9s} repeatability: the default plan timed twice differed by {again:+.1%}")
+    twice = got.pop("default again")
+    again = twice[1] / got["default"][1] - 1
+    told = ("apart: the test is not holding its level this run" if
+            paired_order(twice[2], got["default"][2]) else "a tie")
+    print(f"{name:9s} repeatability: the default plan timed twice differed by {again:+.1%} "
+          f"(the paired test finds them {told})")
     out, times = [], {}
     for label, plan in spread.items():
         start = time.perf_counter()
@@ -379,10 +451,11 @@ def _sharded_summary(rows: dict[str, list[dict[str, Any]]], ranks: int) -> None:
 def _summary(rows: dict[str, list[dict[str, float]]]) -> None:
     print()
     print(f"{'model':9s} {'plans':>5s} {'median |err|':>13s} {'max |err|':>10s} | "
-          f"{'spearman':>8s} {'time |err|':>10s} {'refined':>8s}")
+          f"{'spearman':>8s} {'fastest':>8s} {'time |err|':>10s} {'refined':>8s}")
     mem: list[float] = []
     base: list[float] = []
     rhos: dict[str, float] = {}
+    plain: dict[str, float] = {}
     t_err: list[float] = []
     r_err: list[float] = []
     for name, model_rows in rows.items():
@@ -390,17 +463,22 @@ def _summary(rows: dict[str, list[dict[str, float]]]) -> None:
         base += [abs(r["old"] / r["peak"] - 1) for r in model_rows]
         terrs = [abs(r["est_step"] / r["step"] - 1) for r in model_rows]
         rerrs = [abs(r["refined"] / r["step"] - 1) for r in model_rows if r["label"] != "default"]
-        rhos[name] = spearman([r["est_step"] for r in model_rows],
-                              [r["step"] for r in model_rows])
+        plain[name] = spearman([r["est_step"] for r in model_rows],
+                               [r["step"] for r in model_rows])
+        rhos[name] = tied_spearman([r["est_step"] for r in model_rows],
+                                   order_matrix([r["rounds"] for r in model_rows]))
         mem += errs
         t_err += terrs
         r_err += rerrs
         print(f"{name:9s} {len(errs):5d} {statistics.median(errs):13.2%} {max(errs):10.2%} | "
-              f"{rhos[name]:8.2f} {statistics.median(terrs):10.1%} "
+              f"{rhos[name]:8.2f} {plain[name]:8.2f} {statistics.median(terrs):10.1%} "
               f"{statistics.median(rerrs):8.1%}")
     print(f"{'all':9s} {len(mem):5d} {statistics.median(mem):13.2%} {max(mem):10.2%} | "
-          f"{min(rhos.values()):8.2f} {statistics.median(t_err):10.1%} "
-          f"{statistics.median(r_err):8.1%}   (spearman: the lowest model's)")
+          f"{min(rhos.values()):8.2f} {min(plain.values()):8.2f} "
+          f"{statistics.median(t_err):10.1%} {statistics.median(r_err):8.1%}   (spearman: "
+          "the lowest model's)")
+    print("spearman: against the order the paired test measures, its ties as ties (Note: "
+          "[ties the measurement cannot order]); fastest: against the fastest steps' order")
     print(f"{'graph est':9s} {len(base):5d} {statistics.median(base):13.2%} {max(base):10.2%}"
           "   (the previous estimate, same plans)")
     ok = max(mem) <= 0.05 and statistics.median(mem) <= 0.02
@@ -414,38 +492,28 @@ def _summary(rows: dict[str, list[dict[str, float]]]) -> None:
     _resolved_pairs(rows)
 
 
-def _resolved_pairs(rows: dict[str, list[dict[str, Any]]], *, resamples: int = 2000,
-                    confidence: float = 0.95) -> None:
-    """Beside the goal's Spearman: per model, the pairs of plans whose measured order holds
-    in at least ``confidence`` of bootstrap resamples of their timing rounds (each plan's
-    step is the fastest of its rounds: resampling the rounds gives that statistic's spread
-    in this run), and how many of them the estimate orders as measured; then every pair it
-    misorders. A pair the resamples do not order is a tie the measurement cannot resolve,
-    and Spearman counts its order all the same."""
-    import random
-
-    rng = random.Random(0)
-    print(f"pairs the measurement orders in {confidence:.0%} of {resamples} bootstrap "
-          "resamples of its rounds, ordered the same by the estimate:")
+def _resolved_pairs(rows: dict[str, list[dict[str, Any]]]) -> None:
+    """Beside the goal's Spearman: per model, the pairs of plans the paired test orders
+    (:func:`paired_order`) and how many of them the estimate orders the same way; then
+    every pair it misorders, with the gap of the pair's fastest steps."""
+    print("pairs the paired test orders (5%, two-sided), ordered the same by the estimate:")
     for name, model_rows in rows.items():
-        fastest = [[min(rng.choices(r["rounds"], k=len(r["rounds"])))
-                    for _ in range(resamples)] for r in model_rows]
+        order = order_matrix([r["rounds"] for r in model_rows])
         apart = wrong = 0
         misordered = []
-        for i, a in enumerate(model_rows):
-            for j in range(i + 1, len(model_rows)):
-                b = model_rows[j]
-                below = sum(x < y for x, y in zip(fastest[i], fastest[j], strict=True))
-                if max(below, resamples - below) < confidence * resamples:
-                    continue
-                apart += 1
-                gap = b["step"] / a["step"] - 1
-                if (b["est_step"] - a["est_step"]) * gap <= 0:
-                    wrong += 1
-                    misordered.append(f"{a['label']} / {b['label']} ({gap:+.1%})")
+        for i, j in itertools.combinations(range(len(model_rows)), 2):
+            if not order[i][j]:
+                continue
+            apart += 1
+            a, b = model_rows[i], model_rows[j]
+            if (a["est_step"] - b["est_step"]) * order[i][j] <= 0:
+                wrong += 1
+                misordered.append(f"{a['label']} / {b['label']} "
+                                  f"({b['step'] / a['step'] - 1:+.1%})")
         pairs = len(model_rows) * (len(model_rows) - 1) // 2
         print(f"  {name:9s} {apart - wrong}/{apart} of {apart} resolved ({pairs} pairs)"
               + (f"; misordered: {', '.join(misordered)}" if misordered else ""))
+
 
 if __name__ == "__main__":
     main()
