@@ -16,6 +16,27 @@ pointwise ops in CPU eager, where kind 'dropout' saves nothing; under compile mo
 checkpoint keeps] in passes/_dropout_mask.py).
 Random ops are recomputed with the RNG state saved at the block's forward
 (``preserve_rng_state=True``), so dropout masks are the same in forward and recompute.
+
+Note: [a recompute does not count a batch twice]
+A block's recompute runs its forward again in training mode, and a BatchNorm (any
+``_NormBase`` tracking running statistics) there would update its running mean and variance
+and ``num_batches_tracked`` a second time: the loss and gradients stay the untouched
+model's (training mode normalizes by the batch's own statistics), but the statistics a
+production job keeps for evaluation drift from the untouched model's, by the momentum
+applied twice per step (measured on the CNN example with every block checkpointed:
+running means off after one step, ``num_batches_tracked`` 2 where it is 1). So in a
+block holding such norms, each call's recompute (every call of the wrapped forward after
+its first) runs with their momentum at 0.0 (the update ``(1 - m) * running + m * batch``
+then leaves the statistics exactly as they were) and their ``num_batches_tracked``
+buffer set aside (a norm without one skips the count, and ``momentum=None``'s cumulative
+average then updates by 0.0 too), both put back afterwards. No tensor is copied: a
+selective recompute must dispatch exactly the ops its forward did. Turning
+``track_running_stats`` off instead, as fairscale's ``patch_batchnorm`` does for the
+no-grad pass of its reentrant checkpoint, makes ``native_batch_norm`` save two tensors
+fewer, and the non-reentrant checkpoint refuses a recompute whose saved tensors differ
+from the forward's. Under torch.compile nothing is run twice (the
+checkpoint becomes the partitioner's recompute of a traced graph, whose buffer updates
+happen once), so the wrapper steps aside while Dynamo traces.
 """
 
 from __future__ import annotations
@@ -26,6 +47,7 @@ from typing import Any, get_args
 
 import torch.utils.checkpoint
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from autoscale.capture import ModelGraph
@@ -121,7 +143,7 @@ def checkpoint_blocks(model: nn.Module, *, plan: CheckpointPlan) -> nn.Module:
         if getattr(block, _MARK, False):
             continue
         block.forward = functools.partial(_checkpointed_forward, block.forward,
-                                          _context_fn(policy))
+                                          _context_fn(policy), _tracking_norms(block))
         setattr(block, _MARK, True)
     return model
 
@@ -133,10 +155,44 @@ def _context_fn(policy: BlockPolicy) -> Callable[[], Any] | None:
                              selective_policy(policy.save))
 
 
+def _tracking_norms(block: nn.Module) -> tuple[_NormBase, ...]:
+    """The norms in ``block`` that update running statistics in training mode."""
+    return tuple(m for m in block.modules()
+                 if isinstance(m, _NormBase) and m.track_running_stats
+                 and m.running_mean is not None)
+
+
+class _StatsOnceForward:
+    """One checkpointed call's forward: the first run (the forward) as it is, every later
+    run (the recompute) leaving the running statistics of ``norms`` as they were (Note: [a
+    recompute does not count a batch twice])."""
+
+    def __init__(self, forward: Callable[..., Any], norms: tuple[_NormBase, ...]) -> None:
+        self.forward, self.norms, self.ran = forward, norms, False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.ran:
+            self.ran = True
+            return self.forward(*args, **kwargs)
+        # No tensor op here: a selective recompute must dispatch exactly the forward's ops.
+        kept = [(norm.momentum, norm.num_batches_tracked) for norm in self.norms]
+        for norm in self.norms:
+            norm.momentum = 0.0
+            norm.num_batches_tracked = None
+        try:
+            return self.forward(*args, **kwargs)
+        finally:
+            for norm, (momentum, count) in zip(self.norms, kept, strict=True):
+                norm.momentum = momentum
+                norm.num_batches_tracked = count
+
+
 def _checkpointed_forward(forward: Any, context_fn: Callable[[], Any] | None,
-                          *args: Any, **kwargs: Any) -> Any:
+                          norms: tuple[_NormBase, ...], *args: Any, **kwargs: Any) -> Any:
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
+    if norms and not torch.compiler.is_compiling():
+        forward = _StatsOnceForward(forward, norms)
     # Non-reentrant: supports kwargs, inputs that do not require grad (the first block's
     # input often does not) and context_fn; it is the variant PyTorch recommends.
     # A full block passes no context_fn at all: Dynamo (torch.compile over a checkpointed

@@ -102,6 +102,79 @@ def test_huggingface_models_equal_untouched(name: str, policy: str) -> None:
     _check_equal(model, batch, _plan(blocks, policy, save))
 
 
+def _example(name: str) -> tuple[torch.nn.Module, Any, Any, list[str], tuple[str, ...]]:
+    """An example model at a small batch: (model, batch, loss_fn, block FQNs, the op kinds
+    a selective policy saves in its blocks)."""
+    import importlib
+
+    module = importlib.import_module(name)
+    if name == "hf_gpt2":
+        pytest.importorskip("transformers")
+        model, batch = module.build(batch_size=2, block_size=32)
+        return model, batch, None, [f"transformer.h.{i}" for i in range(4)], MATMULS_ATTENTION
+    built = module.build(batch_size=4)
+    model, batch, loss_fn = (*built, None)[:3]
+    blocks, save = {"mlp": ("net.blocks", ("mm", "addmm")), "cnn": ("blocks", ("conv",)),
+                    "gpt": ("h", MATMULS_ATTENTION)}[name]
+    return model, batch, loss_fn, [f"{blocks}.{i}" for i in range(4)], save
+
+
+@pytest.mark.parametrize("policy", ["full", "selective"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "gpt", "hf_gpt2"])
+def test_every_example_model_keeps_loss_grads_and_buffers(name: str, policy: str) -> None:
+    """Every block of every example checkpointed: loss, gradients and buffers (the CNN's
+    BatchNorm running statistics, Note: [a recompute does not count a batch twice]) equal
+    the untouched model's after two training steps' forward and backward."""
+    model, batch, loss_fn, blocks, save = _example(name)
+    model.train()
+    rewritten = checkpoint_blocks(copy.deepcopy(model),
+                                  plan=_plan(blocks, policy, save if policy == "selective"
+                                             else ()))
+    for step in range(2):
+        losses = []
+        for m in (model, rewritten):
+            torch.manual_seed(step)
+            out = m(**batch) if isinstance(batch, dict) else m(*batch)
+            loss = (out.loss if hasattr(out, "loss") else
+                    loss_fn(out, batch) if loss_fn is not None else out)
+            loss.backward()
+            losses.append(loss)
+        torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    ref, got = grads_of(model), grads_of(rewritten)
+    assert ref.keys() == got.keys()
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-6, atol=1e-7,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+    ref_buffers, got_buffers = dict(model.named_buffers()), dict(rewritten.named_buffers())
+    assert ref_buffers.keys() == got_buffers.keys()
+    for key, buffer in ref_buffers.items():
+        torch.testing.assert_close(got_buffers[key], buffer, rtol=0, atol=0,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+    assert model.state_dict().keys() == rewritten.state_dict().keys()
+
+
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_a_recompute_leaves_cumulative_norm_statistics_alone(policy: str) -> None:
+    # momentum=None (a cumulative average over num_batches_tracked) and an InstanceNorm
+    # tracking statistics: after two steps the same buffers as the untouched model's.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Sequential(
+        torch.nn.Conv1d(4, 4, 3, padding=1), torch.nn.BatchNorm1d(4, momentum=None),
+        torch.nn.InstanceNorm1d(4, track_running_stats=True), torch.nn.ReLU())
+        for _ in range(2)])
+    rewritten = checkpoint_blocks(copy.deepcopy(model),
+                                  plan=_plan(["0", "1"], policy,
+                                             ("conv",) if policy == "selective" else ()))
+    for step in range(2):
+        x = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(step))
+        for m in (model, rewritten):
+            m(x).square().mean().backward()
+    for key, buffer in model.named_buffers():
+        torch.testing.assert_close(dict(rewritten.named_buffers())[key], buffer, rtol=0,
+                                   atol=0, msg=lambda m, key=key: f"{key}: {m}")
+    assert int(dict(rewritten.named_buffers())["0.1.num_batches_tracked"]) == 2
+
+
 def test_selective_composes_with_autocast() -> None:
     # The precision pass enters autocast around the root forward; the recompute in
     # backward must run under the same autocast state as the forward did.
