@@ -4,8 +4,11 @@ estimate] in autoscale/search/_study.py)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import cnn
 import optuna
+import torch
 
 import autoscale
 from autoscale import Plan
@@ -57,3 +60,36 @@ def test_a_plan_estimated_over_the_budget_is_recorded_infeasible_and_not_measure
     assert trial.user_attrs["prune_margin"] == SIMULATED_MARGIN
     assert "peak_memory_bytes" not in trial.user_attrs
     assert trial.constraints == {"peak_over_budget_bytes": float(estimates.bytes(whole) - budget)}
+
+
+class _ReadsInBackward(torch.autograd.Function):
+    """Identity whose backward scales by a value it reads: a backward fake tensors cannot
+    run, after a forward they can (so the model captures, and its step cannot be
+    simulated)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * (2.0 if float(x.abs().max()) > 0 else 1.0)
+
+
+class _NotSimulable(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ReadsInBackward.apply(self.lin(x)).square().mean()
+
+
+def test_a_model_the_estimator_cannot_simulate_is_measured_and_the_tune_says_so() -> None:
+    result = autoscale.optimize(_NotSimulable(), (torch.randn(8, 16),), trials=2,
+                                precisions=("fp32",), isolate=False)
+    assert any(t.state == "measured" for t in result.report.trials)
+    assert any(n.startswith("estimates: the graph's (calibrated), not the simulated step")
+               and "could not simulate" in n for n in result.report.notes)
