@@ -41,7 +41,7 @@ ranks noise. On the CNN the four optimizer plans differ by 0.05-0.6 ms of a 190 
 +-3% apart round to round (where their tensors sit): in 30 rounds of five CNN plans and the
 default timed twice, the fastest steps put the default plan and its second timing 0.1%
 apart but 8-bit AdamW 2.8% above it, and over earlier runs the fastest-step order of those
-plans came out different every run (Spearman on it 0.83 to 1.00 on unchanged code). So the
+plans came out different every run (Spearman on it 0.78 to 1.00 on unchanged code). So the
 measured order is a test: each pair of plans is compared round by round (round r of each,
 timed side by side, so the machine's drift cancels) by a two-sided sign-flip permutation
 test on the mean log ratio at 5% (:func:`paired_order`); a pair it does not separate is a

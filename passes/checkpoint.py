@@ -55,7 +55,8 @@ from autoscale.errors import PassError
 from autoscale.passes.base import MemoryTerms, PassContext
 from autoscale.plan import BlockPolicy, CheckpointPlan, OpKind
 
-__all__ = ["OP_KINDS", "CheckpointPass", "checkpoint_blocks", "selective_policy"]
+__all__ = ["OP_KINDS", "CheckpointPass", "checkpoint_blocks", "checkpointed_forward_of",
+           "selective_policy"]
 
 _MARK = "_autoscale_checkpointed"
 #: What each checkpointed block keeps for its recompute's RNG replay: the CPU generator's
@@ -142,10 +143,16 @@ def checkpoint_blocks(model: nn.Module, *, plan: CheckpointPlan) -> nn.Module:
             ) from err
         if getattr(block, _MARK, False):
             continue
-        block.forward = functools.partial(_checkpointed_forward, block.forward,
-                                          _context_fn(policy), _tracking_norms(block))
+        block.forward = checkpointed_forward_of(block, policy)
         setattr(block, _MARK, True)
     return model
+
+
+def checkpointed_forward_of(block: nn.Module, policy: BlockPolicy) -> Callable[..., Any]:
+    """``block.forward`` run under ``policy`` (full or selective), as
+    :func:`checkpoint_blocks` installs it; ``block`` itself is not changed."""
+    return functools.partial(_checkpointed_forward, block.forward, _context_fn(policy),
+                             _tracking_norms(block))
 
 
 def _context_fn(policy: BlockPolicy) -> Callable[[], Any] | None:

@@ -387,15 +387,11 @@ def time_block_options(model: nn.Module, batch: Any, graph: Any, options: BlockO
         handle.remove()
     if not seen:
         return options
-    from autoscale.passes.checkpoint import (
-        _checkpointed_forward,
-        _context_fn,
-        _tracking_norms,
-    )
+    from autoscale.passes.checkpoint import checkpointed_forward_of
 
-    forwards = {i: (block.forward if o.policy.policy == "none" else functools.partial(
-        _checkpointed_forward, block.forward, _context_fn(o.policy), _tracking_norms(block)))
-        for i, o in enumerate(options.blocks[0])}
+    forwards = {i: (block.forward if o.policy.policy == "none"
+                    else checkpointed_forward_of(block, o.policy))
+                for i, o in enumerate(options.blocks[0])}
     enabled, dtype = seen["autocast"]
 
     def inputs() -> list[Any]:
