@@ -337,3 +337,32 @@ def test_mask_save_sets_are_offered_under_eager_rng_alone() -> None:
         model, batch, graph, rates=_RATES, sac_op_overhead=0.0).blocks[0]}
     assert ("dropout",) not in names and len(names) == 1 + len(DEFAULT_SAVE_SETS)
 
+
+
+def test_an_options_cost_is_its_paired_difference_not_a_lucky_fastest_step() -> None:
+    """Note: [paired option timing]: runs whose every call lands on the machine's state of
+    the moment (a slow stretch, one lucky fast call) are compared round by round."""
+    from autoscale.cost._checkpoint_solver import _extra_seconds
+
+    rng = random.Random(0)
+    calls = itertools.count()
+    # The machine's speed wanders by +-20% from call to call; option 1 costs 10% more
+    # than the reference, option 2 the same as it; option 2's first timed call is a lucky
+    # 50% faster step.
+    state = [1.0]
+
+    def run(cost: float, lucky_at: int | None = None):
+        def call() -> float:
+            n = next(calls)
+            if n % 3 == 0:  # a new round: the machine's state for the next three calls
+                state[0] = 1.0 + rng.uniform(-0.2, 0.2)
+            return cost * state[0] * (0.5 if n == lucky_at else 1.0)
+        return call
+
+    # Two untimed calls each (6 calls), then rounds of three: option 2's first timed call
+    # is call 8 (the rotation starts with run 0).
+    extra = _extra_seconds({0: run(1.0), 1: run(1.1), 2: run(1.0, lucky_at=8)}, 9,
+                           reference=0)
+    assert extra[0] == 0.0
+    assert extra[1] == pytest.approx(0.1, rel=0.25)
+    assert abs(extra[2]) < 0.02
