@@ -366,3 +366,16 @@ def test_an_options_cost_is_its_paired_difference_not_a_lucky_fastest_step() -> 
     assert extra[0] == 0.0
     assert extra[1] == pytest.approx(0.1, rel=0.25)
     assert abs(extra[2]) < 0.02
+
+
+def test_a_cost_the_rounds_cannot_tell_from_zero_is_zero() -> None:
+    from autoscale.cost._checkpoint_solver import _extra_seconds
+
+    rng = random.Random(1)
+    # Option 1 is the reference plus noise of +-5% and no cost of its own; option 2 costs
+    # 30% more every round, under the same noise.
+    extra = _extra_seconds({0: lambda: 1.0 + rng.uniform(-0.05, 0.05),
+                            1: lambda: 1.0 + rng.uniform(-0.05, 0.05),
+                            2: lambda: 1.3 + rng.uniform(-0.05, 0.05)}, 10, reference=0)
+    assert extra[1] == 0.0
+    assert extra[2] == pytest.approx(0.3, abs=0.06)
