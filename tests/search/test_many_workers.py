@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _postgres
 
 ROOT = Path(__file__).resolve().parents[2]
-# The workload's space holds 8 distinct plans (4 micro-batch sizes x fp32/bf16; its blocks
-# are too small for checkpointing to save memory, so the checkpoint knob adds none).
+# The workload's space holds more distinct plans than that: 4 micro-batch sizes x fp32/bf16
+# x the checkpoint solver's activation budgets.
 TRIALS = 6
 
 
@@ -31,22 +31,32 @@ def postgres_url():
         yield url
 
 
-def _tune(url: str, out: Path) -> subprocess.Popen[bytes]:
+def _tune(url: str, out: Path, *, step_s: float = 0.0) -> subprocess.Popen[bytes]:
     cmd = [str(Path(sys.executable).parent / "autoscale"), "tune",
-           str(ROOT / "tests" / "workloads" / "ranked.py"), "--storage", url,
+           str(ROOT / "tests" / "workloads" / "paced.py"), "--storage", url,
            "--study-name", "shared",
            "--trials", str(TRIALS), "--heartbeat", "1",
            "--precision", "fp32", "--precision", "bf16",
            "--out", str(out)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    env = {**os.environ, "PACED_STEP_S": str(step_s)}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)  # its own group: killed with its worker
 
 
-def _running_trial_of(study, pid: int):
+def _measuring_trial_of(study, pid: int):
+    """The worker's RUNNING trial once it is being measured, else None.
+
+    A trial is created before its knobs are suggested one by one, and a repeat of a plan
+    already measured ends at once: killing either would test nothing, or find the trial
+    already COMPLETE. A trial holding ``prune_margin`` and no ``repeat_of`` has all its
+    parameters stored and is inside its measurement, which takes seconds (a spawned
+    worker process), so the kill lands mid-trial.
+    """
     import optuna
 
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    return next((t for t in running if t.user_attrs.get("worker", "").endswith(f":{pid}")),
+    return next((t for t in running if t.user_attrs.get("worker", "").endswith(f":{pid}")
+                 and "prune_margin" in t.user_attrs and "repeat_of" not in t.user_attrs),
                 None)
 
 
@@ -56,7 +66,7 @@ def test_a_killed_worker_loses_no_trial_and_leaves_none_running(postgres_url, tm
 
     from autoscale.search._study import counted_trials
 
-    doomed = _tune(postgres_url, tmp_path / "a.json")
+    doomed = _tune(postgres_url, tmp_path / "a.json", step_s=0.3)  # measures for seconds
     survivor = _tune(postgres_url, tmp_path / "b.json")
     deadline, victim = time.monotonic() + 240, None
     while victim is None and time.monotonic() < deadline:
@@ -65,8 +75,8 @@ def test_a_killed_worker_loses_no_trial_and_leaves_none_running(postgres_url, tm
             study = optuna.load_study(study_name="shared", storage=postgres_url)
         except KeyError:  # not created yet
             continue
-        victim = _running_trial_of(study, doomed.pid)
-    assert victim is not None, "the first worker never started a trial"
+        victim = _measuring_trial_of(study, doomed.pid)
+    assert victim is not None, "the first worker never started measuring a trial"
     os.killpg(doomed.pid, signal.SIGKILL)  # mid-trial: no chance to mark anything
     doomed.wait()
     out, _ = survivor.communicate(timeout=600)
@@ -84,8 +94,8 @@ def test_a_killed_worker_loses_no_trial_and_leaves_none_running(postgres_url, tm
     assert retries[0].state == optuna.trial.TrialState.COMPLETE
     # Every counted trial is a distinct plan measured once; both workers measured some.
     assert counted_trials(study) >= TRIALS
-    measured = [t for t in trials if "peak_memory_bytes" in t.user_attrs
-                and "repeat_of" not in t.user_attrs]
+    measured = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE
+                and "peak_memory_bytes" in t.user_attrs and "repeat_of" not in t.user_attrs]
     plans = [repr(sorted(t.params.items())) for t in measured]
     assert len(plans) == len(set(plans))
     workers = {t.user_attrs["worker"] for t in trials if "worker" in t.user_attrs}
