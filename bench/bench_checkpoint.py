@@ -232,7 +232,6 @@ def solver_configs(name: str, fractions: tuple[float, ...], *, quick: bool = Fal
     from autoscale import CheckpointPlan, Plan
     from autoscale.cost._checkpoint_solver import (
         measure_block_options,
-        save_sets_for,
         solve_checkpoint_plan,
         time_block_options,
     )
@@ -255,13 +254,7 @@ def solver_configs(name: str, fractions: tuple[float, ...], *, quick: bool = Fal
     modes = ("inductor", "inductor-eager-rng") if draws_random(model, batch) else ("inductor",)
     compiled = {}
     for mode in () if quick else modes:
-        under = Plan(sections={"compile": CompilePlan(mode=mode)})
-        # Each mode's own options: 'inductor-eager-rng' adds the mask-saving sets; a mode
-        # with eager's sets reuses the options simulated above.
-        options = (priced if save_sets_for(mode) == save_sets_for(None)
-                   else measure_block_options(model, batch, graph, plan=under))
-        compiled[mode] = time_block_options(model, batch, graph, options, plan=under,
-                                            compiled=mode)
+        compiled[mode] = compiled_options(model, batch, graph, mode, priced=priced)
     for f in fractions:
         section = solve_checkpoint_plan(model, batch, graph, int(none_est * f), options=eager)
         configs[f"autoscale {f:.0%}"] = ("autoscale", f, Plan(sections={"checkpoint": section}),
@@ -288,6 +281,27 @@ def solver_configs(name: str, fractions: tuple[float, ...], *, quick: bool = Fal
                             Plan(sections={"checkpoint": CheckpointPlan(blocks=blocks)}),
                             f"fullx{len(blocks)}")
     return configs, model, batch, graph
+
+
+def compiled_options(model: Any, batch: Any, graph: Any, mode: str, *,
+                     priced: Any = None) -> Any:
+    """The solver's block options under compile ``mode``, timed under it as the tuner times
+    them. ``priced``: eager's simulated options, reused where the mode offers eager's save
+    sets ('inductor-eager-rng' adds the mask-saving sets and is simulated afresh)."""
+    from autoscale import Plan
+    from autoscale.cost._checkpoint_solver import (
+        measure_block_options,
+        save_sets_for,
+        time_block_options,
+    )
+    from autoscale.plan import CompilePlan
+
+    under = Plan(sections={"compile": CompilePlan(mode=mode)})
+    if save_sets_for(mode) == save_sets_for(None):
+        options = priced if priced is not None else measure_block_options(model, batch, graph)
+    else:
+        options = measure_block_options(model, batch, graph, plan=under)
+    return time_block_options(model, batch, graph, options, plan=under, compiled=mode)
 
 
 def eager_rows(configs: dict[str, tuple[str, float | None, Any, str]], model: Any,

@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_checkpoint as bc  # the sibling bench: models, workers, duel
@@ -37,27 +38,18 @@ FRACTIONS = (0.5, 0.25)
 MODES = {"gpt": "inductor-eager-rng", "llama": "inductor"}
 
 
-def _ours(name: str, budgets: dict[float, int]) -> dict[float, object]:
+def _ours(name: str, budgets: dict[float, int]) -> dict[float, Any]:
     """Fraction -> the solver's Plan at that fraction's measured bytes (options timed under
     the model's compile mode, as the tuner times them)."""
     import autoscale
     from autoscale import Plan
-    from autoscale.cost._checkpoint_solver import (
-        measure_block_options,
-        save_sets_for,
-        solve_checkpoint_plan,
-        time_block_options,
-    )
+    from autoscale.cost._checkpoint_solver import solve_checkpoint_plan
     from autoscale.plan import CompilePlan
 
     mode = MODES[name]
     model, batch = bc.build_model(name)
     graph = autoscale.capture(model, batch)
-    under = Plan(sections={"compile": CompilePlan(mode=mode)})
-    options = (measure_block_options(model, batch, graph)
-               if save_sets_for(mode) == save_sets_for(None)
-               else measure_block_options(model, batch, graph, plan=under))
-    timed = time_block_options(model, batch, graph, options, plan=under, compiled=mode)
+    timed = bc.compiled_options(model, batch, graph, mode)
     return {f: Plan(sections={"checkpoint": solve_checkpoint_plan(model, batch, graph, nbytes,
                                                                    options=timed),
                               "compile": CompilePlan(mode=mode)})

@@ -338,7 +338,6 @@ def test_mask_save_sets_are_offered_under_eager_rng_alone() -> None:
     assert ("dropout",) not in names and len(names) == 1 + len(DEFAULT_SAVE_SETS)
 
 
-
 def test_an_options_cost_is_its_paired_difference_not_a_lucky_fastest_step() -> None:
     """Note: [paired option timing]: runs whose every call lands on the machine's state of
     the moment (a slow stretch, one lucky fast call) are compared round by round."""
